@@ -1,0 +1,347 @@
+"""Pure tensor operations for test-time augmentation and their inverses.
+
+Conventions
+-----------
+* Images and masks are ``(B, C, H, W)`` tensors (NCHW).
+* Keypoints are ``(B, N, 2)`` tensors of ``(x, y)`` *normalised* to ``[0, 1]`` by the width and
+  height of the image they refer to (``x`` to the right, ``y`` down, the image spanning
+  ``[0, 1] x [0, 1]`` edge to edge).
+* Boxes are ``(B, N, 4)`` tensors of normalised ``(x1, y1, x2, y2)`` corners.
+* Shifts are ``(dx, dy)`` whole pixels: content moves ``dx`` to the right and ``dy`` down.
+
+Every function returns a new tensor and never modifies its input.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InvalidInputError
+
+__all__ = [
+    "INTERPOLATION_MODES",
+    "PADDING_MODES",
+    "CROP_POSITIONS",
+    "check_image",
+    "hflip",
+    "vflip",
+    "rot90",
+    "resize",
+    "scaled_size",
+    "scale",
+    "crop",
+    "crop_origin",
+    "shift",
+    "unshift_mask",
+    "add",
+    "multiply",
+    "brightness",
+    "contrast",
+    "keypoints_hflip",
+    "keypoints_vflip",
+    "keypoints_rot90",
+    "keypoints_shift",
+    "keypoints_uncrop",
+    "boxes_from_corners",
+    "boxes_hflip",
+    "boxes_vflip",
+    "boxes_rot90",
+    "boxes_shift",
+    "boxes_uncrop",
+    "normalize_interpolation",
+]
+
+INTERPOLATION_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+# ttach documents "linear"; for 4-D tensors F.interpolate calls that "bilinear".
+_INTERPOLATION_ALIASES = {"linear": "bilinear", "lenear": "bilinear"}
+PADDING_MODES = ("constant", "reflect", "replicate", "circular")
+CROP_POSITIONS = ("lt", "lb", "rb", "rt", "center")
+
+PaddingMode = Literal["constant", "reflect", "replicate", "circular"]
+
+
+def check_image(x: object, name: str = "image") -> torch.Tensor:
+    """Validate an NCHW image batch and return it.
+
+    Raises :class:`~ttakit.errors.InvalidInputError` for a non-tensor, a tensor whose rank is not 4,
+    an integer tensor, or one that looks like NHWC (channels last).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        hint = " (add a batch dimension with x.unsqueeze(0))" if x.ndim == 3 else ""
+        raise InvalidInputError(f"{name} must have shape (B, C, H, W), got {x.ndim}-D shape {tuple(x.shape)}{hint}")
+    if not x.is_floating_point():
+        raise InvalidInputError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert with x.float() / 255"
+        )
+    channels, width = x.shape[1], x.shape[3]
+    if width in (1, 3, 4) and channels > 4 and x.shape[2] > 4:
+        raise InvalidInputError(
+            f"{name} looks channels-last (NHWC) with shape {tuple(x.shape)}; ttakit expects (B, C, H, W): "
+            f"use x.permute(0, 3, 1, 2)"
+        )
+    return x
+
+
+# --------------------------------------------------------------------------- geometry: images
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right. ``x: (..., H, W)``; its own inverse."""
+    return x.flip(-1)
+
+
+def vflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror top-bottom. ``x: (..., H, W)``; its own inverse."""
+    return x.flip(-2)
+
+
+def rot90(x: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Rotate by ``k`` quarter turns as ``torch.rot90(x, k, (-2, -1))`` (counter-clockwise on screen).
+
+    ``x: (..., H, W)`` -> ``(..., W, H)`` for odd ``k``. The inverse is ``rot90(y, -k)``.
+    """
+    return torch.rot90(x, k % 4, (-2, -1))
+
+
+def normalize_interpolation(mode: str, align_corners: bool | None = None) -> str:
+    """Map an interpolation name to the one ``F.interpolate`` accepts for 4-D tensors.
+
+    ``"linear"`` (as ttach documents it) becomes ``"bilinear"``. ``align_corners`` is only valid
+    with ``bilinear``/``bicubic``.
+    """
+    canonical = _INTERPOLATION_ALIASES.get(mode, mode)
+    if canonical not in INTERPOLATION_MODES:
+        raise InvalidInputError(
+            f"interpolation must be one of {', '.join(INTERPOLATION_MODES)} (or 'linear'), got {mode!r}"
+        )
+    if align_corners is not None and canonical not in ("bilinear", "bicubic"):
+        raise InvalidInputError(
+            f"align_corners={align_corners} only applies to 'bilinear' or 'bicubic' interpolation, "
+            f"got interpolation={mode!r}; leave align_corners=None"
+        )
+    return canonical
+
+
+def resize(
+    x: torch.Tensor, size: tuple[int, int], interpolation: str = "nearest", align_corners: bool | None = None
+) -> torch.Tensor:
+    """Resize ``x: (B, C, H, W)`` to ``size = (h, w)``."""
+    h, w = int(size[0]), int(size[1])
+    if h < 1 or w < 1:
+        raise InvalidInputError(f"size must be positive (height, width), got {tuple(size)}")
+    if (h, w) == tuple(x.shape[-2:]):
+        return x
+    mode = normalize_interpolation(interpolation, align_corners)
+    return F.interpolate(x, size=(h, w), mode=mode, align_corners=align_corners)
+
+
+def scaled_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
+    """The size ttach's ``Scale`` produces: ``(int(h * factor), int(w * factor))``."""
+    h, w = int(size[0] * factor), int(size[1] * factor)
+    if h < 1 or w < 1:
+        raise InvalidInputError(
+            f"scale {factor} turns a {size[0]}x{size[1]} image into {h}x{w}; use a larger scale or image"
+        )
+    return h, w
+
+
+def scale(
+    x: torch.Tensor, factor: float, interpolation: str = "nearest", align_corners: bool | None = None
+) -> torch.Tensor:
+    """Scale the spatial size of ``x: (B, C, H, W)`` by ``factor`` (sizes truncated as in ttach).
+
+    Invert with :func:`resize` back to the recorded ``(H, W)``, never with ``1 / factor``: that does
+    not round-trip odd sizes (``int(5 * 0.5) = 2``, ``int(2 / 0.5) = 4``).
+    """
+    return resize(x, scaled_size(tuple(x.shape[-2:]), factor), interpolation, align_corners)
+
+
+def crop_origin(size: tuple[int, int], crop_size: tuple[int, int], position: str) -> tuple[int, int]:
+    """Top-left ``(top, left)`` of a named crop (``lt``, ``lb``, ``rb``, ``rt``, ``center``) as ttach places it."""
+    (h, w), (ch, cw) = size, crop_size
+    if ch > h or cw > w or ch < 1 or cw < 1:
+        raise InvalidInputError(f"crop of {ch}x{cw} does not fit an image of {h}x{w}; crop size must be 1..image size")
+    if position == "lt":
+        return 0, 0
+    if position == "lb":
+        return h - ch, 0
+    if position == "rb":
+        return h - ch, w - cw
+    if position == "rt":
+        return 0, w - cw
+    if position == "center":
+        return h // 2 - ch // 2, w // 2 - cw // 2
+    raise InvalidInputError(f"crop position must be one of {', '.join(CROP_POSITIONS)}, got {position!r}")
+
+
+def crop(x: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """Crop ``x: (B, C, H, W)`` to ``(B, C, height, width)`` starting at ``(top, left)``."""
+    h, w = x.shape[-2:]
+    if top < 0 or left < 0 or top + height > h or left + width > w:
+        raise InvalidInputError(f"crop ({top}, {left}, {height}, {width}) falls outside a {h}x{w} image")
+    return x[..., top : top + height, left : left + width]
+
+
+def shift(x: torch.Tensor, dx: int, dy: int, padding_mode: PaddingMode = "constant") -> torch.Tensor:
+    """Translate ``x: (B, C, H, W)`` by whole pixels: content moves ``dx`` right and ``dy`` down.
+
+    The uncovered border is filled by ``padding_mode`` (zeros, reflection, edge replication, or
+    wrap-around for ``"circular"``). The shape is unchanged.
+    """
+    dx, dy = int(dx), int(dy)
+    if dx == 0 and dy == 0:
+        return x
+    h, w = x.shape[-2:]
+    if abs(dx) >= w or abs(dy) >= h:
+        raise InvalidInputError(f"shift ({dx}, {dy}) is as large as the {h}x{w} image; use |dx| < W and |dy| < H")
+    if padding_mode == "circular":
+        return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    if padding_mode == "constant":
+        # Copy into zeros: cheaper than pad-then-slice and allocates only the output.
+        out = torch.zeros_like(x)
+        out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
+            ..., max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+        ]
+        return out
+    if padding_mode not in PADDING_MODES:
+        raise InvalidInputError(f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
+    padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode=padding_mode)
+    return padded[..., max(-dy, 0) : max(-dy, 0) + h, max(-dx, 0) : max(-dx, 0) + w]
+
+
+def unshift_mask(mask: torch.Tensor, dx: int, dy: int, padding_mode: PaddingMode = "constant") -> torch.Tensor:
+    """Map a dense prediction ``mask: (B, C, H, W)`` made on a shifted image back to the original frame.
+
+    Exact for every pixel the shifted view saw. The ``|dx|``/``|dy|`` wide strip it never saw
+    is filled with the nearest prediction it made (edge replication), so a merge over views is
+    not biased towards zero there. With ``padding_mode="circular"`` the inverse is exact everywhere.
+    """
+    return shift(mask, -dx, -dy, "circular" if padding_mode == "circular" else "replicate")
+
+
+# --------------------------------------------------------------------------- photometric
+
+
+def add(x: torch.Tensor, value: float) -> torch.Tensor:
+    """``x + value``."""
+    return x + value
+
+
+def multiply(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x * factor``."""
+    return x * factor
+
+
+def brightness(x: torch.Tensor, delta: float, clip: bool = True) -> torch.Tensor:
+    """Add ``delta`` to every pixel of ``x: (B, C, H, W)``; clamp to ``[0, 1]`` when ``clip``."""
+    out = x + delta
+    return out.clamp(0.0, 1.0) if clip else out
+
+
+def contrast(x: torch.Tensor, factor: float, clip: bool = True) -> torch.Tensor:
+    """Scale each image's deviation from its per-channel mean by ``factor``. ``x: (B, C, H, W)``."""
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    out = (x - mean) * factor + mean
+    return out.clamp(0.0, 1.0) if clip else out
+
+
+# --------------------------------------------------------------------------- keypoints (B, N, 2)
+
+
+def _xy(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return points[..., 0], points[..., 1]
+
+
+def keypoints_hflip(points: torch.Tensor) -> torch.Tensor:
+    """Keypoints of a left-right mirrored image. ``points: (B, N, 2)`` normalised; self-inverse."""
+    x, y = _xy(points)
+    return torch.stack([1.0 - x, y], dim=-1)
+
+
+def keypoints_vflip(points: torch.Tensor) -> torch.Tensor:
+    """Keypoints of a top-bottom mirrored image. ``points: (B, N, 2)`` normalised; self-inverse."""
+    x, y = _xy(points)
+    return torch.stack([x, 1.0 - y], dim=-1)
+
+
+def keypoints_rot90(points: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Keypoints of an image rotated by :func:`rot90` with ``k``. ``points: (B, N, 2)`` normalised.
+
+    Coordinates are normalised by the size of the image they refer to, so this holds for
+    non-square images too (the rotated image is ``W x H``). The inverse is ``k -> -k``.
+    """
+    k %= 4
+    if k == 0:
+        return points.clone()
+    x, y = _xy(points)
+    if k == 1:
+        xy = (y, 1.0 - x)
+    elif k == 2:
+        xy = (1.0 - x, 1.0 - y)
+    else:
+        xy = (1.0 - y, x)
+    return torch.stack(xy, dim=-1)
+
+
+def keypoints_shift(points: torch.Tensor, dx: int, dy: int, size: tuple[int, int]) -> torch.Tensor:
+    """Keypoints of an image of ``size = (H, W)`` shifted by ``(dx, dy)`` pixels. Inverse: ``-dx, -dy``."""
+    h, w = size
+    offset = points.new_tensor([dx / w, dy / h])
+    return points + offset
+
+
+def keypoints_uncrop(
+    points: torch.Tensor, top: int, left: int, crop_size: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Map keypoints normalised to a crop back to the full image of ``size = (H, W)``."""
+    (ch, cw), (h, w) = crop_size, size
+    factor = points.new_tensor([cw / w, ch / h])
+    offset = points.new_tensor([left / w, top / h])
+    return points * factor + offset
+
+
+# --------------------------------------------------------------------------- boxes (B, N, 4)
+
+
+def boxes_from_corners(corner_a: torch.Tensor, corner_b: torch.Tensor) -> torch.Tensor:
+    """Boxes ``(..., 4)`` spanning two opposite corners ``(..., 2)`` given in any order."""
+    low = torch.minimum(corner_a, corner_b)
+    high = torch.maximum(corner_a, corner_b)
+    return torch.cat([low, high], dim=-1)
+
+
+def _map_boxes(boxes: torch.Tensor, point_map) -> torch.Tensor:
+    # Every op here maps axis-aligned boxes to axis-aligned boxes, so mapping two corners is exact.
+    return boxes_from_corners(point_map(boxes[..., 0:2]), point_map(boxes[..., 2:4]))
+
+
+def boxes_hflip(boxes: torch.Tensor) -> torch.Tensor:
+    """Boxes of a left-right mirrored image. ``boxes: (B, N, 4)`` normalised xyxy; self-inverse."""
+    return _map_boxes(boxes, keypoints_hflip)
+
+
+def boxes_vflip(boxes: torch.Tensor) -> torch.Tensor:
+    """Boxes of a top-bottom mirrored image. ``boxes: (B, N, 4)`` normalised xyxy; self-inverse."""
+    return _map_boxes(boxes, keypoints_vflip)
+
+
+def boxes_rot90(boxes: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Boxes of an image rotated by :func:`rot90` with ``k``. Inverse: ``k -> -k``."""
+    return _map_boxes(boxes, lambda p: keypoints_rot90(p, k))
+
+
+def boxes_shift(boxes: torch.Tensor, dx: int, dy: int, size: tuple[int, int]) -> torch.Tensor:
+    """Boxes of an image of ``size = (H, W)`` shifted by ``(dx, dy)`` pixels."""
+    return _map_boxes(boxes, lambda p: keypoints_shift(p, dx, dy, size))
+
+
+def boxes_uncrop(
+    boxes: torch.Tensor, top: int, left: int, crop_size: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Map boxes normalised to a crop back to the full image of ``size = (H, W)``."""
+    return _map_boxes(boxes, lambda p: keypoints_uncrop(p, top, left, crop_size, size))

@@ -1,0 +1,23 @@
+"""Architectures by name and self-describing checkpoints (safetensors weights + JSON metadata)."""
+
+from . import resnet, seed_cnn  # noqa: F401  (registers "resnet20" and "seed-cnn")
+from .checkpoint import (
+    CheckpointMeta,
+    check_compatible,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
+from .registry import Normalize, create_model, list_models, register_model
+
+__all__ = [
+    "CheckpointMeta",
+    "Normalize",
+    "check_compatible",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+    "register_model",
+    "save_checkpoint",
+]

@@ -1,0 +1,316 @@
+"""Checkpoints: a directory holding ``model.safetensors`` (weights) and ``checkpoint.json``.
+
+The JSON metadata describes the checkpoint fully (architecture and its options, classes,
+input shape, normalization, training augmentations, data set, seed, metrics), so a model is
+rebuilt from the registry and its weights loaded with safetensors. Nothing is ever
+unpickled.
+
+Layout::
+
+    runs/cnn/
+        checkpoint.json     # CheckpointMeta as JSON
+        model.safetensors   # the state dict
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .._io import atomic_write, atomic_write_json
+from ..errors import CheckpointError, InvalidInputError
+from .registry import create_model, list_models
+
+FORMAT = "ttakit-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "checkpoint.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(kw_only=True)
+class CheckpointMeta:
+    """Everything needed to rebuild a model and use it the way it was trained.
+
+    ``source`` is where the checkpoint was loaded from (set by :func:`load_checkpoint`, used in
+    messages); it is not written to ``checkpoint.json``.
+
+    Example:
+        >>> meta = CheckpointMeta(arch="seed-cnn", classes=["a", "b"], in_channels=1, image_size=[28, 28])
+        >>> meta.num_classes
+        2
+    """
+
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    arch: str
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    classes: list[str]
+    in_channels: int
+    image_size: list[int]
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    train_augmentations: list[dict[str, Any]] = field(default_factory=list)
+    dataset: str = ""
+    seed: int = 0
+    created: str = field(default_factory=_now)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="", repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready metadata (without ``source``)."""
+        data = asdict(self)
+        data.pop("source")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "checkpoint") -> CheckpointMeta:
+        """Validate ``data`` (parsed ``checkpoint.json``) and build the metadata.
+
+        Raises:
+            CheckpointError: not a ttakit checkpoint, a newer format version, or a bad field.
+        """
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise CheckpointError(
+                f"{source} is not a ttakit checkpoint: {META_FILE} has format {found!r}, expected {FORMAT!r}"
+            )
+        version = data.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CheckpointError(
+                f"{source}: format_version must be a positive integer, got {version!r}"
+            )
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source} has checkpoint format_version {version}, newer than this ttakit reads "
+                f"(up to {FORMAT_VERSION}); upgrade ttakit to load it"
+            )
+
+        def bad(name: str, expected: str) -> CheckpointError:
+            return CheckpointError(
+                f"{source}: {META_FILE} field {name!r} must be {expected}, got {data.get(name)!r}"
+            )
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not isinstance(data.get("arch"), str) or not data["arch"]:
+            raise bad("arch", "an architecture name")
+        classes = data.get("classes")
+        if (
+            not isinstance(classes, list)
+            or not classes
+            or not all(isinstance(c, str) for c in classes)
+        ):
+            raise bad("classes", "a non-empty list of class names")
+        in_channels = data.get("in_channels")
+        if not is_int(in_channels) or in_channels < 1:
+            raise bad("in_channels", "a positive integer")
+        size = data.get("image_size")
+        if (
+            not isinstance(size, list)
+            or len(size) != 2
+            or not all(is_int(s) and s >= 1 for s in size)
+        ):
+            raise bad("image_size", "[H, W] positive integers")
+        for name in ("mean", "std"):
+            value = data.get(name)
+            if value is not None and (
+                not isinstance(value, list)
+                or len(value) != in_channels
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            ):
+                raise bad(name, f"null or a list of {in_channels} numbers (one per channel)")
+        if (data.get("mean") is None) != (data.get("std") is None):
+            raise CheckpointError(f"{source}: {META_FILE} must give both mean and std, or neither")
+        for name in ("arch_kwargs", "metrics", "extra"):
+            if not isinstance(data.get(name, {}), dict):
+                raise bad(name, "an object")
+        augs = data.get("train_augmentations", [])
+        if not isinstance(augs, list) or not all(isinstance(a, dict) and "name" in a for a in augs):
+            raise bad("train_augmentations", 'a list of objects like {"name": "flip"}')
+        if not isinstance(data.get("dataset", ""), str):
+            raise bad("dataset", "a string")
+        if not is_int(data.get("seed", 0)):
+            raise bad("seed", "an integer")
+        known = {f.name for f in fields(cls)} - {"source"}
+        kwargs = {k: v for k, v in data.items() if k in known}  # unknown keys: ignored
+        kwargs["format_version"] = FORMAT_VERSION
+        return cls(**kwargs, source=source)
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: CheckpointMeta) -> Path:
+    """Write ``model``'s weights and ``meta`` into the checkpoint directory ``directory``.
+
+    Both files are written atomically (weights first, so a ``checkpoint.json`` only ever sits
+    beside complete weights). Returns the directory.
+
+    Example:
+        >>> model = create_model("seed-cnn", in_channels=1, num_classes=2, image_size=(8, 8))
+        >>> meta = CheckpointMeta(arch="seed-cnn", classes=["a", "b"], in_channels=1, image_size=[8, 8])
+        >>> path = save_checkpoint(tmp_path / "run", model, meta)  # doctest: +SKIP
+    """
+    if not isinstance(meta, CheckpointMeta):
+        raise InvalidInputError(f"meta must be a CheckpointMeta, got {type(meta).__name__}")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(
+            f"cannot save a checkpoint to {directory}: it exists and is not a directory"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share storage or are not contiguous
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write(
+        directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})
+    )
+    atomic_write_json(directory / META_FILE, meta.to_dict())
+    return directory
+
+
+def _checkpoint_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        if path.name not in (WEIGHTS_FILE, META_FILE):
+            raise CheckpointError(
+                f"{path} is not a ttakit checkpoint: expected a checkpoint directory holding "
+                f"{META_FILE} and {WEIGHTS_FILE} (or one of those two files)"
+            )
+        path = path.parent
+    for name in (META_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(
+                f"checkpoint {path} has no {name}; is it a ttakit checkpoint directory?"
+            )
+    return path
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> CheckpointMeta:
+    """Read and validate only the metadata of the checkpoint at ``path`` (no weights)."""
+    directory = _checkpoint_dir(path)
+    try:
+        data = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{directory} is not a ttakit checkpoint: {META_FILE} is not readable JSON ({exc})"
+        ) from exc
+    return CheckpointMeta.from_dict(data, source=str(directory))
+
+
+def _describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    def first(items: list[str]) -> str:
+        shown = ", ".join(items[:5])
+        return shown + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    parts = []
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in found and found[k].shape != expected[k].shape
+    ]
+    if missing:
+        parts.append(f"missing keys: {first(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {first(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches (file vs architecture): {first(shapes)}")
+    return "; ".join(parts)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the model saved at ``path`` and load its weights (safetensors, never pickle).
+
+    Args:
+        path: the checkpoint directory, or its ``checkpoint.json`` or ``model.safetensors``.
+        map_location: device for the weights and the returned model.
+
+    Returns:
+        ``(model, meta)``; the model is in eval mode.
+
+    Raises:
+        CheckpointError: missing files, foreign or newer metadata, unknown architecture,
+            corrupt weights, or weights that do not fit the architecture.
+    """
+    meta = read_checkpoint_meta(path)
+    directory = Path(meta.source)
+    if meta.arch not in list_models():
+        raise CheckpointError(
+            f"checkpoint {directory} uses unknown architecture {meta.arch!r}; "
+            f"expected one of: {', '.join(list_models())}"
+        )
+    try:
+        model = create_model(
+            meta.arch,
+            in_channels=meta.in_channels,
+            num_classes=meta.num_classes,
+            image_size=tuple(meta.image_size),
+            mean=meta.mean,
+            std=meta.std,
+            **meta.arch_kwargs,
+        )
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {directory}: cannot build {meta.arch!r} from its metadata ({exc})"
+        ) from exc
+    device = torch.device(map_location)
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types (and OSError) on bad files
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE} is corrupt or not a safetensors file ({type(exc).__name__}: {exc})"
+        ) from exc
+    expected = model.state_dict()
+    mismatch = _describe_mismatch(expected, state)
+    if mismatch:
+        raise CheckpointError(
+            f"weights in {directory / WEIGHTS_FILE} do not match architecture {meta.arch!r}: {mismatch}"
+        )
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return model, meta
+
+
+def check_compatible(
+    meta: CheckpointMeta, channels: int, image_size: tuple[int, int], *, source: str | None = None
+) -> None:
+    """Refuse data whose channels or image size differ from what the checkpoint was trained on.
+
+    Raises:
+        CheckpointError: e.g. "checkpoint runs/cnn expects 3-channel 32x32 images but the data
+            has 1-channel 28x28 images; evaluate it on the data set it was trained on (cifar10)".
+    """
+    expected_size = (int(meta.image_size[0]), int(meta.image_size[1]))
+    size = (int(image_size[0]), int(image_size[1]))
+    if int(channels) == meta.in_channels and size == expected_size:
+        return
+    name = source or meta.source or meta.arch
+    hint = (
+        f"evaluate it on the data set it was trained on ({meta.dataset})"
+        if meta.dataset
+        else "evaluate it on data of the shape it was trained on"
+    )
+    raise CheckpointError(
+        f"checkpoint {name} expects {meta.in_channels}-channel {expected_size[0]}x{expected_size[1]} images "
+        f"but the data has {int(channels)}-channel {size[0]}x{size[1]} images; {hint}"
+    )

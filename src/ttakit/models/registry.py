@@ -1,0 +1,140 @@
+"""Architectures by name (timm-style ``register_model`` / ``create_model`` / ``list_models``).
+
+Every registered model takes RAW images in ``[0, 1]`` and begins with a :class:`Normalize`
+module, so the normalization statistics computed at training time travel with the weights
+and are reused unchanged at test time. Models return logits (no softmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError, unknown_name
+
+ModelFactory = Callable[..., nn.Module]
+
+_MODELS: dict[str, ModelFactory] = {}
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std``; the identity when ``mean`` and ``std`` are None.
+
+    The statistics are buffers, so they are saved in the state dict with the weights.
+
+    Shape:
+        - Input: ``(B, C, H, W)`` raw images in ``[0, 1]``.
+        - Output: ``(B, C, H, W)``.
+
+    Example:
+        >>> norm = Normalize([0.5], [0.25])
+        >>> norm(torch.ones(1, 1, 2, 2)).flatten().tolist()
+        [2.0, 2.0, 2.0, 2.0]
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        if (mean is None) != (std is None):
+            raise InvalidInputError("mean and std must be given together or both left as None")
+        if mean is None or std is None:
+            # (x - 0) / 1 is exactly x: the identity, with buffers of the same shape as a real one
+            n = channels or 1
+            mean_t = torch.zeros(n)
+            std_t = torch.ones(n)
+        else:
+            mean_t = torch.as_tensor(list(mean), dtype=torch.float32).flatten()
+            std_t = torch.as_tensor(list(std), dtype=torch.float32).flatten()
+            if mean_t.numel() != std_t.numel():
+                raise InvalidInputError(
+                    f"mean and std must have one value per channel, got {mean_t.numel()} means "
+                    f"and {std_t.numel()} stds"
+                )
+            if channels is not None and mean_t.numel() != channels:
+                raise InvalidInputError(
+                    f"mean/std must have {channels} values (one per channel), got {mean_t.numel()}"
+                )
+            if not bool((std_t > 0).all()):
+                raise InvalidInputError(f"std must be positive, got {std_t.tolist()}")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator that registers a model factory under ``name``.
+
+    The factory is called as ``factory(in_channels=, num_classes=, image_size=, mean=, std=,
+    **kwargs)`` and must return an ``nn.Module`` whose first stage is a :class:`Normalize`.
+    """
+
+    def decorate(factory: ModelFactory) -> ModelFactory:
+        if name in _MODELS:
+            raise InvalidInputError(f"model name {name!r} is already registered")
+        _MODELS[name] = factory
+        return factory
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Names of every registered architecture, sorted."""
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int] | Sequence[int] = (28, 28),
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build the architecture registered as ``name``.
+
+    Args:
+        name: a name from :func:`list_models`, e.g. ``"seed-cnn"`` or ``"resnet20"``.
+        in_channels: image channels ``C``.
+        num_classes: number of output logits.
+        image_size: ``(H, W)`` of the input images.
+        mean, std: per-channel normalization statistics (``None`` for none).
+        **kwargs: architecture-specific options.
+
+    Returns:
+        A module mapping ``(B, C, H, W)`` raw images in ``[0, 1]`` to ``(B, num_classes)`` logits.
+
+    Example:
+        >>> model = create_model("seed-cnn", in_channels=1, num_classes=10, image_size=(28, 28))
+        >>> model(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+    if name not in _MODELS:
+        raise unknown_name("architecture", name, list_models())
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise InvalidInputError(f"in_channels must be a positive integer, got {in_channels!r}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise InvalidInputError(f"num_classes must be a positive integer, got {num_classes!r}")
+    size = tuple(image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
+        raise InvalidInputError(f"image_size must be (H, W) positive integers, got {image_size!r}")
+    return _MODELS[name](
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=(int(size[0]), int(size[1])),
+        mean=mean,
+        std=std,
+        **kwargs,
+    )

@@ -1,0 +1,354 @@
+"""Policies: ordered lists of views, each view an invertible chain of (transform, parameter) steps.
+
+* :class:`Compose` is ttach's: the Cartesian product of its transforms' parameters, iterated as
+  :class:`Transformer` objects with ``augment_image`` / ``deaugment_*`` methods.
+* :class:`Policy` is an explicit list of :class:`View` records with readable names, merge settings
+  (mode, per-view weights, temperature, gate threshold) and a JSON round-trip. Search builds
+  policies view by view; ``evaluate`` and ``predict`` load them from JSON.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import __version__
+from ._io import atomic_write_json, read_json
+from .errors import InvalidInputError, NotInvertibleError, PolicyFormatError, UnknownNameError
+from .transforms import TARGETS, BaseTransform, get_transform_class, params_from_json, params_to_json
+
+__all__ = ["Step", "View", "Transformer", "Compose", "Policy", "POLICY_FORMAT", "POLICY_FORMAT_VERSION"]
+
+POLICY_FORMAT = "ttakit-policy"
+POLICY_FORMAT_VERSION = 1
+_DEFAULT_TARGETS = frozenset({"image", "mask", "label", "keypoints"})
+
+
+def _targets_of(transform: Any) -> frozenset[str]:
+    # Objects following ttach's protocol without our `targets` promise what ttach promises.
+    return getattr(transform, "targets", _DEFAULT_TARGETS)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One transform at one parameter value."""
+
+    transform: BaseTransform
+    param: Any
+
+    @property
+    def name(self) -> str | None:
+        namer = getattr(self.transform, "step_name", None)
+        if namer is None:  # a ttach transform object
+            if self.param == getattr(self.transform, "identity_param", object()):
+                return None
+            return f"{type(self.transform).__name__}({self.transform.pname}={self.param!r})"
+        return namer(self.param)
+
+    def to_json(self) -> dict[str, Any]:
+        cls_name = type(self.transform).__name__
+        try:
+            registered = get_transform_class(cls_name)
+        except UnknownNameError:
+            registered = None
+        if registered is not type(self.transform):
+            raise PolicyFormatError(
+                f"transform {cls_name} is not registered, so a policy holding it cannot be saved; "
+                "decorate its class with ttakit.register_transform"
+            )
+        return {"transform": cls_name, "param": params_to_json(self.param), "args": self.transform.get_args()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Step:
+        try:
+            transform_cls = get_transform_class(data["transform"])
+            param = params_from_json(data.get("param"))
+            args = dict(data.get("args") or {})
+            if transform_cls.param_arg is not None:
+                args[transform_cls.param_arg] = [param]
+            transform = transform_cls(**args)
+        except UnknownNameError as err:
+            raise PolicyFormatError(f"policy step {data!r}: {err}") from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise PolicyFormatError(f"policy step {data!r} is malformed: {err}") from None
+        if param not in transform.params:
+            raise PolicyFormatError(f"policy step {data!r}: parameter {param!r} is not valid for {data['transform']}")
+        return cls(transform, param)
+
+
+class Transformer:
+    """One view, applied: ``augment_image`` then the ``deaugment_*`` method for the task's target.
+
+    ``augment_image`` records the size of the image each step received, so inverses restore
+    stored sizes (ttach recomputes them, which breaks ``Scale`` on odd sizes). A transformer is
+    therefore stateful: augment, then de-augment, one batch at a time.
+    """
+
+    def __init__(self, steps: Sequence[Step]):
+        self.steps = tuple(steps)
+        self.input_sizes: list[tuple[int, int]] | None = None
+
+    def augment_image(self, image: torch.Tensor) -> torch.Tensor:
+        """``image: (B, C, H, W)`` -> the augmented view ``(B, C, H', W')``."""
+        sizes = []
+        for step in self.steps:
+            sizes.append((int(image.shape[-2]), int(image.shape[-1])))
+            image = step.transform.apply_aug_image(image, **{step.transform.pname: step.param})
+        self.input_sizes = sizes
+        return image
+
+    def _deaugment(self, method: str, target: str, x):
+        sizes = self.input_sizes or [None] * len(self.steps)
+        for step, size in zip(reversed(self.steps), reversed(sizes)):
+            transform = step.transform
+            if target not in _targets_of(transform):
+                raise transform.refuse(target) if hasattr(transform, "refuse") else NotInvertibleError(
+                    f"{type(transform).__name__} cannot invert the {target!r} target"
+                )
+            kwargs = {transform.pname: step.param}
+            if getattr(transform, "uses_input_size", False):
+                kwargs["input_size"] = size
+            x = getattr(transform, method)(x, **kwargs)
+        return x
+
+    def deaugment_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """``mask: (B, C, H', W')`` predicted on the view -> ``(B, C, H, W)`` in the input's frame."""
+        return self._deaugment("apply_deaug_mask", "mask", mask)
+
+    def deaugment_label(self, label: torch.Tensor) -> torch.Tensor:
+        """Class scores ``(B, C)``; every transform here leaves them unchanged."""
+        return self._deaugment("apply_deaug_label", "label", label)
+
+    def deaugment_keypoints(self, keypoints: torch.Tensor) -> torch.Tensor:
+        """``keypoints: (B, N, 2)`` normalised to the view -> normalised to the input image."""
+        return self._deaugment("apply_deaug_keypoints", "keypoints", keypoints)
+
+    def deaugment_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """``boxes: (B, N, 4)`` normalised xyxy on the view -> normalised on the input image."""
+        return self._deaugment("apply_deaug_boxes", "boxes", boxes)
+
+
+class View:
+    """One augmented copy of the input: an ordered chain of :class:`Step` records.
+
+    Example:
+        >>> from ttakit.transforms import HorizontalFlip, Rotate90
+        >>> View([Step(HorizontalFlip(), True), Step(Rotate90([90]), 90)]).name
+        'hflip+rot90'
+    """
+
+    def __init__(self, steps: Iterable[Step | tuple[BaseTransform, Any]] = ()):
+        self.steps = tuple(s if isinstance(s, Step) else Step(*s) for s in steps)
+
+    @classmethod
+    def identity(cls) -> View:
+        return cls(())
+
+    @property
+    def name(self) -> str:
+        names = [n for n in (s.name for s in self.steps) if n]
+        return "+".join(names) if names else "identity"
+
+    @property
+    def is_identity(self) -> bool:
+        return self.name == "identity"
+
+    @property
+    def targets(self) -> frozenset[str]:
+        out = frozenset(TARGETS)
+        for step in self.steps:
+            out &= _targets_of(step.transform) | {"image"}
+        return out
+
+    def transformer(self) -> Transformer:
+        return Transformer(self.steps)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": [s.to_json() for s in self.steps]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> View:
+        if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+            raise PolicyFormatError(f"a policy view must be an object with a 'steps' list, got {data!r}")
+        return cls(Step.from_json(s) for s in data["steps"])
+
+    def __repr__(self) -> str:
+        return f"View({self.name})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, View) and self.name == other.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+
+class Compose:
+    """ttach's composition: one view per combination of the transforms' parameters.
+
+    Augmentation applies transforms in order; de-augmentation in reverse order.
+
+    Example:
+        >>> from ttakit.transforms import HorizontalFlip, Rotate90
+        >>> len(Compose([HorizontalFlip(), Rotate90([90, 180, 270])]))
+        8
+    """
+
+    def __init__(self, transforms: Sequence[BaseTransform]):
+        if isinstance(transforms, BaseTransform) or not isinstance(transforms, Sequence):
+            raise InvalidInputError(f"transforms must be a list of transforms, got {type(transforms).__name__}")
+        for t in transforms:
+            if not all(hasattr(t, attr) for attr in ("params", "pname", "apply_aug_image")):
+                raise InvalidInputError(
+                    f"transforms must follow the transform protocol (params, pname, apply_aug_image), got {t!r}"
+                )
+        self.aug_transforms = list(transforms)
+        self.aug_transform_parameters = list(itertools.product(*[t.params for t in self.aug_transforms]))
+        self.deaug_transforms = self.aug_transforms[::-1]
+        self.deaug_transform_parameters = [p[::-1] for p in self.aug_transform_parameters]
+
+    @property
+    def views(self) -> list[View]:
+        return [View(zip(self.aug_transforms, params)) for params in self.aug_transform_parameters]
+
+    def __iter__(self) -> Iterator[Transformer]:
+        for view in self.views:
+            yield view.transformer()
+
+    def __len__(self) -> int:
+        return len(self.aug_transform_parameters)
+
+    def to_policy(self, name: str = "compose", **merge_settings: Any) -> Policy:
+        """The explicit :class:`Policy` holding the same views in the same order."""
+        return Policy(self.views, name=name, **merge_settings)
+
+
+@dataclass
+class Policy:
+    """An explicit, ordered list of views plus how to merge them.
+
+    Args:
+        views: the views, identity included if wanted (``View.identity()``).
+        name: a label for reports.
+        merge_mode: a :mod:`ttakit.merge` mode.
+        weights: optional per-view weights (one per view), e.g. learned on validation data.
+        temperature: optional temperature the merged logits/probabilities are calibrated with.
+        gate_threshold: optional confidence below which the extra views run (gated TTA).
+        meta: free-form provenance (how the policy was found, validation scores).
+
+    Example:
+        >>> from ttakit.transforms import HorizontalFlip
+        >>> policy = Compose([HorizontalFlip()]).to_policy("hflip")
+        >>> policy.view_names
+        ['identity', 'hflip']
+    """
+
+    views: list[View]
+    name: str = "custom"
+    merge_mode: str = "mean"
+    weights: list[float] | None = None
+    temperature: float | None = None
+    gate_threshold: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.views = [v if isinstance(v, View) else View(v) for v in self.views]
+        if not self.views:
+            raise InvalidInputError("a policy needs at least one view, got an empty list")
+        if self.weights is not None:
+            self.weights = [float(w) for w in self.weights]
+            if len(self.weights) != len(self.views):
+                raise InvalidInputError(
+                    f"weights must hold one value per view ({len(self.views)}), got {len(self.weights)}"
+                )
+        if self.temperature is not None and not self.temperature > 0:
+            raise InvalidInputError(f"temperature must be positive, got {self.temperature}")
+
+    @classmethod
+    def identity(cls) -> Policy:
+        """No TTA: the single identity view."""
+        return cls([View.identity()], name="none")
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __iter__(self) -> Iterator[Transformer]:
+        for view in self.views:
+            yield view.transformer()
+
+    @property
+    def view_names(self) -> list[str]:
+        return [v.name for v in self.views]
+
+    def check_targets(self, target: str) -> None:
+        """Raise :class:`NotInvertibleError` now if some view cannot map ``target`` back."""
+        if target not in TARGETS:
+            raise InvalidInputError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        for view in self.views:
+            for step in view.steps:
+                if target not in _targets_of(step.transform):
+                    transform = step.transform
+                    raise transform.refuse(target) if hasattr(transform, "refuse") else NotInvertibleError(
+                        f"{type(transform).__name__} in view {view.name!r} cannot invert the {target!r} target"
+                    )
+
+    # -- JSON ---------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": POLICY_FORMAT,
+            "format_version": POLICY_FORMAT_VERSION,
+            "ttakit_version": __version__,
+            "name": self.name,
+            "merge_mode": self.merge_mode,
+            "weights": self.weights,
+            "temperature": self.temperature,
+            "gate_threshold": self.gate_threshold,
+            "views": [v.to_json() for v in self.views],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "policy") -> Policy:
+        if not isinstance(data, dict) or data.get("format") != POLICY_FORMAT:
+            raise PolicyFormatError(f"{source} is not a ttakit policy (expected \"format\": \"{POLICY_FORMAT}\")")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > POLICY_FORMAT_VERSION:
+            raise PolicyFormatError(
+                f"{source} has policy format version {version!r}; this ttakit reads versions up to "
+                f"{POLICY_FORMAT_VERSION}: upgrade ttakit"
+            )
+        views = data.get("views")
+        if not isinstance(views, list) or not views:
+            raise PolicyFormatError(f"{source} holds no views")
+        try:
+            return cls(
+                views=[View.from_json(v) for v in views],
+                name=str(data.get("name", "custom")),
+                merge_mode=str(data.get("merge_mode", "mean")),
+                weights=data.get("weights"),
+                temperature=data.get("temperature"),
+                gate_threshold=data.get("gate_threshold"),
+                meta=dict(data.get("meta") or {}),
+            )
+        except InvalidInputError as err:
+            raise PolicyFormatError(f"{source}: {err}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the policy as JSON, atomically."""
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Policy:
+        """Read a policy written by :meth:`save`."""
+        try:
+            data = read_json(path)
+        except FileNotFoundError:
+            raise PolicyFormatError(f"policy file {os.fspath(path)!r} does not exist") from None
+        except (OSError, ValueError) as err:
+            raise PolicyFormatError(f"policy file {os.fspath(path)!r} is not valid JSON: {err}") from None
+        return cls.from_json(data, source=f"policy file {os.fspath(path)!r}")

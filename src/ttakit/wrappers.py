@@ -1,0 +1,164 @@
+"""ttach-compatible TTA wrappers: ``nn.Module`` s over :class:`~ttakit.engine.TTAEngine`.
+
+Constructor signatures are ttach's; ttakit adds keyword-only options. Like ttach, the
+wrappers merge *raw* model outputs by default (``activation=None``); pass
+``activation="softmax"`` to merge probabilities. Unlike ttach, a policy whose views cannot
+invert the task's target fails when the wrapper is built, views share forward passes up to
+``max_batch`` images, and the forward pass runs under ``torch.inference_mode`` unless
+``inference_mode=False`` (pass that to backpropagate through TTA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .engine import TTAEngine, TTAOutput
+from .errors import InvalidInputError, ModelOutputError
+from .policy import Compose, Policy, Transformer
+
+__all__ = ["ClassificationTTAWrapper", "SegmentationTTAWrapper", "KeypointsTTAWrapper"]
+
+
+class _TTAWrapper(nn.Module):
+    target = "label"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        transforms: Compose | Policy,
+        merge_mode: str = "mean",
+        output_key: str | None = None,
+        *,
+        activation: str | None = None,
+        weights: Sequence[float] | None = None,
+        max_batch: int = 256,
+        amp: bool = False,
+        inference_mode: bool = True,
+        deaugment=None,
+    ):
+        super().__init__()
+        self.model = model
+        self.transforms = transforms
+        self.merge_mode = merge_mode
+        self.output_key = output_key
+        self.engine = TTAEngine(
+            model,
+            transforms,
+            target=self.target,
+            merge_mode=merge_mode,
+            weights=weights,
+            activation=activation,
+            max_batch=max_batch,
+            output_key=output_key,
+            deaugment=deaugment,
+            amp=amp,
+            inference_mode=inference_mode,
+        )
+
+    def run(self, image: torch.Tensor, *args: Any, return_views: bool = False) -> TTAOutput:
+        """Like ``forward`` but returns a :class:`TTAOutput` (optionally with per-view outputs)."""
+        return self.engine.run(image, *args, return_views=return_views)
+
+    def forward(self, image: torch.Tensor, *args: Any) -> torch.Tensor | Mapping[str, torch.Tensor]:
+        result = self.engine(image, *args)
+        return {self.output_key: result} if self.output_key is not None else result
+
+
+class ClassificationTTAWrapper(_TTAWrapper):
+    """Wrap a classification model (``(B, C, H, W) -> (B, classes)``) with TTA.
+
+    Args:
+        model: returns a tensor, or a mapping holding one under ``output_label_key``.
+        transforms: a :class:`Compose` (e.g. ``ttakit.aliases.d4_transform()``) or a :class:`Policy`.
+        merge_mode: mean, gmean, sum, max, min, tsharpen or vote.
+        output_label_key: the key of the model's output mapping to merge.
+
+    Example:
+        >>> import ttakit as tta
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
+        >>> wrapped = tta.ClassificationTTAWrapper(model, tta.aliases.d4_transform())
+        >>> wrapped(torch.rand(2, 3, 4, 4)).shape
+        torch.Size([2, 5])
+    """
+
+    target = "label"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        transforms: Compose | Policy,
+        merge_mode: str = "mean",
+        output_label_key: str | None = None,
+        **options: Any,
+    ):
+        super().__init__(model, transforms, merge_mode, output_label_key, **options)
+
+
+class SegmentationTTAWrapper(_TTAWrapper):
+    """Wrap a segmentation model (``(B, C, H, W) -> (B, classes, H, W)``) with TTA.
+
+    Every view must invert masks: crops are refused here, when the wrapper is built.
+    """
+
+    target = "mask"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        transforms: Compose | Policy,
+        merge_mode: str = "mean",
+        output_mask_key: str | None = None,
+        **options: Any,
+    ):
+        super().__init__(model, transforms, merge_mode, output_mask_key, **options)
+
+
+class KeypointsTTAWrapper(_TTAWrapper):
+    """Wrap a keypoint model returning ``(B, 2N)`` as ``[x1, y1, ..., xN, yN]`` with TTA.
+
+    Args:
+        scaled: True if the model returns coordinates normalised to ``[0, 1]``; False if it
+            returns pixels of the image it was given.
+
+    Unlike ttach, pixel outputs are normalised by the size of the *augmented* view (a
+    rotated non-square image is ``W x H``), and the model's output is never modified in place.
+    """
+
+    target = "keypoints"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        transforms: Compose | Policy,
+        merge_mode: str = "mean",
+        output_keypoints_key: str | None = None,
+        scaled: bool = False,
+        **options: Any,
+    ):
+        if merge_mode == "vote":
+            raise InvalidInputError("merge_mode 'vote' needs class scores; use mean, gmean, sum, max, min or tsharpen")
+        self.scaled = scaled
+        super().__init__(model, transforms, merge_mode, output_keypoints_key, deaugment=self._deaugment, **options)
+
+    def _deaugment(self, transformer: Transformer, output: torch.Tensor, view_size: tuple[int, int]) -> torch.Tensor:
+        if output.ndim != 2 or output.shape[1] % 2:
+            raise ModelOutputError(
+                f"a keypoint model must return (B, 2N) as [x1, y1, ..., xN, yN], got shape {tuple(output.shape)}"
+            )
+        points = output.reshape(output.shape[0], -1, 2)
+        if not self.scaled:
+            height, width = view_size
+            points = points / points.new_tensor([width, height])
+        return transformer.deaugment_keypoints(points)
+
+    def forward(self, image: torch.Tensor, *args: Any) -> torch.Tensor | Mapping[str, torch.Tensor]:
+        points = self.engine(image, *args)
+        if not self.scaled:
+            height, width = image.shape[-2:]
+            points = points * points.new_tensor([width, height])
+        result = points.reshape(points.shape[0], -1)
+        return {self.output_key: result} if self.output_key is not None else result
