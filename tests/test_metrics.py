@@ -29,7 +29,9 @@ from ttakit.metrics import (
 # --------------------------------------------------------------------------- helpers
 
 
-def random_probs(n: int, c: int, seed: int = 0, temp: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+def random_probs(
+    n: int, c: int, seed: int = 0, temp: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, c, generator=g, dtype=torch.float64) * temp
     labels = torch.randint(0, c, (n,), generator=g)
@@ -38,7 +40,9 @@ def random_probs(n: int, c: int, seed: int = 0, temp: float = 2.0) -> tuple[torc
     return logits.softmax(1), labels
 
 
-def np_ece(p: np.ndarray, y: np.ndarray, n_bins: int) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+def np_ece(
+    p: np.ndarray, y: np.ndarray, n_bins: int
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """Reference ECE by an explicit loop over bins (lo, hi], bin 0 closed at 0."""
     conf = p.max(1)
     correct = (p.argmax(1) == y).astype(float)
@@ -131,7 +135,9 @@ def test_calibration_error_class_over_batches() -> None:
     for chunk_p, chunk_y in zip(probs.split(64), labels.split(64)):
         metric.update(chunk_p, chunk_y)
     assert metric.count == 300
-    assert metric.compute() == pytest.approx(expected_calibration_error(probs, labels, 10), rel=1e-12)
+    assert metric.compute() == pytest.approx(
+        expected_calibration_error(probs, labels, 10), rel=1e-12
+    )
     assert metric.bins()["count"] == reliability_bins(probs, labels, 10)["count"]
     metric.reset()
     assert metric.count == 0
@@ -255,7 +261,9 @@ def test_mcnemar_large_n_no_overflow() -> None:
 def test_mcnemar_accepts_01_integers_and_validates() -> None:
     a, b = pair(2, 5)
     assert mcnemar_test(a.long(), b.int()) == mcnemar_test(a, b)
-    with pytest.raises(InvalidInputError, match=r"`correct_a`.*`correct_b`.*same length.*15 and 14"):
+    with pytest.raises(
+        InvalidInputError, match=r"`correct_a`.*`correct_b`.*same length.*15 and 14"
+    ):
         mcnemar_test(a, b[:-1])
     with pytest.raises(InvalidInputError, match=r"`correct_b`.*bool.*float32"):
         mcnemar_test(a, b.float())

@@ -45,7 +45,9 @@ def test_format_table_exact() -> None:
 
 
 def test_format_table_columns_title_and_floatfmt() -> None:
-    out = format_table(ROWS, columns=["accuracy", "name", "missing"], floatfmt=".1%", title="Policies")
+    out = format_table(
+        ROWS, columns=["accuracy", "name", "missing"], floatfmt=".1%", title="Policies"
+    )
     assert out == (
         "Policies\n"
         "accuracy  name         missing\n"
@@ -63,12 +65,7 @@ def test_format_table_mixed_column_and_scalars() -> None:
         {"k": "w", "v": np.float32(2.0), "ok": None},
     ]
     assert format_table(rows, floatfmt=".2f") == (
-        "k   v     ok\n"
-        "--  ----  -----\n"
-        "x   1.50  True\n"
-        "yy  n/a   False\n"
-        "z   0.25  -\n"
-        "w   2.00  -"
+        "k   v     ok\n--  ----  -----\nx   1.50  True\nyy  n/a   False\nz   0.25  -\nw   2.00  -"
     )
 
 
@@ -96,10 +93,7 @@ def test_markdown_table_exact() -> None:
 def test_markdown_table_escapes_and_short_columns() -> None:
     rows = [{"a": "x|y", "b": 1}, {"a": "two\nlines", "b": None}]
     assert markdown_table(rows, floatfmt=".2f") == (
-        "| a         |   b |\n"
-        "| :-------- | --: |\n"
-        "| x\\|y      |   1 |\n"
-        "| two lines |   - |"
+        "| a         |   b |\n| :-------- | --: |\n| x\\|y      |   1 |\n| two lines |   - |"
     )
     assert markdown_table([]) == ""
 
@@ -185,7 +179,9 @@ def assert_png(path: Path, min_size: tuple[int, int] = (300, 200)) -> None:
 def _curve(n: int, seed: int, temp: float) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, 10, generator=g) * 3
-    labels = torch.where(torch.rand(n, generator=g) < 0.8, logits.argmax(1), torch.randint(0, 10, (n,), generator=g))
+    labels = torch.where(
+        torch.rand(n, generator=g) < 0.8, logits.argmax(1), torch.randint(0, 10, (n,), generator=g)
+    )
     return (logits * temp).softmax(1), labels
 
 
@@ -202,7 +198,12 @@ def test_plot_policy_metrics(tmp_path: Path) -> None:
 
 def test_plot_policy_metrics_grouped_many_names(tmp_path: Path) -> None:
     rows = [
-        {"name": f"policy-{i:02d}", "model": model, "accuracy": 0.9 + 0.001 * i, "brier": 0.15 - 0.001 * i}
+        {
+            "name": f"policy-{i:02d}",
+            "model": model,
+            "accuracy": 0.9 + 0.001 * i,
+            "brier": 0.15 - 0.001 * i,
+        }
         for model in ("seed-cnn", "resnet")
         for i in range(40)
     ]
@@ -223,7 +224,9 @@ def test_plot_reliability_diagram(tmp_path: Path) -> None:
     curves = {"no TTA": _curve(2000, 0, 1.5), "hflip": _curve(2000, 1, 0.8)}
     assert_png(plot_reliability_diagram(curves, tmp_path / "rel.png", n_bins=10))
     with pytest.raises(InvalidInputError, match=r"`labels`"):
-        plot_reliability_diagram({"bad": (curves["hflip"][0], torch.zeros(3, dtype=torch.long))}, tmp_path / "x.png")
+        plot_reliability_diagram(
+            {"bad": (curves["hflip"][0], torch.zeros(3, dtype=torch.long))}, tmp_path / "x.png"
+        )
     with pytest.raises(InvalidInputError, match=r"`curves`"):
         plot_reliability_diagram({}, tmp_path / "x.png")
 

@@ -21,6 +21,7 @@ __all__ = [
     "register_policy",
     "get_policy",
     "list_policies",
+    "policy_from_augmentations",
 ]
 
 
@@ -112,3 +113,24 @@ def _shift4() -> Compose:
 def _hflip_shift() -> Compose:
     # hflip x 5 shifts (10 views): the policy a model trained with flips and shifts should like.
     return Compose([T.HorizontalFlip(), T.Shift.around((1,), directions=4)])
+
+
+def policy_from_augmentations(augmentations: Sequence[dict | str]) -> Policy:
+    """The TTA policy aligned with a model's training augmentations.
+
+    ``augmentations`` is a checkpoint's ``train_augmentations`` (dicts with a ``"name"``, or
+    bare names): ``flip`` adds a horizontal flip, ``shift``/``crop`` add one-pixel shifts in the
+    four axis directions; ``mixup`` changes no geometry and adds nothing. With none of these
+    the policy is the identity alone: TTA with views the model never saw tends to hurt.
+    """
+    names = {a["name"] if isinstance(a, dict) else str(a) for a in augmentations}
+    steps: list[T.BaseTransform] = []
+    if "flip" in names:
+        steps.append(T.HorizontalFlip())
+    if names & {"shift", "crop"}:
+        steps.append(T.Shift.around((1,), directions=4))
+    if not steps:
+        policy = Policy.identity()
+        policy.name = "train-aug"
+        return policy
+    return Compose(steps).to_policy("train-aug")

@@ -108,7 +108,9 @@ def _check_probs_labels(probs: object, labels: object) -> tuple[torch.Tensor, to
     p = probs.detach().to(device="cpu", dtype=torch.float64)
     y = labels.detach().to(device="cpu", dtype=torch.int64)
     if not torch.isfinite(p).all():
-        raise InvalidInputError("Expected argument `probs` to be finite, but it contains NaN or inf")
+        raise InvalidInputError(
+            "Expected argument `probs` to be finite, but it contains NaN or inf"
+        )
     lo, hi = float(p.min()), float(p.max())
     tol = max(1e-3, 10 * torch.finfo(probs.dtype).eps)
     if lo < -tol or hi > 1 + tol:
@@ -143,7 +145,9 @@ def _check_correct(correct: object, name: str) -> torch.Tensor:
             f"Expected argument `{name}` to have shape (N,), but got shape {tuple(correct.shape)}"
         )
     if correct.shape[0] == 0:
-        raise InvalidInputError(f"Expected argument `{name}` to have at least one sample, but it is empty")
+        raise InvalidInputError(
+            f"Expected argument `{name}` to have at least one sample, but it is empty"
+        )
     if correct.dtype != torch.bool:
         if correct.is_floating_point() or correct.is_complex():
             raise InvalidInputError(
@@ -205,9 +209,7 @@ def nll(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-12) -> float:
         0.6931
     """
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
-        raise InvalidInputError(
-            f"Expected argument `eps` to be a float in (0, 1), but got {eps!r}"
-        )
+        raise InvalidInputError(f"Expected argument `eps` to be a float in (0, 1), but got {eps!r}")
     p, y = _check_probs_labels(probs, labels)
     return _nll(p, y, float(eps))
 
@@ -510,13 +512,21 @@ def paired_bootstrap(
         (0.25, True)
     """
     a, b = _check_pair(correct_a, correct_b)
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral) or n_resamples < 1:
+    if (
+        isinstance(n_resamples, bool)
+        or not isinstance(n_resamples, numbers.Integral)
+        or n_resamples < 1
+    ):
         raise InvalidInputError(
             f"Expected argument `n_resamples` to be an integer larger than 0, but got {n_resamples!r}"
         )
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise InvalidInputError(f"Expected argument `seed` to be an integer, but got {seed!r}")
-    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, numbers.Real)
+        or not 0 < confidence < 1
+    ):
         raise InvalidInputError(
             f"Expected argument `confidence` to be a float in (0, 1), but got {confidence!r}"
         )
@@ -578,7 +588,9 @@ def mean_std(values: Iterable[float] | torch.Tensor) -> tuple[float, float]:
                 f"Expected argument `values` to be a sequence of numbers, but got {values!r}"
             ) from exc
     if not data:
-        raise InvalidInputError("Expected argument `values` to hold at least one number, but it is empty")
+        raise InvalidInputError(
+            "Expected argument `values` to hold at least one number, but it is empty"
+        )
     mean = statistics.fmean(data)
     std = statistics.stdev(data) if len(data) > 1 else 0.0
     return float(mean), float(std)

@@ -77,8 +77,10 @@ def _cell(value: Any, floatfmt: str) -> str:
 
 
 def _columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None) -> list[str]:
-    if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)) or not all(
-        isinstance(r, Mapping) for r in rows
+    if (
+        not isinstance(rows, Sequence)
+        or isinstance(rows, (str, bytes))
+        or not all(isinstance(r, Mapping) for r in rows)
     ):
         raise InvalidInputError(
             f"Expected argument `rows` to be a list of dicts, but got {type(rows).__name__}"
@@ -151,11 +153,15 @@ def format_table(
     out.append(line(cols, col_numeric))
     out.append("  ".join("-" * w for w in widths))
     for cells, num in zip(text, numeric):
-        out.append(line(cells, [n or (c == "-" and cn) for n, c, cn in zip(num, cells, col_numeric)]))
+        out.append(
+            line(cells, [n or (c == "-" and cn) for n, c, cn in zip(num, cells, col_numeric)])
+        )
     return "\n".join(out)
 
 
-def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4f") -> str:
+def markdown_table(
+    rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4f"
+) -> str:
     """A GitHub-flavoured Markdown table, padded so the source is readable too.
 
     Numeric columns (every value a number or ``None``) are right-aligned (``---:``), others
@@ -186,7 +192,9 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt:
         parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, col_numeric)]
         return "| " + " | ".join(parts) + " |"
 
-    rule = ["-" * (w - 1) + ":" if num else ":" + "-" * (w - 1) for w, num in zip(widths, col_numeric)]
+    rule = [
+        "-" * (w - 1) + ":" if num else ":" + "-" * (w - 1) for w, num in zip(widths, col_numeric)
+    ]
     out = [line(header), "| " + " | ".join(rule) + " |"]
     out.extend(line(r) for r in body)
     return "\n".join(out)
@@ -269,7 +277,9 @@ def write_results(out_dir: str | os.PathLike, results: dict, markdown: str) -> t
     out = Path(out_dir)
     text = json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
     json_path = atomic_write_text(out / "results.json", text)
-    md_path = atomic_write_text(out / "results.md", markdown if markdown.endswith("\n") else markdown + "\n")
+    md_path = atomic_write_text(
+        out / "results.md", markdown if markdown.endswith("\n") else markdown + "\n"
+    )
     return json_path, md_path
 
 
@@ -336,14 +346,18 @@ def plot_policy_metrics(
     path = _check_path(path)
     _columns(rows, None)
     if not rows:
-        raise InvalidInputError("Expected argument `rows` to hold at least one row, but it is empty")
+        raise InvalidInputError(
+            "Expected argument `rows` to hold at least one row, but it is empty"
+        )
     if isinstance(metrics, str) or not metrics:
         raise InvalidInputError(
             f"Expected argument `metrics` to be a non-empty list of row keys, but got {metrics!r}"
         )
     for i, row in enumerate(rows):
         if "name" not in row:
-            raise InvalidInputError(f"Expected every row to have a 'name' key, but row {i} is {dict(row)!r}")
+            raise InvalidInputError(
+                f"Expected every row to have a 'name' key, but row {i} is {dict(row)!r}"
+            )
     for metric in metrics:
         if not any(not math.isnan(_finite_or_nan(row.get(metric))) for row in rows):
             raise InvalidInputError(
@@ -372,7 +386,9 @@ def plot_policy_metrics(
             xs, ys, errs = [], [], []
             for g, name in enumerate(names):
                 match = [
-                    r for r in rows if str(r["name"]) == name and (not grouped or str(r.get("model", "-")) == model)
+                    r
+                    for r in rows
+                    if str(r["name"]) == name and (not grouped or str(r.get("model", "-")) == model)
                 ]
                 if not match:
                     continue
@@ -413,7 +429,9 @@ def plot_policy_metrics(
     last = axes[-1]
     last.set_xticks(range(n_groups))
     rotate = n_groups > 6 or max(map(len, names)) > 10
-    last.set_xticklabels(names, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
+    last.set_xticklabels(
+        names, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=8
+    )
     last.set_xlabel("policy")
     if grouped:
         axes[0].legend(title="model", fontsize=8, loc="best")
@@ -517,13 +535,19 @@ def plot_views_curve(
         )
     xs = [_finite_or_nan(v) for v in n_views]
     if any(math.isnan(x) for x in xs):
-        raise InvalidInputError(f"Expected argument `n_views` to hold only numbers, but got {list(n_views)!r}")
+        raise InvalidInputError(
+            f"Expected argument `n_views` to hold only numbers, but got {list(n_views)!r}"
+        )
     if not isinstance(series, Mapping) or not series:
         raise InvalidInputError(
             f"Expected argument `series` to be a non-empty dict name -> values, but got {series!r}"
         )
     for name, values in series.items():
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != len(xs):
+        if (
+            isinstance(values, (str, bytes))
+            or not isinstance(values, Sequence)
+            or len(values) != len(xs)
+        ):
             got = len(values) if isinstance(values, Sequence) else type(values).__name__
             raise InvalidInputError(
                 f"Expected argument `series[{name!r}]` to have one value per entry of `n_views` "
@@ -574,7 +598,9 @@ def plot_candidate_lifts(
         )
     values = [_finite_or_nan(v) for v in lifts]
     if any(math.isnan(v) for v in values):
-        raise InvalidInputError(f"Expected argument `lifts` to hold finite numbers, but got {list(lifts)!r}")
+        raise InvalidInputError(
+            f"Expected argument `lifts` to hold finite numbers, but got {list(lifts)!r}"
+        )
 
     order = sorted(range(len(values)), key=lambda i: values[i])  # ascending: largest drawn on top
     ys = list(range(len(order)))
