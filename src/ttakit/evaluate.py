@@ -1,0 +1,185 @@
+"""Evaluate TTA policies on a labelled data set: accuracy, NLL, ECE, Brier, cost, and the lift of
+each policy over plain inference with a paired significance test on the same images."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .aliases import get_policy, list_policies, policy_from_augmentations
+from .data import ImageDataset
+from .engine import TTAEngine
+from .errors import InvalidInputError, UnknownNameError, unknown_name
+from .calibration import apply_temperature
+from .models import CheckpointMeta
+from .policy import Policy
+
+__all__ = ["PolicyEvaluation", "resolve_policy", "resolve_policies", "predict_probs", "evaluate_policies"]
+
+# Plain inference is always evaluated: every lift is measured against it on the same images.
+BASELINE = "none"
+
+
+@dataclass
+class PolicyEvaluation:
+    """One policy's results on one model and data set.
+
+    ``probs`` ``(N, C)`` are kept for plots and paired tests, not written to JSON.
+    """
+
+    name: str
+    n_views: int
+    forward_passes_per_image: float
+    seconds: float
+    metrics: dict[str, float]
+    lift: dict[str, float] = field(default_factory=dict)
+    probs: torch.Tensor | None = None
+
+    def row(self) -> dict[str, Any]:
+        """A flat dict for tables and JSON."""
+        return {
+            "policy": self.name,
+            "views": self.n_views,
+            "passes_per_image": self.forward_passes_per_image,
+            **self.metrics,
+            **{f"lift_{k}": v for k, v in self.lift.items()},
+            "ms_per_image": 1000.0 * self.seconds / max(self.metrics.get("n_images", 1), 1),
+        }
+
+
+def resolve_policy(spec: str | Policy, meta: CheckpointMeta | None = None) -> Policy:
+    """A policy from a registered name, ``train-aug`` (the checkpoint's training augmentations),
+    or a path to a policy JSON file."""
+    if isinstance(spec, Policy):
+        return spec
+    if spec == "train-aug":
+        if meta is None:
+            raise InvalidInputError("policy 'train-aug' needs a checkpoint that records its training augmentations")
+        return policy_from_augmentations(meta.train_augmentations)
+    if spec.endswith(".json") or os.path.sep in spec:
+        return Policy.load(spec)
+    try:
+        return get_policy(spec)
+    except UnknownNameError:
+        raise unknown_name(
+            "policy (or a policy .json path)", spec, [*list_policies(), "train-aug"]
+        ) from None
+
+
+def resolve_policies(specs: Sequence[str | Policy], meta: CheckpointMeta | None = None) -> list[Policy]:
+    """Resolve each spec (comma-separated strings are split); duplicates by name are dropped."""
+    flat: list[str | Policy] = []
+    for spec in specs:
+        flat.extend(s.strip() for s in spec.split(",") if s.strip()) if isinstance(spec, str) else flat.append(spec)
+    policies, seen = [], set()
+    for spec in flat:
+        policy = resolve_policy(spec, meta)
+        if policy.name not in seen:
+            seen.add(policy.name)
+            policies.append(policy)
+    if not policies:
+        raise InvalidInputError(f"give at least one policy, got {list(specs)!r}")
+    return policies
+
+
+def predict_probs(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    policy: Policy,
+    *,
+    max_batch: int = 256,
+    chunk: int = 2000,
+    progress: bool = False,
+    desc: str | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Class probabilities ``(N, C)`` of ``images`` ``(N, C, H, W)`` under ``policy``, and the
+    forward passes spent per image.
+
+    Views are merged as probabilities (softmax) with the policy's merge mode and weights; a
+    policy temperature, when set, calibrates the merged probabilities. A policy with a
+    ``gate_threshold`` runs its extra views only on images the plain prediction is unsure of.
+    """
+    if policy.gate_threshold is not None:
+        from .gating import gated_predict  # gating builds on this module's engine use
+
+        gated = gated_predict(model, images, policy, policy.gate_threshold, max_batch=max_batch)
+        return gated.probs, gated.forward_passes_per_image
+    engine = TTAEngine(model, policy, activation="softmax", max_batch=max_batch)
+    outputs = []
+    with tqdm(total=len(images), desc=desc or policy.name, unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(images), chunk):
+            batch = images[start : start + chunk]
+            outputs.append(engine(batch))
+            bar.update(len(batch))
+    probs = torch.cat(outputs).float()
+    if policy.temperature is not None:
+        probs = apply_temperature(probs, policy.temperature)
+    return probs, float(len(policy))
+
+
+def evaluate_policies(
+    model: torch.nn.Module,
+    dataset: ImageDataset,
+    policies: Sequence[Policy],
+    *,
+    max_batch: int = 256,
+    progress: bool = True,
+    n_bins: int = 15,
+    bootstrap_resamples: int = 2000,
+    seed: int = 0,
+) -> list[PolicyEvaluation]:
+    """Evaluate ``policies`` (plain inference is added first if missing) on ``dataset``.
+
+    Each result holds accuracy, NLL, ECE and Brier score; forward passes per image; wall time;
+    and, for every policy but plain, its lift over plain: accuracy and NLL differences, the
+    McNemar p-value and a paired bootstrap confidence interval of the accuracy difference.
+    """
+    if len(dataset) == 0:
+        raise InvalidInputError("the evaluation data set is empty")
+    model.eval()
+    ordered = list(policies)
+    if not any(p.name == BASELINE and len(p) == 1 for p in ordered):
+        ordered.insert(0, get_policy(BASELINE))
+    results: list[PolicyEvaluation] = []
+    for policy in ordered:
+        started = time.perf_counter()
+        probs, passes = predict_probs(model, dataset.images, policy, max_batch=max_batch, progress=progress)
+        seconds = time.perf_counter() - started
+        scores = M.summarize(probs, dataset.labels, n_bins=n_bins)
+        scores["n_images"] = len(dataset)
+        results.append(PolicyEvaluation(policy.name, len(policy), passes, seconds, scores, probs=probs))
+    baseline = next(r for r in results if r.name == BASELINE)
+    plain_correct = baseline.probs.argmax(1) == dataset.labels
+    for result in results:
+        if result is baseline:
+            continue
+        correct = result.probs.argmax(1) == dataset.labels
+        test = M.mcnemar_test(plain_correct, correct)
+        boot = M.paired_bootstrap(plain_correct, correct, n_resamples=bootstrap_resamples, seed=seed)
+        result.lift = {
+            "accuracy": result.metrics["accuracy"] - baseline.metrics["accuracy"],
+            "nll": result.metrics["nll"] - baseline.metrics["nll"],
+            "mcnemar_p": test.p_value,
+            "ci_low": boot.ci_low,
+            "ci_high": boot.ci_high,
+            "bootstrap_p": boot.p_value,
+        }
+    return results
+
+
+def write_probs(path: str | os.PathLike, results: Sequence[PolicyEvaluation]) -> Path:
+    """Save each policy's probabilities as a safetensors file (for later analysis)."""
+    from safetensors.torch import save_file
+
+    from ._io import atomic_write
+
+    tensors = {r.name: r.probs.contiguous() for r in results if r.probs is not None}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
