@@ -164,7 +164,7 @@ def _display_rows(summary: Sequence[dict[str, Any]], model: str | None = None) -
                 s["lift_accuracy_mean"], s["lift_accuracy_std"] if s["runs"] > 1 else None, fmt="+.2f", scale=100
             )
             if s["runs"] == 1:
-                row["p (McNemar)"] = f"{s['mcnemar_p_min']:.3g}"
+                row["p (McNemar)"] = _format_p(s["mcnemar_p_min"])
             else:
                 row["p (McNemar)"] = f"{s['significant_runs']}/{s['runs']} runs < 0.05"
         else:
@@ -177,6 +177,11 @@ def _display_rows(summary: Sequence[dict[str, Any]], model: str | None = None) -
         row["ms/img"] = f"{s['ms_per_image_mean']:.3f}"
         rows.append(row)
     return rows
+
+
+def _format_p(p: float) -> str:
+    # Exact tests on 10,000 images underflow to 0.0; say how small instead of printing 0.
+    return "< 1e-300" if p < 1e-300 else f"{p:.3g}"
 
 
 def _plot_rows(summary: Sequence[dict[str, Any]], model: str | None = None) -> list[dict[str, Any]]:
@@ -417,7 +422,7 @@ def _demo_lessons(per_model: dict[str, Any]) -> list[str]:
             direction = "raised" if lift > 0 else "lowered" if lift < 0 else "left"
             lessons.append(
                 f"{model_name}: {policy} TTA ({row['views']} views) {direction} accuracy from {100 * plain:.2f}% "
-                f"to {100 * row['accuracy']:.2f}% ({lift:+.2f} points, McNemar p={row['lift_mcnemar_p']:.3g}, {verdict}); "
+                f"to {100 * row['accuracy']:.2f}% ({lift:+.2f} points, McNemar p={_format_p(row['lift_mcnemar_p'])}, {verdict}); "
                 f"NLL {rows[BASELINE]['nll']:.4f} -> {row['nll']:.4f}."
             )
     lessons.append(
