@@ -109,3 +109,35 @@ def test_demo_quick_end_to_end(tmp_path):
     assert len(results["lessons"]) >= 4
     for png in ("policy_metrics.png", "reliability.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+def test_search_then_evaluate_the_saved_policy(checkpoint, capsys, tmp_path):
+    _, _, ckpt = checkpoint
+    policy_path = tmp_path / "policy.json"
+    code = main(
+        ["--no-progress", "search", str(ckpt), "--budget", "3", "--out", str(policy_path), "--report-dir", str(tmp_path / "report")]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "selected" in out and str(policy_path) in out
+    saved = json.loads(policy_path.read_text())
+    assert saved["format"] == "ttakit-policy" and saved["name"] == "searched"
+    assert 1 <= len(saved["views"]) <= 3 and saved["views"][0]["name"] == "identity"
+    assert (tmp_path / "report" / "search.md").exists() and (tmp_path / "report" / "views_curve.png").exists()
+    # The checkpoint was trained on left/right halves: a policy with a horizontal flip would
+    # swap the classes, so the search must not pick one.
+    assert not any("hflip" in v["name"] for v in saved["views"])
+    code = main(["--no-progress", "evaluate", str(ckpt), "--policy", f"none,{policy_path}", "--out", str(tmp_path / "ev")])
+    assert code == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    searched = next(s for s in results["summary"] if s["policy"] == "searched")
+    none = next(s for s in results["summary"] if s["policy"] == "none")
+    assert searched["accuracy_mean"] >= none["accuracy_mean"] - 0.02
+
+
+def test_search_rejects_a_bad_budget_and_objective(checkpoint, capsys):
+    _, _, ckpt = checkpoint
+    with pytest.raises(SystemExit):  # argparse: budget must be a positive integer
+        main(["search", str(ckpt), "--budget", "0"])
+    capsys.readouterr()
+    _fails_cleanly(capsys, ["search", str(ckpt), "--objective", "f1"], "f1", "nll")

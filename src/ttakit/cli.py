@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="results folder (default: CHECKPOINT/eval)")
     evaluate.add_argument("--no-plots", action="store_true")
 
+    search = commands.add_parser("search", help="search the TTA policy that helps this model, on held-out data")
+    search.add_argument("checkpoint", help="checkpoint folder (from ttakit train)")
+    _add_data_args(search, default=None)
+    search.add_argument("--split", default="val", help="the split to search on (default: the held-out validation split)")
+    search.add_argument("--budget", type=_positive_int, default=8, help="most views in the policy")
+    search.add_argument("--objective", default="nll", help="nll (after temperature scaling) or accuracy")
+    search.add_argument("--limit", type=_positive_int, default=None, help="search on the first N images")
+    search.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
+    search.add_argument("--no-weights", action="store_true", help="do not learn per-view weights")
+    search.add_argument("--no-gate", action="store_true", help="do not tune a confidence gate")
+    search.add_argument("--out", default=None, help="policy JSON to write (default: CHECKPOINT/policy.json)")
+    search.add_argument("--report-dir", default=None, help="report folder (default: CHECKPOINT/search)")
+
     demo = commands.add_parser("demo", help="the classic TTA experiment end to end on Fashion-MNIST")
     demo.add_argument("--quick", action="store_true", help="a subset: under 2 minutes on 2 CPU cores")
     demo.add_argument("--epochs", type=_positive_int, default=None)
@@ -124,6 +137,29 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(results["table"])
         print(f"\nresults written to {results['out_dir']} (results.json, results.md{', plots' if not args.no_plots else ''})")
+        return 0
+    if args.command == "search":
+        from .experiment import search_checkpoint
+
+        results = search_checkpoint(
+            args.checkpoint,
+            out=args.out,
+            report_dir=args.report_dir,
+            data=args.data,
+            split=args.split,
+            data_dir=args.data_dir,
+            limit=args.limit,
+            budget=args.budget,
+            objective=args.objective,
+            learn_weights=not args.no_weights,
+            gate=not args.no_gate,
+            max_batch=args.max_batch,
+            progress=progress,
+        )
+        print(results["table"])
+        print(f"\nselected {len(results['views'])} views: {', '.join(results['views'])}")
+        print(f"policy written to {results['policy']}; report in {results['reports']['markdown']}")
+        print(f"evaluate it with: ttakit evaluate {args.checkpoint} --policy none,{results['policy']}")
         return 0
     if args.command == "demo":
         from .experiment import run_demo

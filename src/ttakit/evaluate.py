@@ -16,9 +16,8 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .aliases import get_policy, list_policies, policy_from_augmentations
 from .data import ImageDataset
-from .engine import TTAEngine
 from .errors import InvalidInputError, UnknownNameError, unknown_name
-from .calibration import apply_temperature
+from .gating import policy_predict
 from .models import CheckpointMeta
 from .policy import Policy
 
@@ -103,26 +102,20 @@ def predict_probs(
     """Class probabilities ``(N, C)`` of ``images`` ``(N, C, H, W)`` under ``policy``, and the
     forward passes spent per image.
 
-    Views are merged as probabilities (softmax) with the policy's merge mode and weights; a
-    policy temperature, when set, calibrates the merged probabilities. A policy with a
-    ``gate_threshold`` runs its extra views only on images the plain prediction is unsure of.
+    Everything the policy stores applies (:func:`ttakit.gating.policy_predict`): its views, merge
+    mode and weights over probabilities, its gate (extra views only for images the plain
+    prediction is unsure of) and its temperature. Images go through in chunks of ``chunk``
+    with a progress bar.
     """
-    if policy.gate_threshold is not None:
-        from .gating import gated_predict  # gating builds on this module's engine use
-
-        gated = gated_predict(model, images, policy, policy.gate_threshold, max_batch=max_batch)
-        return gated.probs, gated.forward_passes_per_image
-    engine = TTAEngine(model, policy, activation="softmax", max_batch=max_batch)
-    outputs = []
+    outputs, passes = [], 0.0
     with tqdm(total=len(images), desc=desc or policy.name, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(images), chunk):
             batch = images[start : start + chunk]
-            outputs.append(engine(batch))
+            out = policy_predict(model, batch, policy, max_batch=max_batch)
+            outputs.append(out.probs.float())
+            passes += out.forward_passes_per_image * len(batch)
             bar.update(len(batch))
-    probs = torch.cat(outputs).float()
-    if policy.temperature is not None:
-        probs = apply_temperature(probs, policy.temperature)
-    return probs, float(len(policy))
+    return torch.cat(outputs), passes / max(len(images), 1)
 
 
 def evaluate_policies(

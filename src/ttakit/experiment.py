@@ -30,7 +30,15 @@ from .report import (
 )
 from .train import TrainConfig, TrainResult, train_model
 
-__all__ = ["train_run", "load_eval_data", "evaluate_checkpoint", "run_demo", "summarize_runs"]
+__all__ = [
+    "train_run",
+    "load_or_train",
+    "load_eval_data",
+    "evaluate_checkpoint",
+    "search_checkpoint",
+    "run_demo",
+    "summarize_runs",
+]
 
 RESULTS_FORMAT = "ttakit-results"
 SPLIT_SEED = 0  # the validation split is the same for every training seed, so searches compare
@@ -334,7 +342,7 @@ def run_demo(
     for model_name, augment in DEMO_MODELS.items():
         config = TrainConfig(epochs=epochs, augment=augment, limit=train_limit, seed=0)
         model_dir = out / "models" / model_name
-        model, meta = _load_or_train(model_dir, config, data_dir, progress)
+        model, meta = load_or_train(model_dir, config, data_dir=data_dir, progress=progress)
         if test is None:
             test = load_eval_data(meta, "fashion-mnist", "test", data_dir, test_limit)
         if progress:
@@ -385,11 +393,22 @@ def run_demo(
     return results
 
 
-def _load_or_train(model_dir: Path, config: TrainConfig, data_dir: str | None, progress: bool):
+def load_or_train(
+    model_dir: str | os.PathLike,
+    config: TrainConfig,
+    *,
+    data_dir: str | None = None,
+    val_fraction: float = 0.1,
+    progress: bool = True,
+):
+    """The seed CNN trained on Fashion-MNIST with ``config``: loaded from ``model_dir`` when a
+    checkpoint of the same recipe is there, else trained and saved there. Returns (model, meta)."""
+    model_dir = Path(model_dir)
     if (model_dir / "checkpoint.json").exists():
         try:
             model, meta = load_checkpoint(model_dir)
-            if meta.extra.get("train_config") == asdict(config):
+            same_split = (meta.extra.get("data") or {}).get("val_fraction") == val_fraction
+            if meta.extra.get("train_config") == asdict(config) and same_split:
                 if progress:
                     print(f"reusing the model trained earlier in {model_dir}", flush=True)
                 return model, meta
@@ -397,7 +416,9 @@ def _load_or_train(model_dir: Path, config: TrainConfig, data_dir: str | None, p
             pass
     if progress:
         print(f"training {model_dir.name} (augment: {', '.join(config.augment) or 'none'})", flush=True)
-    result = train_run("fashion-mnist", out_dir=model_dir, config=config, data_dir=data_dir, progress=progress)
+    result = train_run(
+        "fashion-mnist", out_dir=model_dir, config=config, data_dir=data_dir, val_fraction=val_fraction, progress=progress
+    )
     return result.model, result.meta
 
 
@@ -431,3 +452,64 @@ def _demo_lessons(per_model: dict[str, Any]) -> list[str]:
         "on held-out data (ttakit search) rather than assuming one."
     )
     return lessons
+
+
+# --------------------------------------------------------------------------- policy search
+
+
+def search_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    report_dir: str | os.PathLike | None = None,
+    data: str | None = None,
+    split: str = "val",
+    data_dir: str | None = None,
+    limit: int | None = None,
+    budget: int = 8,
+    objective: str = "nll",
+    learn_weights: bool = True,
+    gate: bool = True,
+    max_batch: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Search a TTA policy for a checkpoint on its held-out validation split (never the test
+    split) and save it as JSON that ``evaluate`` accepts.
+
+    The candidate pool is :func:`ttakit.search.default_pool` plus draws of the checkpoint's
+    recorded training augmentations. Writes the policy to ``out`` (default
+    ``<checkpoint>/policy.json``) and the report (``search.md``, ``search.json``, plots) to
+    ``report_dir`` (default ``<checkpoint>/search``).
+    """
+    from .search import search_policy, write_search_report  # the search stack is heavy; load on use
+
+    checkpoint = Path(checkpoint)
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    model, meta = load_checkpoint(checkpoint)
+    dataset = load_eval_data(meta, data, split, data_dir, limit)
+    result = search_policy(
+        model,
+        dataset,
+        train_augmentations=meta.train_augmentations,
+        budget=budget,
+        objective=objective,
+        learn_weights=learn_weights,
+        gate=gate,
+        max_batch=max_batch,
+        progress=progress,
+    )
+    policy_path = Path(out) if out is not None else folder / "policy.json"
+    reports = write_search_report(result, Path(report_dir) if report_dir is not None else folder / "search")
+    result.policy.name = "searched"
+    result.policy.save(policy_path)
+    table = format_table(result.rows(), title=f"Policies on {len(dataset)} validation images ({split} split)")
+    return {
+        "policy": str(policy_path),
+        "views": result.policy.view_names,
+        "weights": result.policy.weights,
+        "temperature": result.policy.temperature,
+        "gate_threshold": result.policy.gate_threshold,
+        "search_seconds": result.search_seconds,
+        "reports": {k: str(v) for k, v in reports.items()},
+        "table": table,
+    }
