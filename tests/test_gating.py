@@ -202,3 +202,27 @@ def test_bad_input() -> None:
         InvalidInputError, match=r"`confidence` to be a number in \[0, 1\], but got 2"
     ):
         tune_gate_threshold(plain, full, labels, confidence=2)
+
+
+def test_max_cost_picks_the_most_robust_cut_within_budget():
+    # 1,000 images; the full policy fixes 40 of the 100 least confident ones and breaks 2 of the
+    # next 100, so 95% of the lift needs the ~100 least confident images (cost 1 + 7*0.1 of 8).
+    n = 1000
+    conf = torch.linspace(0.3, 0.99, n)
+    labels = torch.zeros(n, dtype=torch.long)
+    plain = torch.stack([conf, 1 - conf], 1)
+    full = plain.clone()
+    fixed = torch.arange(0, 100, 5)[:20].tolist() + torch.arange(1, 100, 5)[:20].tolist()
+    plain[fixed] = torch.stack([1 - conf[fixed], conf[fixed]], 1).clamp(0.01, 0.99)
+    broken = [150, 170]
+    full[broken] = torch.stack([1 - conf[broken], conf[broken]], 1)
+    plain = plain / plain.sum(1, keepdim=True)
+    full = full / full.sum(1, keepdim=True)
+    free = tune_gate_threshold(plain, full, labels, keep=0.95, n_views=8, confidence=0.0)
+    capped = tune_gate_threshold(plain, full, labels, keep=0.95, n_views=8, confidence=0.9, max_cost=0.3)
+    uncapped = tune_gate_threshold(plain, full, labels, keep=0.95, n_views=8, confidence=0.9)
+    assert free.kept_lift >= 0.95 and capped.kept_lift >= 0.95
+    assert capped.forward_passes_per_image / 8 <= 0.3 + 1e-9
+    assert uncapped.fraction_gated >= capped.fraction_gated >= free.fraction_gated
+    with pytest.raises(InvalidInputError, match="max_cost"):
+        tune_gate_threshold(plain, full, labels, max_cost=1.5)

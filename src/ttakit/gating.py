@@ -153,6 +153,7 @@ def tune_gate_threshold(
     confidence: float = 0.9,
     n_boot: int = 200,
     seed: int = 0,
+    max_cost: float | None = None,
 ) -> GateTuning:
     """The cheapest confidence threshold that keeps at least ``keep`` of the full policy's lift.
 
@@ -174,6 +175,10 @@ def tune_gate_threshold(
         reuse_identity: whether the full policy's identity view reuses the plain pass.
         confidence: share of bootstrap resamples on which the kept lift must reach ``keep``.
         n_boot: bootstrap resamples (seeded by ``seed``).
+        max_cost: the most forward passes gated TTA may spend, as a fraction of the full
+            policy's. When the cheapest robust threshold costs more, the threshold within the
+            budget that keeps the lift on the most bootstrap resamples is chosen instead (among
+            those keeping ``keep`` on the data itself; if none does, the budget is exceeded).
     """
     plain = _check_probs("plain_probs", plain_probs)
     full = _check_probs("full_probs", full_probs)
@@ -205,6 +210,12 @@ def tune_gate_threshold(
     ):
         raise InvalidInputError(
             f"Expected argument `confidence` to be a number in [0, 1], but got {confidence!r}"
+        )
+    if max_cost is not None and (
+        isinstance(max_cost, bool) or not isinstance(max_cost, numbers.Real) or not 0 < max_cost <= 1
+    ):
+        raise InvalidInputError(
+            f"Expected argument `max_cost` to be a number in (0, 1] or None, but got {max_cost!r}"
         )
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
         raise InvalidInputError(
@@ -256,16 +267,25 @@ def tune_gate_threshold(
     cut_ok[1:n] = sorted_conf[1:] > sorted_conf[:-1]
     cut_ok[n] = bool(sorted_conf[-1] < GATE_ALL)
     target = keep * full_lift - 1e-12
-    candidates = cut_ok & (gain >= target)
+    keeps = cut_ok & (gain >= target)
+    robust = keeps.clone()
+    keep_rate = None
     if confidence > 0 and n_boot > 0:
-        candidates &= (
-            _bootstrap_keep_rate((full_ok - plain_ok)[order], keep, n_boot, seed) >= confidence
-        )
-    feasible = torch.nonzero(candidates).flatten()
+        keep_rate = _bootstrap_keep_rate((full_ok - plain_ok)[order], keep, n_boot, seed)
+        robust &= keep_rate >= confidence
+    feasible = torch.nonzero(robust).flatten()
     if len(feasible):
         j = int(feasible[0])
     else:  # the lift needs images at confidence 1.0: gate as many as a threshold can
         j = int(torch.nonzero(cut_ok).flatten()[-1])
+    if max_cost is not None:
+        fractions = torch.arange(n + 1, dtype=torch.float64) / n
+        cost = torch.tensor([forward_passes(n_views, float(f), reuse_identity) / n_views for f in fractions])
+        affordable = torch.nonzero(keeps & (cost <= max_cost + 1e-12)).flatten()
+        if cost[j] > max_cost + 1e-12 and len(affordable):
+            # Within budget, prefer the cut that keeps the lift on the most resamples.
+            rates = keep_rate[affordable] if keep_rate is not None else affordable.double()
+            j = int(affordable[int(torch.argmax(rates + 1e-9 * affordable.double()))])
     threshold = float(sorted_conf[j]) if j < n else GATE_ALL
     return tuning(threshold, j, plain_acc + float(gain[j]))
 

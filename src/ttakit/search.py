@@ -1030,6 +1030,7 @@ def greedy_search(
     gate: bool = True,
     keep: float = 0.95,
     gate_confidence: float = 0.9,
+    gate_max_cost: float | None = 0.3,
     min_gain: float | None = None,
     refit_top: int = 4,
     baselines: Mapping[str, Policy] | None = None,
@@ -1055,7 +1056,9 @@ def greedy_search(
         objective: ``"nll"`` (after temperature scaling) or ``"accuracy"``.
         learn_weights: try learned aggregation.
         gate: tune a gate threshold keeping ``keep`` of the accuracy lift, on the data and on
-            ``gate_confidence`` of bootstrap resamples (:func:`ttakit.gating.tune_gate_threshold`).
+            ``gate_confidence`` of bootstrap resamples (:func:`ttakit.gating.tune_gate_threshold`),
+            within ``gate_max_cost`` of the full policy's forward passes when possible (default
+            30%; None for no budget).
         baselines: named policies whose views are in the cache, scored in the comparison table.
         random_copies: names of random-copy draws in draw order (repeats allowed), for the
             "how many copies" curve of the mean of the first k draws.
@@ -1107,6 +1110,7 @@ def greedy_search(
             gate=gate,
             keep=float(keep),
             gate_confidence=float(gate_confidence),
+            gate_max_cost=gate_max_cost,
             min_gain=float(min_gain),
             refit_top=refit_top,
             baselines=baselines,
@@ -1129,6 +1133,7 @@ def _greedy(
     gate: bool,
     keep: float,
     gate_confidence: float,
+    gate_max_cost: float | None,
     min_gain: float,
     refit_top: int,
     baselines: Mapping[str, Policy] | None,
@@ -1255,6 +1260,7 @@ def _greedy(
             keep=keep,
             n_views=len(selected),
             confidence=gate_confidence,
+            max_cost=gate_max_cost,
             seed=seed,
         )
 
@@ -1409,6 +1415,7 @@ def search_policy(
     gate: bool = True,
     keep: float = 0.95,
     gate_confidence: float = 0.9,
+    gate_max_cost: float | None = 0.3,
     n_random: int = 8,
     fixed_size: bool | None = None,
     max_batch: int = 256,
@@ -1474,6 +1481,7 @@ def search_policy(
         gate=gate,
         keep=keep,
         gate_confidence=gate_confidence,
+        gate_max_cost=gate_max_cost,
         baselines=_baseline_policies(augs, n_random, seed),
         random_copies=copies,
         seed=seed,
