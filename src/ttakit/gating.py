@@ -313,6 +313,17 @@ def _bootstrap_keep_rate(delta: torch.Tensor, keep: float, n_boot: int, seed: in
     return rate / n_boot
 
 
+def _resolve_threshold(policy: Policy, threshold: float | None) -> float:
+    """``threshold``, or the policy's stored one, validated."""
+    if threshold is None:
+        threshold = policy.gate_threshold
+        if threshold is None:
+            raise InvalidInputError(
+                f"policy {policy.name!r} stores no gate_threshold; pass `threshold` (e.g. from tune_gate_threshold)"
+            )
+    return _check_threshold(threshold)
+
+
 def _identity_index(policy: Policy) -> int:
     for k, view in enumerate(policy.views):
         if view.is_identity:
@@ -385,13 +396,7 @@ def gated_predict(
         (5, 2.0)
     """
     policy = _check_policy(policy)
-    if threshold is None:
-        threshold = policy.gate_threshold
-        if threshold is None:
-            raise InvalidInputError(
-                f"policy {policy.name!r} stores no gate_threshold; pass `threshold` (e.g. from tune_gate_threshold)"
-            )
-    threshold = _check_threshold(threshold)
+    threshold = _resolve_threshold(policy, threshold)
     identity = _identity_index(policy)
     n_views = len(policy)
     with _EvalMode(model):
@@ -428,13 +433,7 @@ def evaluate_gated_on_cache(
         threshold: the gate; defaults to ``policy.gate_threshold``.
     """
     policy = _check_policy(policy)
-    if threshold is None:
-        threshold = policy.gate_threshold
-        if threshold is None:
-            raise InvalidInputError(
-                f"policy {policy.name!r} stores no gate_threshold; pass `threshold`"
-            )
-    threshold = _check_threshold(threshold)
+    threshold = _resolve_threshold(policy, threshold)
     _identity_index(policy)
     plain_probs = torch.softmax(cache.logits[cache.index("identity")].float(), dim=1)
     full_probs = cache.policy_probs(policy)
