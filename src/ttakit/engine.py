@@ -4,12 +4,14 @@
 views at once as ``max_batch`` allows (several views of a small batch share one forward
 pass; a large batch is cut into chunks of ``max_batch`` images), de-augments each output
 with a task-specific hook, checks it, and merges it into a running :class:`MergeAccumulator`.
-At most ``max_batch`` augmented images exist at a time, whatever the number of views.
+At most ``max_batch`` augmented images exist at a time, whatever the number of views (while
+views of a small batch are stacked, their copy in the stacked batch too, until it is made).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,10 @@ def _deaugment_label(transformer: Transformer, output: torch.Tensor, view_size) 
 
 
 def _deaugment_mask(transformer: Transformer, output: torch.Tensor, view_size) -> torch.Tensor:
+    if output.ndim != 4:
+        raise ModelOutputError(
+            f"a segmentation model must return masks of shape (B, C, H, W), got shape {tuple(output.shape)}"
+        )
     return transformer.deaugment_mask(output)
 
 
@@ -62,12 +68,13 @@ def as_policy(policy: Policy | Compose | Sequence[View] | str) -> Policy:
     if isinstance(policy, Compose):
         return policy.to_policy()
     if isinstance(policy, str):
-        from .aliases import get_policy  # aliases builds on this module's callers, not on the engine
+        # Imported here: aliases builds on this module's callers, not on the engine.
+        from .aliases import get_policy
 
         return get_policy(policy)
     if isinstance(policy, Sequence) and all(isinstance(v, View) for v in policy):
         return Policy(list(policy))
-    # A ttach.Compose or any iterable of transformers following ttach's protocol.
+    # A ttach.Compose: rebuild it from its transforms, which follow the same protocol.
     if hasattr(policy, "aug_transforms") and hasattr(policy, "aug_transform_parameters"):
         return Compose(policy.aug_transforms).to_policy()
     raise InvalidInputError(
@@ -77,9 +84,15 @@ def as_policy(policy: Policy | Compose | Sequence[View] | str) -> Policy:
 
 def _model_device(model: Any) -> torch.device:
     if isinstance(model, nn.Module):
-        for tensor in list(model.parameters()) + list(model.buffers()):
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
             return tensor.device
     return torch.device("cpu")
+
+
+def _as_normal_tensor(x: torch.Tensor | None) -> torch.Tensor | None:
+    # Tensors made under inference_mode reject in-place updates outside it; ttach's outputs are
+    # ordinary tensors that callers may modify (``pred[pred < 0.5] = 0``), so hand back a copy.
+    return x.clone() if x is not None and x.is_inference() else x
 
 
 class TTAEngine:
@@ -179,24 +192,27 @@ class TTAEngine:
             return_views: also return the ``(K, B, ...)`` de-augmented per-view outputs.
         """
         check_image(images, "images")
+        total = images.shape[0]
+        if total == 0:
+            raise InvalidInputError(f"images is an empty batch of shape {tuple(images.shape)}; pass at least one image")
         device = self.device or _model_device(self.model)
         grad_context = torch.inference_mode() if self.inference_mode else contextlib.nullcontext()
         with grad_context:
-            total = images.shape[0]
             image_chunk = total if args else min(total, self.max_batch)
-            views_per_pass = 1 if args else max(1, self.max_batch // max(image_chunk, 1))
             merged, per_view = [], []
-            for start in range(0, total, max(image_chunk, 1)):
+            for start in range(0, total, image_chunk):
                 chunk = images[start : start + image_chunk].to(device, non_blocking=True)
+                # Stack as many views of this chunk as fit in max_batch images (one if extra args).
+                views_per_pass = 1 if args else max(1, self.max_batch // chunk.shape[0])
                 out, views = self._run_chunk(chunk, args, views_per_pass, return_views)
                 merged.append(out)
                 if return_views:
                     per_view.append(views)
-        merged_all = torch.cat(merged) if len(merged) > 1 else merged[0]
-        views_all = None
-        if return_views:
-            views_all = torch.cat(per_view, dim=1) if len(per_view) > 1 else per_view[0]
-        return TTAOutput(merged_all, views_all, self.view_names)
+            merged_all = torch.cat(merged) if len(merged) > 1 else merged[0]
+            views_all = None
+            if return_views:
+                views_all = torch.cat(per_view, dim=1) if len(per_view) > 1 else per_view[0]
+        return TTAOutput(_as_normal_tensor(merged_all), _as_normal_tensor(views_all), self.view_names)
 
     def _run_chunk(self, chunk, args, views_per_pass, return_views):
         n_views = len(self.transformers)
@@ -209,17 +225,24 @@ class TTAEngine:
             group = range(first, min(first + views_per_pass, n_views))
             augmented = {k: self.transformers[k].augment_image(chunk) for k in group}
             for same_size in _group_by_shape(augmented):
-                batch = torch.cat([augmented[k] for k in same_size]) if len(same_size) > 1 else augmented[same_size[0]]
+                # Hand each view over to the batch (dropping our reference), and the batch to the
+                # model: no augmented image outlives the forward pass it was made for.
+                parts = [augmented.pop(k) for k in same_size]
+                batch = torch.cat(parts) if len(parts) > 1 else parts[0]
+                del parts
                 view_size = (int(batch.shape[-2]), int(batch.shape[-1]))
                 result = self._forward(batch, args)
+                del batch
+                if self.check_outputs:
+                    self._check_finite(result, same_size, chunk.shape[0])
                 for k, output in zip(same_size, result.split(chunk.shape[0])):
                     output = self.deaugment(self.transformers[k], output, view_size)
                     if self.check_outputs:
-                        reference_shape = self._check_output(output, k, reference_shape)
+                        reference_shape = self._check_shape(output, k, reference_shape)
                     acc.add(output, k)
                     if return_views:
                         outputs[k] = output.float()
-            del augmented
+                del result, output
         views = torch.stack(outputs) if return_views else None
         return acc.result(), views
 
@@ -251,19 +274,24 @@ class TTAEngine:
             )
         return output.float() if self.amp else output
 
-    def _check_output(self, output: torch.Tensor, index: int, reference: tuple[int, ...] | None):
-        name = self.view_names[index]
-        if not torch.isfinite(output).all():
-            bad = int((~torch.isfinite(output)).sum())
-            raise ModelOutputError(
-                f"the model returned {bad} NaN/inf values for view {name!r}; check the model and its input "
-                "normalisation (TTA cannot merge non-finite outputs)"
-            )
+    def _check_finite(self, result: torch.Tensor, views: list[int], per_view: int) -> None:
+        # One check per forward pass (not per view); the culprit view is found only on failure.
+        if bool(torch.isfinite(result).all()):
+            return
+        for k, part in zip(views, result.split(per_view)):
+            bad = int((~torch.isfinite(part)).sum())
+            if bad:
+                raise ModelOutputError(
+                    f"the model returned {bad} NaN/inf values for view {self.view_names[k]!r}; check the model "
+                    "and its input normalisation (TTA cannot merge non-finite outputs)"
+                )
+
+    def _check_shape(self, output: torch.Tensor, index: int, reference: tuple[int, ...] | None):
         shape = tuple(output.shape)
         if reference is not None and shape != reference:
             raise ModelOutputError(
-                f"view {name!r} produced output of shape {shape} after de-augmentation, but earlier views "
-                f"produced {reference}; every view must map back to the same shape"
+                f"view {self.view_names[index]!r} produced output of shape {shape} after de-augmentation, but "
+                f"earlier views produced {reference}; every view must map back to the same shape"
             )
         return shape
 

@@ -9,7 +9,9 @@ Conventions
 * Boxes are ``(B, N, 4)`` tensors of normalised ``(x1, y1, x2, y2)`` corners.
 * Shifts are ``(dx, dy)`` whole pixels: content moves ``dx`` to the right and ``dy`` down.
 
-Every function returns a new tensor and never modifies its input.
+No function modifies its input. Most return a new tensor; a few return a view of the input
+(:func:`crop`) or the input itself when there is nothing to do (a same-size :func:`resize`, a
+zero :func:`shift`), so write into a result only after ``.clone()``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "PADDING_MODES",
     "CROP_POSITIONS",
     "check_image",
+    "check_points",
     "hflip",
     "vflip",
     "rot90",
@@ -83,6 +86,18 @@ def check_image(x: object, name: str = "image") -> torch.Tensor:
         raise InvalidInputError(
             f"{name} looks channels-last (NHWC) with shape {tuple(x.shape)}; ttakit expects (B, C, H, W): "
             f"use x.permute(0, 3, 1, 2)"
+        )
+    return x
+
+
+def check_points(x: object, size: int = 2, name: str = "keypoints") -> torch.Tensor:
+    """Validate a ``(B, N, size)`` tensor of normalised points (``size=2``) or boxes (``size=4``)."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(f"{name} must be a torch.Tensor of shape (B, N, {size}), got {type(x).__name__}")
+    if x.ndim < 2 or x.shape[-1] != size or not x.is_floating_point():
+        raise InvalidInputError(
+            f"{name} must be a floating-point tensor of shape (B, N, {size}), got shape {tuple(x.shape)} "
+            f"and dtype {x.dtype}"
         )
     return x
 
@@ -254,6 +269,7 @@ def contrast(x: torch.Tensor, factor: float, clip: bool = True) -> torch.Tensor:
 
 
 def _xy(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check_points(points)
     return points[..., 0], points[..., 1]
 
 
@@ -276,9 +292,9 @@ def keypoints_rot90(points: torch.Tensor, k: int = 1) -> torch.Tensor:
     non-square images too (the rotated image is ``W x H``). The inverse is ``k -> -k``.
     """
     k %= 4
+    x, y = _xy(points)
     if k == 0:
         return points.clone()
-    x, y = _xy(points)
     if k == 1:
         xy = (y, 1.0 - x)
     elif k == 2:
@@ -290,6 +306,7 @@ def keypoints_rot90(points: torch.Tensor, k: int = 1) -> torch.Tensor:
 
 def keypoints_shift(points: torch.Tensor, dx: int, dy: int, size: tuple[int, int]) -> torch.Tensor:
     """Keypoints of an image of ``size = (H, W)`` shifted by ``(dx, dy)`` pixels. Inverse: ``-dx, -dy``."""
+    check_points(points)
     h, w = size
     offset = points.new_tensor([dx / w, dy / h])
     return points + offset
@@ -299,6 +316,7 @@ def keypoints_uncrop(
     points: torch.Tensor, top: int, left: int, crop_size: tuple[int, int], size: tuple[int, int]
 ) -> torch.Tensor:
     """Map keypoints normalised to a crop back to the full image of ``size = (H, W)``."""
+    check_points(points)
     (ch, cw), (h, w) = crop_size, size
     factor = points.new_tensor([cw / w, ch / h])
     offset = points.new_tensor([left / w, top / h])
@@ -316,6 +334,7 @@ def boxes_from_corners(corner_a: torch.Tensor, corner_b: torch.Tensor) -> torch.
 
 
 def _map_boxes(boxes: torch.Tensor, point_map) -> torch.Tensor:
+    check_points(boxes, 4, "boxes")
     # Every op here maps axis-aligned boxes to axis-aligned boxes, so mapping two corners is exact.
     return boxes_from_corners(point_map(boxes[..., 0:2]), point_map(boxes[..., 2:4]))
 

@@ -14,7 +14,9 @@ A merge is a function of a stack ``(K, B, ...)`` of K views, computed by a strea
 ``tsharpen``  mean of square roots (Kim et al.); non-negative values only
 ``vote``      hard majority vote: the (weighted) fraction of views whose argmax over the class
               dimension is each class. Ties between classes with equal votes go to the class
-              with the higher mean score, then to a random pick seeded by ``seed``; the winner
+              with the higher summed score (after ``activation``), and only if those tie too
+              to a uniformly random pick from a generator seeded by ``seed`` (the same seed
+              and input give the same pick; the engine seeds each chunk alike). The winner
               gets 1e-6 extra so ``argmax`` of the result returns it.
 ============  ===============================================================================
 
@@ -59,10 +61,15 @@ def check_activation(activation: str | None) -> str | None:
 def apply_activation(x: torch.Tensor, activation: str | None, class_dim: int = 1) -> torch.Tensor:
     """``softmax`` over ``class_dim``, element-wise ``sigmoid``, or ``x`` itself for ``None``."""
     if activation == "softmax":
-        return torch.softmax(x.float(), dim=class_dim)
+        return torch.softmax(_at_least_float32(x), dim=class_dim)
     if activation == "sigmoid":
-        return torch.sigmoid(x.float())
+        return torch.sigmoid(_at_least_float32(x))
     return x
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    # Half precision (AMP outputs) is merged in float32; float64 stays float64.
+    return x if x.dtype == torch.float64 else x.float()
 
 
 class MergeAccumulator:
@@ -113,6 +120,9 @@ class MergeAccumulator:
         if mode in ("gmean", "tsharpen"):
             _check_non_negative(x, mode)
             x = torch.log(x) if mode == "gmean" else torch.sqrt(x)
+        if w == 0.0 and mode != "vote":
+            # A zero-weight view contributes nothing (and log(0) * 0 would be NaN).
+            x, w = torch.zeros_like(x), 1.0
         if mode == "vote":
             self._add_vote(x, w)
         elif self._acc is None:
@@ -128,9 +138,9 @@ class MergeAccumulator:
 
     def _add_vote(self, x: torch.Tensor, w: float) -> None:
         dim = self.class_dim % x.ndim
-        one_hot = torch.zeros_like(x, dtype=torch.float32)
+        scores = _at_least_float32(x) * w
+        one_hot = torch.zeros_like(scores)
         one_hot.scatter_(dim, x.argmax(dim=dim, keepdim=True), w)
-        scores = x.float() * w
         self._acc = one_hot if self._acc is None else self._acc + one_hot
         self._scores = scores if self._scores is None else self._scores + scores
 
@@ -157,9 +167,12 @@ class MergeAccumulator:
         top = votes >= votes.amax(dim=dim, keepdim=True) - tol
         masked = torch.where(top, scores, torch.full_like(scores, -torch.inf))
         top &= masked >= masked.amax(dim=dim, keepdim=True) - 1e-12 * scores.abs().amax().clamp_min(1.0)
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.rand(votes.shape, generator=generator).to(votes.device)
-        winner = torch.where(top, noise, torch.full_like(noise, -1.0)).argmax(dim=dim, keepdim=True)
+        if bool((top.sum(dim=dim) > 1).any()):
+            generator = torch.Generator().manual_seed(self.seed)
+            noise = torch.rand(votes.shape, generator=generator).to(votes.device)
+            winner = torch.where(top, noise, torch.full_like(noise, -1.0)).argmax(dim=dim, keepdim=True)
+        else:  # no tie left: skip drawing noise as large as the output
+            winner = top.to(torch.uint8).argmax(dim=dim, keepdim=True)
         fractions = votes / self.total_weight
         return fractions.scatter_add(dim, winner, torch.full_like(winner, _VOTE_NUDGE, dtype=fractions.dtype))
 
@@ -178,7 +191,7 @@ def _check_weights(weights, n_views: int, mode: str) -> torch.Tensor | None:
 
 
 def _check_non_negative(x: torch.Tensor, mode: str) -> None:
-    low = float(x.min()) if x.numel() else 0.0
+    low = float(x.detach().min()) if x.numel() else 0.0
     if low < 0:
         raise InvalidInputError(
             f"merge mode {mode!r} needs non-negative values (probabilities), but a view has a minimum of "

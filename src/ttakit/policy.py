@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,13 +21,25 @@ import torch
 from . import __version__
 from ._io import atomic_write_json, read_json
 from .errors import InvalidInputError, NotInvertibleError, PolicyFormatError, UnknownNameError
-from .transforms import TARGETS, BaseTransform, get_transform_class, params_from_json, params_to_json
+from .functional import check_points
+from .merge import check_merge_mode
+from .transforms import (
+    TARGETS,
+    BaseTransform,
+    get_transform_class,
+    params_from_json,
+    params_to_json,
+)
 
 __all__ = ["Step", "View", "Transformer", "Compose", "Policy", "POLICY_FORMAT", "POLICY_FORMAT_VERSION"]
 
 POLICY_FORMAT = "ttakit-policy"
 POLICY_FORMAT_VERSION = 1
 _DEFAULT_TARGETS = frozenset({"image", "mask", "label", "keypoints"})
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _targets_of(transform: Any) -> frozenset[str]:
@@ -126,11 +139,11 @@ class Transformer:
 
     def deaugment_keypoints(self, keypoints: torch.Tensor) -> torch.Tensor:
         """``keypoints: (B, N, 2)`` normalised to the view -> normalised to the input image."""
-        return self._deaugment("apply_deaug_keypoints", "keypoints", keypoints)
+        return self._deaugment("apply_deaug_keypoints", "keypoints", check_points(keypoints, 2, "keypoints"))
 
     def deaugment_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """``boxes: (B, N, 4)`` normalised xyxy on the view -> normalised on the input image."""
-        return self._deaugment("apply_deaug_boxes", "boxes", boxes)
+        return self._deaugment("apply_deaug_boxes", "boxes", check_points(boxes, 4, "boxes"))
 
 
 class View:
@@ -259,14 +272,22 @@ class Policy:
         self.views = [v if isinstance(v, View) else View(v) for v in self.views]
         if not self.views:
             raise InvalidInputError("a policy needs at least one view, got an empty list")
+        check_merge_mode(self.merge_mode)
         if self.weights is not None:
-            self.weights = [float(w) for w in self.weights]
+            try:
+                self.weights = [float(w) for w in self.weights]
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"weights must be a list of numbers, got {self.weights!r}") from None
             if len(self.weights) != len(self.views):
                 raise InvalidInputError(
                     f"weights must hold one value per view ({len(self.views)}), got {len(self.weights)}"
                 )
-        if self.temperature is not None and not self.temperature > 0:
-            raise InvalidInputError(f"temperature must be positive, got {self.temperature}")
+            if not all(math.isfinite(w) and w >= 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise InvalidInputError(f"weights must be finite, non-negative and not all zero, got {self.weights}")
+        if self.temperature is not None and not (_is_number(self.temperature) and self.temperature > 0):
+            raise InvalidInputError(f"temperature must be a positive number, got {self.temperature!r}")
+        if self.gate_threshold is not None and not (_is_number(self.gate_threshold) and 0 <= self.gate_threshold <= 1):
+            raise InvalidInputError(f"gate_threshold must be a number in [0, 1], got {self.gate_threshold!r}")
 
     @classmethod
     def identity(cls) -> Policy:
@@ -335,7 +356,7 @@ class Policy:
                 gate_threshold=data.get("gate_threshold"),
                 meta=dict(data.get("meta") or {}),
             )
-        except InvalidInputError as err:
+        except (InvalidInputError, UnknownNameError) as err:
             raise PolicyFormatError(f"{source}: {err}") from None
 
     def save(self, path: str | os.PathLike) -> None:

@@ -256,6 +256,9 @@ class Rotate90(DualTransform):
 
     @staticmethod
     def _quarters(angle: int) -> int:
+        # The methods may be called directly (ttach's protocol), so the angle is checked here too.
+        if isinstance(angle, bool) or not isinstance(angle, (int, float)) or angle % 90 != 0:
+            raise InvalidInputError(f"angle must be a multiple of 90 degrees, got {angle!r}")
         return (int(angle) // 90) % 4
 
     def apply_aug_image(self, image, angle=0, **kwargs):

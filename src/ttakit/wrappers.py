@@ -145,7 +145,8 @@ class KeypointsTTAWrapper(_TTAWrapper):
         super().__init__(model, transforms, merge_mode, output_keypoints_key, deaugment=self._deaugment, **options)
 
     def _deaugment(self, transformer: Transformer, output: torch.Tensor, view_size: tuple[int, int]) -> torch.Tensor:
-        if output.ndim != 2 or output.shape[1] % 2:
+        # (B, 2N) as ttach documents it; (B, N, 2) is accepted too, as ttach's reshape does.
+        if output.ndim < 2 or output[0].numel() % 2 or (output.ndim > 2 and output.shape[-1] != 2):
             raise ModelOutputError(
                 f"a keypoint model must return (B, 2N) as [x1, y1, ..., xN, yN], got shape {tuple(output.shape)}"
             )
@@ -155,10 +156,21 @@ class KeypointsTTAWrapper(_TTAWrapper):
             points = points / points.new_tensor([width, height])
         return transformer.deaugment_keypoints(points)
 
-    def forward(self, image: torch.Tensor, *args: Any) -> torch.Tensor | Mapping[str, torch.Tensor]:
-        points = self.engine(image, *args)
+    def _to_output(self, points: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        # (..., N, 2) normalised -> (..., 2N) in the model's convention (pixels unless scaled).
         if not self.scaled:
-            height, width = image.shape[-2:]
+            height, width = image_size
             points = points * points.new_tensor([width, height])
-        result = points.reshape(points.shape[0], -1)
+        return points.reshape(*points.shape[:-2], -1)
+
+    def run(self, image: torch.Tensor, *args: Any, return_views: bool = False) -> TTAOutput:
+        """Like ``forward`` but returns a :class:`TTAOutput`: ``merged`` is ``(B, 2N)`` and
+        ``views`` ``(K, B, 2N)``, in the same units as ``forward`` (pixels unless ``scaled``)."""
+        out = self.engine.run(image, *args, return_views=return_views)
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        views = self._to_output(out.views, size) if out.views is not None else None
+        return TTAOutput(self._to_output(out.merged, size), views, out.view_names)
+
+    def forward(self, image: torch.Tensor, *args: Any) -> torch.Tensor | Mapping[str, torch.Tensor]:
+        result = self.run(image, *args).merged
         return {self.output_key: result} if self.output_key is not None else result
