@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -166,13 +165,3 @@ def evaluate_policies(
             "bootstrap_p": boot.p_value,
         }
     return results
-
-
-def write_probs(path: str | os.PathLike, results: Sequence[PolicyEvaluation]) -> Path:
-    """Save each policy's probabilities as a safetensors file (for later analysis)."""
-    from safetensors.torch import save_file
-
-    from ._io import atomic_write
-
-    tensors = {r.name: r.probs.contiguous() for r in results if r.probs is not None}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
