@@ -5,6 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The torch requirement, overridable: `make setup TORCH="torch==2.13.0"` (default), TORCH_INDEX_URL
+# picks the wheel index: https://download.pytorch.org/whl/cpu (CPU-only, small) or .../whl/cu126 (CUDA).
+# Empty TORCH_INDEX_URL: PyPI, whose Linux x86-64 torch wheel is the CUDA build (gigabytes).
+TORCH ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 
 .PHONY: setup data demo demo-quick test test-fast bench lint clean
 
@@ -13,8 +18,8 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the local CPU build. Unpinned, pip would fetch gigabytes of CUDA wheels.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, as TORCH / TORCH_INDEX_URL say (see the top of this file and the README)
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -27,15 +32,22 @@ demo: setup
 demo-quick: setup
 	$(VENV)/bin/ttakit demo --quick --out runs/demo-quick
 
+# CI=true: `setup` installed Fashion-MNIST, so a test that would skip for want of it fails instead.
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	CI=$${CI:-true} $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	CI=$${CI:-true} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/search.py
+
+# Many more fuzz cases than the suite runs (malformed policy JSON, checkpoint metadata and weights,
+# image bytes), with fresh randomness each run: about 100k cases, several minutes on 2 cores.
+.PHONY: fuzz
+fuzz: setup
+	TTAKIT_FUZZ_PROFILE=fuzz-deep $(PY) -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

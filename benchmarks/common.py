@@ -99,6 +99,41 @@ def time_side_by_side(
     return times
 
 
+def time_rounds(
+    contenders: dict[str, Callable[[torch.Tensor], Any]],
+    batches: Sequence[torch.Tensor],
+    rounds: int,
+    device: torch.device,
+    warmup: int = 1,
+) -> dict[str, list[float]]:
+    """Seconds each contender takes for one pass over ``batches``, once per round.
+
+    Within a round the contenders take turns batch by batch, in an order rotated at every batch
+    (as :func:`time_side_by_side`), so a slow moment hits all of them alike; summarise with the
+    minimum over rounds, the least disturbed run of a shared machine.
+    """
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name](batches[0])
+    totals: dict[str, list[float]] = {name: [] for name in names}
+    turn = 0
+    for _ in range(rounds):
+        spent = dict.fromkeys(names, 0.0)
+        for batch in batches:
+            order = names[turn % len(names) :] + names[: turn % len(names)]
+            turn += 1
+            for name in order:
+                sync(device)
+                start = time.perf_counter()
+                contenders[name](batch)
+                sync(device)
+                spent[name] += time.perf_counter() - start
+        for name in names:
+            totals[name].append(spent[name])
+    return totals
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
@@ -163,7 +198,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 
     def line(row):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])

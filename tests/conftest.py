@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -144,3 +146,33 @@ def make_classifier():
         return TinyClassifier(in_channels, classes, softmax).eval()
 
     return make
+
+
+# --------------------------------------------------------------------------- CI: no silent data skips
+
+
+def _on_ci(environ=os.environ) -> bool:
+    return environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def data_skip_failure(reason: str, environ=os.environ) -> str | None:
+    """The failure message for a skip with ``reason`` under ``CI=true`` when the skip is for a
+    missing Fashion-MNIST, else None (the skip stands)."""
+    if _on_ci(environ) and "fashion" in reason.lower():
+        return f"skipped for a missing data set under CI=true (make setup installs it): {reason}"
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under ``CI=true`` a test skipped because Fashion-MNIST is missing fails instead: ``make
+    test`` installs the data, so such a skip there means a broken install, not a choice."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or getattr(report, "wasxfail", None) is not None:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    failure = data_skip_failure(reason)
+    if failure is not None:
+        report.outcome = "failed"
+        report.longrepr = failure

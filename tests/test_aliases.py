@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import ttach
@@ -41,7 +43,7 @@ def test_alias_views_equal_ttachs(name):
     assert isinstance(ours, Compose) and len(ours) == len(theirs) == n
     assert ours.to_policy().view_names == names
     x = torch.rand(2, 3, 9, 8)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a.augment_image(x), b.augment_image(x))
 
 
@@ -67,12 +69,23 @@ def test_named_policies():
 
 
 def test_every_registered_policy_builds_and_round_trips():
-    x = torch.rand(1, 1, 6, 6)
+    # zip(strict=True): a loaded policy with a view fewer fails here instead of passing silently.
+    x = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(0))
     for name in ttakit.list_policies():
         policy = ttakit.get_policy(name)
-        loaded = Policy.from_json(policy.to_json())
-        for a, b in zip(policy, loaded):
-            assert torch.equal(a.augment_image(x), b.augment_image(x))
+        loaded = Policy.from_json(json.loads(json.dumps(policy.to_json())))
+        assert loaded.view_names == policy.view_names and len(loaded) == len(policy) >= 1, name
+        assert (loaded.merge_mode, loaded.weights, loaded.temperature) == (
+            policy.merge_mode, policy.weights, policy.temperature
+        )
+        views = []
+        for a, b in zip(policy, loaded, strict=True):
+            view = a.augment_image(x)
+            assert torch.equal(view, b.augment_image(x)), name
+            assert torch.equal(b.deaugment_mask(view), a.deaugment_mask(view)), name  # and inverts alike
+            views.append(view)
+        # The views really differ from each other: a policy of copies would pass the checks above.
+        assert all(not torch.equal(views[i], views[j]) for i in range(len(views)) for j in range(i)), name
 
 
 def test_unknown_policy_lists_the_choices():

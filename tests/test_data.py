@@ -21,7 +21,9 @@ import ttakit.data.registry as registry
 from ttakit.data import (
     FASHION_MNIST_CLASSES,
     ImageDataset,
+    dataset_sha256,
     ensure_fashion_mnist,
+    has_own_test_split,
     list_datasets,
     list_image_files,
     load_cifar10,
@@ -30,6 +32,8 @@ from ttakit.data import (
     load_image_folder,
     load_images,
     load_npz,
+    load_split,
+    make_splits,
     normalization_stats,
     register_dataset,
     train_val_split,
@@ -258,6 +262,45 @@ class _FakeResponse(io.BytesIO):
         return False
 
 
+def _trust_files(monkeypatch, folder: Path) -> None:
+    """Make ``folder``'s .gz files the "official" ones for the download checks."""
+    import hashlib
+
+    files = {p.name: p.read_bytes() for p in folder.glob("*.gz")}
+    monkeypatch.setattr(fm, "OFFICIAL_SHA256", {n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
+    monkeypatch.setattr(fm, "OFFICIAL_MD5", {n: hashlib.md5(b).hexdigest() for n, b in files.items()})
+
+
+def test_official_checksums_are_the_published_ones():
+    # MD5 as published in the zalandoresearch/fashion-mnist README; SHA-256 of the same files
+    assert fm.OFFICIAL_MD5["train-images-idx3-ubyte.gz"] == "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
+    assert fm.OFFICIAL_MD5["t10k-labels-idx1-ubyte.gz"] == "bb300cfdad3c16e7a12a480ee83cd310"
+    assert sorted(fm.OFFICIAL_SHA256) == sorted(fm.OFFICIAL_MD5) == sorted(f"{s}.gz" for s in fm.ALL_FILES)
+    assert all(len(h) == 64 and int(h, 16) >= 0 for h in fm.OFFICIAL_SHA256.values())
+
+
+def test_a_download_with_the_wrong_sha256_is_refused(tmp_path, monkeypatch, no_default_fashion_dirs):
+    source = tmp_path / "server"
+    write_fashion_dir(source, gz_train=True, gz_test=True)
+    _trust_files(monkeypatch, source)
+    # the server now sends a well-formed IDX file with other images: only the hash can tell
+    other = fashion_arrays(10, 99)[0]
+    write_idx(source / "t10k-images-idx3-ubyte.gz", other, 2051)
+    monkeypatch.setattr(
+        urllib.request, "urlopen", lambda url, timeout: _FakeResponse((source / url.rsplit("/", 1)[1]).read_bytes())
+    )
+    with pytest.raises(DataNotFoundError) as info:
+        ensure_fashion_mnist(tmp_path / "target")
+    message = str(info.value)
+    assert "is not the official t10k-images-idx3-ubyte.gz: SHA-256" in message
+    assert fm.OFFICIAL_SHA256["t10k-images-idx3-ubyte.gz"] in message and "\n" not in message
+    assert not (tmp_path / "target" / "t10k-images-idx3-ubyte.gz").exists()
+    # the real files' hashes are checked too (no stand-in): a fake payload never matches them
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="not the official train-labels-idx1-ubyte.gz"):
+        fm.verify_download("train-labels-idx1-ubyte.gz", b"fake", "http://example/x")
+
+
 def test_ensure_fashion_mnist_downloads_atomically(tmp_path, monkeypatch, no_default_fashion_dirs):
     source = tmp_path / "server"
     arrays = write_fashion_dir(source, gz_train=True, gz_test=True)
@@ -269,6 +312,7 @@ def test_ensure_fashion_mnist_downloads_atomically(tmp_path, monkeypatch, no_def
         return _FakeResponse((source / url.rsplit("/", 1)[1]).read_bytes())
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    _trust_files(monkeypatch, source)
     folder = ensure_fashion_mnist()
     assert folder == fm.default_cache_dir()
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s}.gz" for s in fm.ALL_FILES)
@@ -301,6 +345,14 @@ def test_ensure_fashion_mnist_rejects_a_bad_payload(tmp_path, monkeypatch, no_de
     monkeypatch.setattr(
         urllib.request, "urlopen", lambda url, timeout: _FakeResponse(b"<html>moved</html>")
     )
+    with pytest.raises(DataNotFoundError, match="is not the official train-images-idx3-ubyte.gz: SHA-256"):
+        ensure_fashion_mnist(tmp_path / "target")
+    assert not any((tmp_path / "target").glob("*.gz"))
+    # a payload that passes the hash (a stand-in "official" file) is still parsed before saving
+    import hashlib
+
+    for table, algo in (("OFFICIAL_SHA256", hashlib.sha256), ("OFFICIAL_MD5", hashlib.md5)):
+        monkeypatch.setattr(fm, table, {n: algo(b"<html>moved</html>").hexdigest() for n in fm.OFFICIAL_MD5})
     with pytest.raises(DataNotFoundError, match="not a valid gzip"):
         ensure_fashion_mnist(tmp_path / "target")
     assert not any((tmp_path / "target").glob("*.gz"))
@@ -718,3 +770,114 @@ def test_normalization_stats_matches_numpy():
     assert mean[2] == pytest.approx(0.25) and std[2] == pytest.approx(1e-6)
     with pytest.raises(InvalidInputError, match=r"\(N, C, H, W\)"):
         normalization_stats(torch.zeros(3, 4, 4))
+
+
+# --------------------------------------------------------------------------- held-out splits
+
+
+def _distinct_npz(path: Path, n: int = 90, classes: int = 3) -> Path:
+    rng = np.random.default_rng(4)
+    np.savez(path, x=rng.integers(0, 256, size=(n, 6, 6), dtype=np.uint8), y=np.arange(n) % classes)
+    return path
+
+
+def _rows(ds: ImageDataset) -> set[bytes]:
+    return {img.numpy().tobytes() for img in ds.images}
+
+
+def test_make_splits_carves_a_recorded_stratified_test_split(tmp_path):
+    data = _distinct_npz(tmp_path / "d.npz")
+    splits = make_splits(str(data), val_fraction=0.2, test_fraction=0.2, seed=3)
+    recipe = splits.recipe
+    assert recipe["test_source"] == "carved" and recipe["n_images"] == 90
+    assert recipe["sha256"] == dataset_sha256(load_npz(data))
+    assert len(recipe["test_index"]) == 18 and torch.bincount(splits.test.labels).tolist() == [6, 6, 6]
+    assert len(splits.val) == 15 and len(splits.train) == 57  # 20% of the 72 left, per class
+    parts = [_rows(splits.train), _rows(splits.val), _rows(splits.test)]
+    assert sum(map(len, parts)) == 90 and len(set.union(*parts)) == 90  # disjoint, complete
+    # the recipe rebuilds each split exactly, and the same seed draws the same split
+    for split, ds in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+        assert torch.equal(load_split(recipe, split).images, ds.images)
+    assert make_splits(str(data), val_fraction=0.2, test_fraction=0.2, seed=3).recipe == recipe
+    assert make_splits(str(data), val_fraction=0.2, test_fraction=0.2, seed=4).recipe["test_index"] != recipe["test_index"]
+
+
+def test_make_splits_keeps_a_data_sets_own_test_split(tmp_path):
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / "imgs" / split / name).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(np.full((4, 4), 40 * i + (split == "test") * 7, np.uint8)).save(
+                    tmp_path / "imgs" / split / name / f"{i}.png"
+                )
+    assert has_own_test_split(tmp_path / "imgs") and has_own_test_split("fashion-mnist")
+    assert not has_own_test_split(tmp_path / "imgs" / "train")
+    splits = make_splits(str(tmp_path / "imgs"), val_fraction=0.5)
+    assert splits.test is None and splits.recipe["test_source"] == "own" and "test_index" not in splits.recipe
+    test = load_split(splits.recipe, "test")
+    assert len(test) == 12 and test.files == [f"{c}/{i}.png" for c in "ab" for i in range(6)]
+    assert len(splits.train) == 6 and len(load_split(splits.recipe, "val")) == 6
+
+
+def test_folder_splits_record_the_held_out_files(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((4, 4), 10 * i + (name == "dog"), np.uint8)).save(tmp_path / "pets" / name / f"{i}.png")
+    splits = make_splits(str(tmp_path / "pets"), val_fraction=0.0, test_fraction=0.3)
+    files = splits.recipe["test_files"]
+    assert len(files) == 6 and sorted(f.split("/")[0] for f in files) == ["cat"] * 3 + ["dog"] * 3
+    assert splits.test.files == files and not set(files) & set(splits.train.files)
+    # renaming held-out files changes nothing in the pixels but is caught
+    first = tmp_path / "pets" / files[0]
+    first.rename(first.with_name("renamed.png"))
+    with pytest.raises(DataError):
+        load_split(splits.recipe, "test")
+
+
+def test_split_arguments_are_checked(tmp_path):
+    data = _distinct_npz(tmp_path / "d.npz")
+    with pytest.raises(InvalidInputError, match=r"test_fraction \(--test-fraction\) must lie strictly between 0 and 1, got 1.5"):
+        make_splits(str(data), test_fraction=1.5)
+    with pytest.raises(InvalidInputError, match=r"val_fraction \(--val-fraction\) must lie in \[0, 1\)"):
+        make_splits(str(data), val_fraction=-0.1)
+    with pytest.raises(InvalidInputError, match="split must be one of train, val, test, got 'bogus'"):
+        load_split({"spec": str(data)}, "bogus")
+    with pytest.raises(DataError, match="leaves an empty split"):
+        make_splits(str(_distinct_npz(tmp_path / "tiny.npz", n=3)), test_fraction=0.1)
+
+
+def test_dataset_sha256_sees_every_change():
+    base = ImageDataset(torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0, 1]), ["a", "b"])
+    digest = dataset_sha256(base)
+    assert dataset_sha256(ImageDataset(base.images.clone(), base.labels.clone(), ["a", "b"])) == digest
+    pixel = base.images.clone()
+    pixel[2, 0, 1, 1] += 1e-6
+    changed = [
+        ImageDataset(pixel, base.labels, ["a", "b"]),
+        ImageDataset(base.images, torch.tensor([0, 1, 1, 1]), ["a", "b"]),
+        ImageDataset(base.images, base.labels, ["b", "a"]),
+        base.subset([1, 0, 2, 3]),
+    ]
+    assert len({digest, *(dataset_sha256(d) for d in changed)}) == 5
+
+
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("val_fraction", "x", "'val_fraction' must be a number in [0, 1), got 'x'"),
+        ("test_fraction", 2, "'test_fraction' must be null or a number strictly between 0 and 1, got 2"),
+        ("split_seed", -1, "'split_seed' must be a non-negative integer, got -1"),
+        ("test_source", "mine", "'test_source' must be 'own' or 'carved', got 'mine'"),
+        ("spec", 5, "'spec' must be a string or null, got 5"),
+        ("test_index", [0, 0], "'test_index' must list distinct row indices below 90"),
+        ("test_index", "all", "'test_index' must list distinct row indices below 90"),
+        ("test_files", [1], "'test_files' must be a list of file names, got [1]"),
+    ],
+)
+def test_a_malformed_recipe_is_one_data_error(tmp_path, field, value, fragment):
+    recipe = make_splits(str(_distinct_npz(tmp_path / "d.npz"))).recipe
+    recipe[field] = value
+    with pytest.raises(DataError) as info:
+        load_split(recipe, "test")
+    assert fragment in str(info.value) and "\n" not in str(info.value)

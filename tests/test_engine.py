@@ -11,8 +11,10 @@ import ttakit
 from ttakit import transforms as T
 from ttakit.engine import TTAEngine, as_policy
 from ttakit.errors import InvalidInputError, ModelOutputError, NotInvertibleError, UnknownNameError
-from ttakit.merge import merge
+from ttakit.evaluate import evaluate_policies, predict_probs
+from ttakit.merge import apply_temperature, merge
 from ttakit.policy import Compose, Policy, Step, View
+from ttakit.uncertainty import view_uncertainty
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -136,8 +138,20 @@ def test_runs_on_the_models_device(softmax_classifier):
 
 
 def test_plain_functions_work_as_models():
-    out = TTAEngine(lambda x: x.mean(dim=(2, 3)), "d4", activation=None)(torch.rand(3, 2, 5, 7))
-    assert out.shape == (3, 2)
+    calls = []
+
+    def top_left(x):  # a plain function, not an nn.Module: each image's top-left pixel per channel
+        calls.append(x.shape[0])
+        return x[:, :, 0, 0]
+
+    x = torch.rand(3, 2, 5, 7)
+    out = TTAEngine(top_left, "hflip", activation=None)(x)
+    # By hand: the identity sees the top-left pixel, the flipped view the top-right one.
+    assert torch.allclose(out, (x[:, :, 0, 0] + x[:, :, 0, -1]) / 2, atol=1e-7)
+    assert calls == [6]  # both views of the 3 images in one call
+    out = TTAEngine(top_left, "vflip", activation="softmax")(x)
+    expected = (torch.softmax(x[:, :, 0, 0], 1) + torch.softmax(x[:, :, -1, 0], 1)) / 2
+    assert torch.allclose(out, expected, atol=1e-6)
 
 
 def test_dict_outputs_and_output_key(softmax_classifier):
@@ -283,3 +297,315 @@ def test_identity_policy_is_plain_inference(softmax_classifier):
     x = torch.rand(3, 3, 6, 6)
     engine = TTAEngine(softmax_classifier, Policy.identity(), activation=None)
     assert len(engine) == 1 and torch.allclose(engine(x), softmax_classifier(x))
+
+
+# --------------------------------------------------------------------------- one policy, one path
+
+
+class Counter(nn.Module):
+    """Counts the model's calls and the images it sees."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+        self.images = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.images += x.shape[0]
+        return self.model(x)
+
+
+SHIFT = View([Step(T.Shift([(1, 0)]), (1, 0))])
+
+
+def _policy(gate=None, temperature=None, weights=(2.0, 1.0, 0.5)):
+    hflip = Compose([T.HorizontalFlip()]).views[1]
+    return Policy([hflip, View.identity(), SHIFT], name="searched", weights=list(weights),
+                  temperature=temperature, gate_threshold=gate)
+
+
+def _by_hand(model, policy, x):
+    """The policy computed view by view: (plain softmax, merged softmax with weights, confidence)."""
+    views = torch.stack([model(t.augment_image(x)) for t in policy]).detach()
+    probs = torch.softmax(views, dim=2)
+    w = torch.tensor(policy.weights)[:, None, None]
+    merged = (probs * w).sum(0) / w.sum()
+    plain = probs[1]  # the identity is the second view
+    return plain, merged, plain.max(1).values
+
+
+def test_engine_wrapper_and_evaluate_agree_on_a_full_policy(logits_classifier):
+    x = torch.rand(40, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    plain, merged, conf = _by_hand(logits_classifier, _policy(), x)
+    gate = float(conf.median())
+    policy = _policy(gate=gate, temperature=1.7)
+    gated = conf < gate
+    assert 0 < int(gated.sum()) < 40
+    # By hand: gated rows get the weighted merge, temperature-scaled; the others the plain softmax.
+    expected = plain.clone()
+    expected[gated] = apply_temperature(merged[gated], 1.7)
+    engine = TTAEngine(logits_classifier, policy, max_batch=16).run(x)
+    wrapper = ttakit.ClassificationTTAWrapper(logits_classifier, policy, activation="softmax", max_batch=16)(x)
+    probs, passes = predict_probs(logits_classifier, x, policy, max_batch=16)
+    data = ttakit.data.ImageDataset(x, torch.arange(40) % 5, list("abcde"))
+    evaluated = evaluate_policies(logits_classifier, data, [policy], progress=False, bootstrap_resamples=10)[1]
+    assert evaluated.name == "searched"
+    for got in (engine.merged, wrapper, probs, evaluated.probs):
+        assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(engine.gated, gated)
+    assert engine.passes_per_image == pytest.approx(1 + 2 * int(gated.sum()) / 40)
+    assert passes == evaluated.forward_passes_per_image == pytest.approx(engine.passes_per_image)
+    assert engine.passes.tolist() == [3 if g else 1 for g in gated.tolist()]
+
+
+def test_gate_zero_runs_only_the_identity(logits_classifier):
+    model = Counter(logits_classifier)
+    x = torch.rand(10, 3, 6, 6)
+    out = TTAEngine(model, _policy(gate=0.0, temperature=3.0), max_batch=4).run(x)
+    assert model.images == 10 and model.calls == 3  # chunks of 4, 4, 2: one pass each
+    assert out.passes_per_image == 1.0 and not out.gated.any()
+    # Plain softmax, no temperature (it was fitted to the merge, not to plain predictions).
+    assert torch.allclose(out.merged, torch.softmax(logits_classifier(x), 1), atol=1e-6)
+
+
+def test_gate_one_runs_every_view_on_every_image(logits_classifier):
+    model = Counter(logits_classifier)
+    x = torch.rand(10, 3, 6, 6)
+    policy = _policy(gate=1.0)
+    out = TTAEngine(model, policy, max_batch=64).run(x)
+    assert model.images == 30  # identity first (10), then the other 2 views of all 10 stacked
+    assert model.calls == 2
+    assert out.passes_per_image == 3.0 and out.gated.all()
+    _, merged, _ = _by_hand(logits_classifier, policy, x)
+    assert torch.allclose(out.merged, merged, atol=1e-6)
+
+
+def test_gate_runs_the_other_views_only_on_unsure_images(logits_classifier):
+    x = torch.rand(20, 3, 6, 6, generator=torch.Generator().manual_seed(5))
+    _, _, conf = _by_hand(logits_classifier, _policy(), x)
+    gate = float(conf.sort().values[7])  # exactly the 7 least confident images
+    model = Counter(logits_classifier)
+    out = TTAEngine(model, _policy(gate=gate), max_batch=256).run(x)
+    assert int(out.gated.sum()) == 7
+    assert model.images == 20 + 2 * 7 and model.calls == 2
+    assert out.passes_per_image == pytest.approx(1 + 2 * 7 / 20)
+
+
+def test_temperature_100_flattens_and_keeps_the_argmax(logits_classifier):
+    x = torch.rand(6, 3, 6, 6)
+    sharp = TTAEngine(logits_classifier, _policy()).run(x).merged
+    flat = TTAEngine(logits_classifier, _policy(temperature=100.0)).run(x).merged
+    assert torch.equal(sharp.argmax(1), flat.argmax(1))
+    assert (sharp.max(1).values - sharp.min(1).values).min() > 0.05
+    assert (flat.max(1).values - flat.min(1).values).max() < 0.02  # nearly uniform over 5 classes
+    assert torch.allclose(flat.sum(1), torch.ones(6), atol=1e-6)
+    raw = TTAEngine(logits_classifier, _policy(), activation=None, temperature=4.0).run(x).merged
+    views = manual_views(logits_classifier, _policy(), x)
+    w = torch.tensor([2.0, 1.0, 0.5])[:, None, None]
+    assert torch.allclose(raw, (views * w).sum(0) / w.sum() / 4.0, atol=1e-6)  # logits: z / T
+
+
+def test_a_ttach_compose_has_no_temperature_or_gate(logits_classifier):
+    engine = TTAEngine(logits_classifier, ttakit.aliases.d4_transform(), activation=None)
+    assert engine.temperature is None and engine.gate_threshold is None
+    out = engine.run(torch.rand(2, 3, 6, 6))
+    assert out.gated is None and out.passes_per_image == 8.0
+
+
+@pytest.mark.parametrize("mode", ["mean", "gmean", "vote"])
+def test_models_that_return_probabilities_are_not_softmaxed_again(logits_classifier, mode):
+    class Probs(nn.Module):
+        outputs = "probs"
+
+        def forward(self, x):
+            return torch.softmax(logits_classifier(x), dim=1)
+
+    x = torch.rand(9, 3, 6, 6)
+    policy = _policy(gate=0.6, temperature=2.0)
+    policy.merge_mode = mode
+    ours = TTAEngine(Probs(), policy).run(x, return_uncertainty=True)
+    reference = TTAEngine(logits_classifier, policy).run(x, return_uncertainty=True)
+    assert torch.equal(ours.gated, reference.gated)
+    assert torch.allclose(ours.merged, reference.merged, atol=1e-6)
+    for key, value in reference.uncertainty.items():
+        assert torch.allclose(ours.uncertainty[key], value, atol=1e-5), key
+    with pytest.raises(InvalidInputError, match="declares outputs='scores'; expected 'logits' or 'probs'"):
+        Probs.outputs = "scores"
+        TTAEngine(Probs(), "hflip")
+
+
+def test_uncertainty_of_the_views(logits_classifier):
+    x = torch.rand(8, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    policy = _policy()
+    out = TTAEngine(logits_classifier, policy, max_batch=5).run(x, return_uncertainty=True, return_views=True)
+    probs = torch.softmax(manual_views(logits_classifier, policy, x), dim=2)
+    merged = out.merged
+    expected = view_uncertainty(probs, merged, policy.weights)
+    assert set(out.uncertainty) == set(expected)
+    for key, value in expected.items():
+        assert torch.allclose(out.uncertainty[key], value, atol=1e-6), key
+    assert out.uncertainty["std"].shape == (8, 5) and (out.uncertainty["std"] > 0).all()
+
+
+def test_uncertainty_is_zero_where_only_the_identity_ran(logits_classifier):
+    x = torch.rand(20, 3, 6, 6, generator=torch.Generator().manual_seed(5))
+    _, _, conf = _by_hand(logits_classifier, _policy(), x)
+    out = TTAEngine(logits_classifier, _policy(gate=float(conf.median())), max_batch=7).run(
+        x, return_uncertainty=True, return_views=True
+    )
+    plain = ~out.gated
+    u = out.uncertainty
+    for key in ("std", "mutual_information", "disagreement"):
+        assert (u[key][plain] == 0).all(), key
+    assert (u["std"][out.gated] > 0).all()
+    assert torch.allclose(u["expected_entropy"][plain], u["predictive_entropy"][plain])
+    plain_probs = torch.softmax(logits_classifier(x), 1).detach()
+    entropy = -(plain_probs * plain_probs.log()).sum(1)
+    assert torch.allclose(u["predictive_entropy"][plain], entropy[plain], atol=1e-5)
+    # the per-view outputs of plain rows repeat the identity's (the other views did not run there)
+    assert torch.equal(out.views[0][plain], out.views[1][plain])
+
+
+def test_extra_arguments_are_chunked_to_max_batch():
+    calls = []
+
+    def model(x, bias, scale):
+        calls.append(x.shape[0])
+        return x.mean(dim=(1, 2, 3)).unsqueeze(1) * scale + bias
+
+    x = torch.rand(5, 1, 4, 4)
+    bias = torch.arange(5.0).unsqueeze(1)  # per-sample: sliced along with the images
+    out = TTAEngine(model, "hflip", activation=None, max_batch=2)(x, bias, 3.0)
+    assert max(calls) <= 2 and sum(calls) == 2 * 5
+    assert torch.allclose(out, x.mean(dim=(1, 2, 3)).unsqueeze(1) * 3 + bias, atol=1e-6)
+
+
+def test_probabilities_of_float64_models_stay_float64(softmax_classifier):
+    model = softmax_classifier.double()
+    out = TTAEngine(model, _policy(gate=1.0, temperature=2.0)).run(torch.rand(3, 3, 6, 6, dtype=torch.float64))
+    assert out.merged.dtype == torch.float64
+
+
+def test_the_models_own_output_is_never_returned_or_written(logits_classifier):
+    stored = torch.rand(8, 5)
+
+    def cached(x):  # e.g. a lookup of stored predictions
+        return stored[: x.shape[0]]
+
+    before = stored.clone()
+    x = torch.rand(2, 3, 6, 6)
+    for policy, mode, gate in [(Policy.identity(), "mean", None), (Policy.identity(), "sum", None),
+                               (Policy.identity(), "max", None), (_policy(gate=0.0), "mean", 0.0)]:
+        for max_batch in (1, 64):  # several chunks, or one pass
+            out = TTAEngine(cached, policy, activation=None, merge_mode=mode, gate_threshold=gate,
+                            weights=None, max_batch=max_batch).run(x)
+            assert torch.equal(out.merged, stored[:2] if max_batch == 64 else stored[[0, 0]])
+            out.merged.zero_()
+            assert torch.equal(stored, before), (policy.name, mode, max_batch)
+
+
+# --------------------------------------------------------------------------- build-time errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"device": "gpu"}, r"device must be one of 'cpu', 'cuda', 'cuda:N' \(N = 0, 1, \.\.\.\), 'mps'.*got 'gpu'"),
+        ({"device": 3}, r"device must be one of .*got int 3"),
+        ({"device": "tpu"}, r"device must be one of .*got 'tpu'"),
+        ({"weights": "ab"}, r"weights must be a list of 2 numbers \(one per view\), got str 'ab'"),
+        ({"weights": [1, "x"]}, r"not a number: 'x'"),
+        ({"weights": [1, 2, 3]}, r"one value per view \(2\), got 3: \[1, 2, 3\]"),
+        ({"weights": torch.ones(2, 2)}, r"1-D tensor or list of 2 numbers.*shape \(2, 2\)"),
+        ({"merge_mode": "max", "weights": [1, 2]}, r"weights do not apply to merge mode 'max' \(got weights=\[1, 2\]\)"),
+        ({"class_dim": 0}, r"class_dim must be a non-zero integer.*got 0"),
+        ({"class_dim": "1"}, r"class_dim must be a non-zero integer.*got '1'"),
+        ({"temperature": 0}, r"`temperature` to be a positive number.*got 0"),
+        ({"temperature": float("nan")}, r"`temperature` to be a positive number.*got nan"),
+        ({"gate_threshold": 1.5}, r"gate_threshold must be a number in \[0, 1\].*got 1.5"),
+        ({"amp": "yes"}, r"amp must be True or False, got 'yes'"),
+    ],
+)
+def test_bad_engine_arguments_are_refused_when_built(softmax_classifier, kwargs, pattern):
+    with pytest.raises(InvalidInputError, match=pattern):
+        TTAEngine(softmax_classifier, "hflip", **kwargs)
+    if not {"device", "amp", "class_dim"} & set(kwargs):
+        with pytest.raises(InvalidInputError, match=pattern):
+            ttakit.ClassificationTTAWrapper(softmax_classifier, ttakit.aliases.hflip_transform(), **kwargs)
+
+
+def test_unavailable_accelerators_are_named():
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="device 'cuda': CUDA is not available on this machine"):
+            TTAEngine(nn.Identity(), "hflip", device="cuda")
+        with pytest.raises(InvalidInputError, match="device 'cuda:1': CUDA is not available"):
+            TTAEngine(nn.Identity(), "hflip", device="cuda:1")
+    if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        with pytest.raises(InvalidInputError, match="device 'mps': MPS .* is not available"):
+            TTAEngine(nn.Identity(), "hflip", device="mps")
+    assert TTAEngine(nn.Identity(), "hflip", device="cpu").device == torch.device("cpu")
+
+
+def test_gate_needs_the_identity_and_class_scores(segmenter, softmax_classifier):
+    no_identity = Policy([Compose([T.HorizontalFlip()]).views[1], SHIFT], gate_threshold=0.5)
+    with pytest.raises(InvalidInputError, match=r"holds the identity view .* holds only \['hflip', 'shift"):
+        TTAEngine(softmax_classifier, no_identity)
+    assert TTAEngine(softmax_classifier, no_identity, gate_threshold=None).gate_threshold is None
+    with pytest.raises(InvalidInputError, match="needs class scores \\(target 'label'\\), got target 'mask'"):
+        TTAEngine(segmenter, "hflip", target="mask", gate_threshold=0.5)
+
+
+def test_class_dim_that_does_not_fit_the_output_is_named(softmax_classifier):
+    with pytest.raises(InvalidInputError, match=r"class_dim=5 does not fit the model's output of shape \(2, 5\)"):
+        TTAEngine(softmax_classifier, "hflip", class_dim=5)(torch.rand(2, 3, 6, 6))
+    with pytest.raises(InvalidInputError, match=r"class_dim=2 does not fit .* shape \(3, 5\)"):
+        TTAEngine(softmax_classifier, _policy(gate=0.5), class_dim=2)(torch.rand(3, 3, 6, 6))
+
+
+def test_progress_is_called_per_chunk(softmax_classifier):
+    done = []
+    TTAEngine(softmax_classifier, "hflip", max_batch=4).run(torch.rand(10, 3, 6, 6), progress=done.append)
+    assert done == [4, 4, 2]
+    TTAEngine(softmax_classifier, "hflip", max_batch=64).run(torch.rand(3, 3, 6, 6), progress=done.append)
+    assert done[-1] == 3
+
+
+def test_extra_per_sample_arguments_follow_the_gated_rows(logits_classifier):
+    seen = []
+
+    def model(x, offset):
+        seen.append((x.shape[0], offset.shape[0]))
+        return logits_classifier(x) + offset
+
+    x = torch.rand(6, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    offset = torch.zeros(6, 5)
+    offset[:3, 0] = 50.0  # the first 3 images are sure of class 0: never gated
+    out = TTAEngine(model, _policy(gate=0.99), max_batch=4).run(x, offset)
+    assert out.gated.tolist() == [False] * 3 + [True] * 3
+    assert all(n == m for n, m in seen) and max(n for n, _ in seen) <= 4
+    plain, merged, _ = _by_hand(lambda v: logits_classifier(v) + offset, _policy(), x)
+    assert torch.allclose(out.merged[:3], plain[:3], atol=1e-6)
+    assert torch.allclose(out.merged[3:], merged[3:], atol=1e-6)
+
+
+def test_device_must_be_where_the_model_is(softmax_classifier):
+    from ttakit.engine import _same_device
+
+    d = torch.device
+    assert _same_device(d("cpu"), d("cpu")) and _same_device(d("mps:0"), d("mps"))
+    assert not _same_device(d("cpu"), d("meta")) and not _same_device(d("cuda:0"), d("cuda:1"))
+    assert TTAEngine(softmax_classifier, "hflip", device="cpu").device == d("cpu")
+    if torch.cuda.is_available():  # pragma: no cover - exercised on GPU machines
+        with pytest.raises(InvalidInputError, match=r"device='cuda' but the model's parameters are on cpu; move"):
+            TTAEngine(softmax_classifier, "hflip", device="cuda")
+
+
+def test_amp_with_gate_and_uncertainty_merges_in_float32(logits_classifier):
+    x = torch.rand(6, 3, 6, 6, generator=torch.Generator().manual_seed(7))
+    policy = _policy(gate=1.0, temperature=1.5)
+    out = TTAEngine(logits_classifier, policy, amp=True).run(x, return_uncertainty=True)
+    ref = TTAEngine(logits_classifier, policy).run(x, return_uncertainty=True)
+    assert out.merged.dtype == torch.float32 and out.uncertainty["std"].dtype == torch.float32
+    assert torch.allclose(out.merged, ref.merged, atol=3e-2)  # bfloat16 forward passes on CPU

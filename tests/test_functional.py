@@ -39,6 +39,22 @@ def test_scaled_size_truncates_as_ttach(shape, factor, expected):
     assert tuple(F.scale(torch.rand(1, 1, *shape), factor).shape[-2:]) == expected
 
 
+@pytest.mark.parametrize("shape, factor", [((4, 5), 2), ((4, 5), 4), ((5, 7), 0.5), ((9, 6), 3), ((7, 7), 1.5)])
+def test_unscale_is_ttachs_inverse(shape, factor):
+    import ttach
+
+    x = torch.arange(shape[0] * shape[1], dtype=torch.float32).reshape(1, 1, *shape)
+    view = F.scale(x, factor)
+    back = F.unscale(view, factor)
+    assert torch.equal(back, ttach.functional.scale(view, 1 / factor))
+    size = tuple(int(s * factor) for s in shape)
+    assert back.shape[-2:] == tuple(int(s * (1 / factor)) for s in size)
+    if factor in (2, 3, 4):  # whole up-scales round-trip exactly; 5 * 0.5 -> 2 -> 4 does not
+        assert torch.equal(back, x)
+    with pytest.raises(InvalidInputError, match="factor must be a positive number, got 0"):
+        F.unscale(x, 0)
+
+
 def test_scaled_size_rounding_to_zero_names_the_values():
     with pytest.raises(InvalidInputError, match=r"scale 0\.1 turns a 5x7 image into 0x0"):
         F.scaled_size((5, 7), 0.1)

@@ -149,7 +149,7 @@ def test_gated_predict_extremes_and_stored_threshold() -> None:
     assert never.n_gated == 0 and never.forward_passes_per_image == 1.0
     always = gated_predict(model, images, policy, threshold=GATE_ALL)
     assert always.n_gated == 50 and always.forward_passes_per_image == 3.0
-    full = TTAEngine(model, policy, activation="softmax").run(images).merged
+    full = TTAEngine(model, policy, activation="softmax", gate_threshold=None).run(images).merged
     assert torch.allclose(always.probs, full, atol=1e-5)
 
 
@@ -157,7 +157,7 @@ def test_policy_predict_applies_gate_and_temperature() -> None:
     model, images = model_and_images()
     policy = Policy([View.identity(), HFLIP], temperature=2.0, gate_threshold=GATE_ALL)
     out = policy_predict(model, images, policy)
-    full = TTAEngine(model, policy, activation="softmax").run(images).merged
+    full = TTAEngine(model, policy, activation="softmax", temperature=None, gate_threshold=None).run(images).merged
     assert torch.allclose(out.probs, apply_temperature(full, 2.0), atol=1e-5)
     ungated = policy_predict(model, images, policy, use_gate=False, calibrate=False)
     assert (

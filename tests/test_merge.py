@@ -10,7 +10,7 @@ import torch
 import ttach
 
 from ttakit.errors import InvalidInputError, UnknownNameError
-from ttakit.merge import MERGE_MODES, MergeAccumulator, Merger, merge
+from ttakit.merge import MERGE_MODES, MergeAccumulator, Merger, apply_temperature, merge
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -71,9 +71,9 @@ def test_softmax_and_sigmoid_activations_by_hand():
     logits = torch.tensor([[[2.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)
     p1 = [math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)]
     p2 = [1 / (1 + math.e), math.e / (1 + math.e)]
-    mean = [(a + b) / 2 for a, b in zip(p1, p2)]
+    mean = [(a + b) / 2 for a, b in zip(p1, p2, strict=True)]
     assert torch.allclose(merge(logits, "mean", activation="softmax"), torch.tensor([mean], dtype=torch.float64))
-    g = [math.sqrt(a * b) for a, b in zip(p1, p2)]
+    g = [math.sqrt(a * b) for a, b in zip(p1, p2, strict=True)]
     assert torch.allclose(merge(logits, "gmean", activation="softmax"),
                           torch.tensor([[v / sum(g) for v in g]], dtype=torch.float64))  # renormalised
     sig = [(1 / (1 + math.exp(-2)) + 0.5) / 2, (0.5 + 1 / (1 + math.exp(-1))) / 2]
@@ -181,3 +181,73 @@ def test_merger_equals_ttach_merger(mode, n):
         ours.append(v)
         theirs.append(v)
     assert torch.allclose(ours.result, theirs.result, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MERGE_MODES)
+@pytest.mark.parametrize("activation", [None, "softmax"])
+def test_adding_a_stack_equals_adding_its_views_one_by_one(mode, activation):
+    stack = torch.rand(4, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    weights = None if mode in ("max", "min") else [0.5, 0.0, 2.0, 1.0]
+    one = MergeAccumulator(mode, 4, weights, activation)
+    for k in range(4):
+        one.add(stack[k], k)
+    two = MergeAccumulator(mode, 4, weights, activation).fresh()  # fresh: same settings, empty
+    two.add_stack(stack[[2, 0]], [2, 0])
+    two.add_stack(stack[[1, 3]], [1, 3])
+    assert torch.allclose(two.result(), one.result(), atol=1e-12)
+    assert two.count == 4
+
+
+def test_fresh_accumulators_do_not_share_state():
+    template = MergeAccumulator("mean", 2, [1.0, 3.0])
+    a, b = template.fresh(), template.fresh()
+    a.add(torch.ones(1, 2), 0)
+    a.add(torch.zeros(1, 2), 1)
+    b.add(torch.zeros(1, 2), 0)
+    b.add(torch.ones(1, 2), 1)
+    assert torch.allclose(a.result(), torch.full((1, 2), 0.25))
+    assert torch.allclose(b.result(), torch.full((1, 2), 0.75))
+    with pytest.raises(InvalidInputError, match="no views were added"):
+        template.result()
+
+
+def test_probabilities_merged_with_renormalize_equal_softmax_of_their_logits():
+    logits = torch.randn(3, 4, 6, dtype=torch.float64)
+    expected = merge(logits, "gmean", [1, 2, 3], activation="softmax")
+    acc = MergeAccumulator("gmean", 3, [1, 2, 3], activation=None, renormalize=True)
+    for k, p in enumerate(torch.softmax(logits, dim=2)):
+        acc.add(p, k)
+    assert torch.allclose(acc.result(), expected, atol=1e-12)
+
+
+def test_apply_temperature_by_hand():
+    out = apply_temperature(torch.tensor([[0.8, 0.2]]), 2.0)
+    # softmax(log p / 2) = sqrt(p) / sum(sqrt(p))
+    a, b = math.sqrt(0.8), math.sqrt(0.2)
+    assert torch.allclose(out, torch.tensor([[a / (a + b), b / (a + b)]]), atol=1e-7)
+    masks = torch.tensor([[[[0.8]], [[0.2]]]])  # (B, C, H, W): classes on dim 1
+    assert torch.allclose(apply_temperature(masks, 2.0, class_dim=1).flatten(), out.flatten(), atol=1e-7)
+    assert apply_temperature(out, None) is out
+    with pytest.raises(InvalidInputError, match="`temperature` to be a positive number.*got -1"):
+        apply_temperature(out, -1)
+
+
+@pytest.mark.parametrize(
+    "weights, pattern",
+    [
+        ("abc", r"weights must be a list of 3 numbers \(one per view\), got str 'abc'"),
+        (5, r"weights must be a list of 3 numbers \(one per view\), got int 5"),
+        ([1, None, 1], r"not a number: None"),
+        ([1, True, 1], r"not a number: True"),
+        (torch.ones(3, 1), r"1-D tensor or list of 3 numbers.*shape \(3, 1\)"),
+    ],
+)
+def test_weights_of_the_wrong_type_are_named(weights, pattern):
+    with pytest.raises(InvalidInputError, match=pattern):
+        merge(STACK, "mean", weights=weights)
+
+
+@pytest.mark.parametrize("n", ["x", 0, -1, 2.5, True, None])
+def test_merger_refuses_a_bad_count(n):
+    with pytest.raises(InvalidInputError, match=f"Merger's `n` must be a positive integer.*got {n!r}"):
+        Merger("mean", n)

@@ -132,7 +132,7 @@ def test_bin_edges_are_right_closed() -> None:
 def test_calibration_error_class_over_batches() -> None:
     probs, labels = random_probs(300, 5, seed=3)
     metric = CalibrationError(n_bins=10)
-    for chunk_p, chunk_y in zip(probs.split(64), labels.split(64)):
+    for chunk_p, chunk_y in zip(probs.split(64), labels.split(64), strict=True):
         metric.update(chunk_p, chunk_y)
     assert metric.count == 300
     assert metric.compute() == pytest.approx(
@@ -157,7 +157,7 @@ def test_calibration_error_class_equals_function_property(seed, n, c, n_bins, cu
     probs, labels = random_probs(n, c, seed=seed)
     bounds = sorted({0, n, *(min(k, n) for k in cuts)})
     metric = CalibrationError(n_bins)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         metric.update(probs[lo:hi], labels[lo:hi])
     expected = expected_calibration_error(probs, labels, n_bins)
     assert metric.compute() == pytest.approx(expected, abs=1e-12)
@@ -343,3 +343,77 @@ def test_mean_std() -> None:
         mean_std([])
     with pytest.raises(InvalidInputError, match=r"`values`.*numbers"):
         mean_std(["a"])
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from ttakit.metrics import (  # noqa: E402
+    accuracy_at_coverage,
+    selective_report,
+    set_coverage,
+    set_size,
+    uncertainty_auroc,
+)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_uncertainty_auroc_matches_sklearn(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = 300
+    errors = torch.rand(n, generator=g) < 0.2
+    # Rounded scores force many ties, which sklearn counts as one half.
+    scores = (torch.randn(n, generator=g) + errors.double() * 0.8).round(decimals=1)
+    ref = roc_auc_score(errors.numpy(), scores.numpy())
+    assert uncertainty_auroc(scores, errors) == pytest.approx(ref, abs=1e-12)
+
+
+def test_uncertainty_auroc_hand_cases() -> None:
+    errors = torch.tensor([True, False, True, False])
+    assert uncertainty_auroc(torch.tensor([0.9, 0.1, 0.8, 0.2]), errors) == 1.0
+    assert uncertainty_auroc(torch.tensor([0.1, 0.9, 0.2, 0.8]), errors) == 0.0
+    assert uncertainty_auroc(torch.zeros(4), errors) == 0.5  # all tied
+    assert math.isnan(uncertainty_auroc(torch.rand(4), torch.zeros(4, dtype=torch.bool)))
+    with pytest.raises(InvalidInputError, match="same length"):
+        uncertainty_auroc(torch.rand(3), errors)
+    with pytest.raises(InvalidInputError, match="finite"):
+        uncertainty_auroc(torch.tensor([0.1, float("nan"), 0.2, 0.3]), errors)
+
+
+def test_accuracy_at_coverage() -> None:
+    scores = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])
+    correct = torch.tensor([True, True, False, True, False, True, True, False, True, True])
+    # 90%: drop the single least sure (0.9, wrong) -> 7/9 right of the other 9... computed directly:
+    keep = scores.argsort()[:9]
+    assert accuracy_at_coverage(scores, correct, 0.9) == pytest.approx(correct[keep].double().mean().item())
+    assert accuracy_at_coverage(scores, correct, 1.0) == pytest.approx(0.7)
+    assert accuracy_at_coverage(scores, correct, 0.3) == 1.0  # 0.0, 0.1, 0.2: all right
+    # A score that ranks errors last beats the plain accuracy; a reversed one is worse.
+    assert accuracy_at_coverage((~correct).double(), correct, 0.7) == 1.0
+    assert accuracy_at_coverage(correct.double(), correct, 0.7) < 0.7
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(InvalidInputError, match="coverage"):
+            accuracy_at_coverage(scores, correct, bad)
+
+
+def test_selective_report_rows() -> None:
+    probs, labels = random_probs(400, 5, seed=3)
+    correct = probs.argmax(1) == labels
+    conf = 1 - probs.max(1).values
+    entropy = -(probs * probs.log()).sum(1)
+    rows = selective_report({"softmax": conf, "entropy": entropy}, correct)
+    assert [r["score"] for r in rows] == ["softmax", "entropy"]
+    assert rows[0]["auroc"] == pytest.approx(roc_auc_score((~correct).numpy(), conf.numpy()))
+    assert rows[0]["accuracy_at_coverage"] > accuracy(probs, labels)
+
+
+def test_set_coverage_and_size() -> None:
+    sets = torch.tensor([[True, False, False], [True, True, False], [False, False, False]])
+    assert set_coverage(sets, torch.tensor([0, 2, 1])) == pytest.approx(1 / 3)
+    assert set_size(sets) == pytest.approx(1.0)
+    with pytest.raises(InvalidInputError, match="bool"):
+        set_size(sets.float())
+    with pytest.raises(InvalidInputError, match="class indices"):
+        set_coverage(sets, torch.tensor([0, 3, 1]))

@@ -29,7 +29,7 @@ def test_compose_is_the_cartesian_product_in_ttach_order():
     assert ours.aug_transform_parameters == theirs.aug_transform_parameters
     assert ours.deaug_transform_parameters == theirs.deaug_transform_parameters
     x = torch.rand(2, 3, 5, 7)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         view = a.augment_image(x)
         assert torch.equal(view, b.augment_image(x))
         y = torch.rand_like(view)
@@ -39,10 +39,30 @@ def test_compose_is_the_cartesian_product_in_ttach_order():
 
 
 def test_iterating_yields_transformers_with_ttachs_methods():
-    for t in ttakit.aliases.flip_transform():
+    # flip_transform's 4 views in ttach's order: identity, vflip, hflip, hflip+vflip. Each method
+    # is checked on values: the view, the mask and keypoints mapped back, the label untouched.
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    points = torch.tensor([[[0.1, 0.2], [0.7, 0.4]]]).repeat(2, 1, 1)
+    label = torch.tensor([[0.2, 0.8], [0.6, 0.4]])
+    expected_views = [x, x.flip(-2), x.flip(-1), x.flip(-1).flip(-2)]
+    mirror = [(False, False), (False, True), (True, False), (True, True)]  # (x mirrored, y mirrored)
+    transformers = list(ttakit.aliases.flip_transform())
+    theirs = list(ttach.aliases.flip_transform())
+    assert len(transformers) == len(theirs) == 4
+    for t, their, view_expected, (mx, my) in zip(transformers, theirs, expected_views, mirror, strict=True):
         assert isinstance(t, Transformer)
-        for method in ("augment_image", "deaugment_mask", "deaugment_label", "deaugment_keypoints"):
-            assert callable(getattr(t, method))
+        view = t.augment_image(x)
+        assert torch.equal(view, view_expected) and torch.equal(view, their.augment_image(x))
+        assert torch.equal(t.deaugment_mask(view), x)  # an identity "segmenter" maps back to the input
+        assert torch.equal(t.deaugment_label(label), label)
+        back = t.deaugment_keypoints(points)
+        want = points.clone()
+        if mx:
+            want[..., 0] = 1 - points[..., 0]
+        if my:
+            want[..., 1] = 1 - points[..., 1]
+        assert torch.allclose(back, want)
+        assert torch.allclose(back, their.deaugment_keypoints(points))
 
 
 def test_deaugmentation_runs_in_reverse_order():
@@ -105,7 +125,7 @@ def test_policy_json_round_trip(tmp_path):
         assert loaded.to_json() == p.to_json()
         assert json.loads(path.read_text())["format"] == "ttakit-policy"
         x = torch.rand(1, 2, 9, 10)
-        for a, b in zip(p, loaded):  # the loaded views do the same thing
+        for a, b in zip(p, loaded, strict=True):  # the loaded views do the same thing
             assert torch.equal(a.augment_image(x), b.augment_image(x))
     loaded = Policy.load(tmp_path / "mine.json")
     assert loaded.weights == [float(w) for w in range(1, len(compose) + 1)]
@@ -127,7 +147,14 @@ def good_json():
         (lambda d: d.update(views=[]), "holds no views"),
         (lambda d: d["views"][1]["steps"][0].update(transform="Blur"), "unknown transform 'Blur'"),
         (lambda d: d["views"][1]["steps"][0].update(param="yes"), "parameter 'yes' is not valid for HorizontalFlip"),
-        (lambda d: d["views"][1]["steps"][0].pop("transform"), "malformed"),
+        (lambda d: d["views"][1]["steps"][0].pop("transform"), 'a policy step must be an object with a "transform" name'),
+        (lambda d: d.update(meta=5), 'field "meta" must be an object or null, got 5'),
+        (lambda d: d.update(name=["x"]), r'field "name" must be a string, got \[\'x\'\]'),
+        (lambda d: d.update(weights="11"), 'field "weights" must be a list of numbers or null'),
+        (lambda d: d.update(temperature="2"), 'field "temperature" must be a positive number or null'),
+        (lambda d: d.update(format_version=True), "format version True"),
+        (lambda d: d["views"][1]["steps"][0].update(args=[1]), '"args" must be an object, got \\[1\\]'),
+        (lambda d: d["views"][1].update(steps=[7]), 'a policy step must be an object with a "transform" name, got 7'),
         (lambda d: d["views"].append({"name": "x"}), "'steps' list"),
         (lambda d: d.update(merge_mode="median"), "unknown merge mode 'median'; expected one of: gmean, max"),
         (lambda d: d.update(weights=[1.0]), r"one value per view \(2\), got 1"),

@@ -16,6 +16,7 @@ from ttakit.metrics import McNemarResult
 from ttakit.report import (
     format_mean_std,
     format_table,
+    lift_plot_layout,
     markdown_table,
     plot_candidate_lifts,
     plot_policy_metrics,
@@ -103,6 +104,7 @@ def test_format_mean_std() -> None:
     assert format_mean_std(0.25, 0.01) == "0.25 ± 0.01"
     assert format_mean_std(0.123456, 0.000123, fmt=".4f") == "0.1235 ± 0.0001"
     assert format_mean_std(0.9, None, scale=100) == "90.00"
+    assert format_mean_std(-0.4667, 0.0471, fmt="+.2f", scale=100) == "-46.67 ± 4.71"
     assert format_mean_std(torch.tensor(0.5), np.float64(0.1)) == "0.50 ± 0.10"
     with pytest.raises(InvalidInputError, match=r"`mean`.*'a'"):
         format_mean_std("a", 0.1)
@@ -174,6 +176,24 @@ def assert_png(path: Path, min_size: tuple[int, int] = (300, 200)) -> None:
         assert im.format == "PNG"
         assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+    assert_drawn(path)
+
+
+def assert_drawn(path: Path, min_ink: float = 0.02, min_colors: int = 3) -> np.ndarray:
+    """Something was drawn: enough non-white pixels, in several colours (not a blank canvas
+    with a title). Returns the RGB pixels ``(H, W, 3)``."""
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    ink = (pixels < 235).any(axis=2).mean()
+    assert ink > min_ink, f"{path.name}: only {ink:.1%} of pixels are not white"
+    colors = {tuple(c) for c in pixels[::3, ::3].reshape(-1, 3)[:: 7].tolist()}
+    assert len(colors) >= min_colors, f"{path.name}: {len(colors)} colours"
+    return pixels
+
+
+def _pixels_of(pixels: np.ndarray, hex_color: str, tol: int = 12) -> int:
+    target = np.array([int(hex_color[i : i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(pixels.astype(int) - target).max(axis=2) <= tol).sum())
 
 
 def _curve(n: int, seed: int, temp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +228,49 @@ def test_plot_policy_metrics_grouped_many_names(tmp_path: Path) -> None:
         for i in range(40)
     ]
     assert_png(plot_policy_metrics(rows, tmp_path / "grouped.png", metrics=["accuracy", "brier"]))
+
+
+def _lift_rows() -> list[dict]:
+    rows = []
+    for model, d4 in (("no-aug", -0.412), ("flip+shift", -0.05)):
+        rows += [
+            {"name": "none", "model": model, "accuracy": 0.91, "nll": 0.2571},
+            {"name": "hflip", "model": model, "accuracy": 0.9135, "nll": 0.2533, "lift": 0.0035,
+             "lift_nll": -0.0038, "lift_ci_low": 0.0010, "lift_ci_high": 0.0060},
+            {"name": "d4", "model": model, "accuracy": 0.91 + d4, "nll": 2.93, "lift": d4,
+             "lift_nll": 2.6729, "lift_ci_low": d4 - 0.01, "lift_ci_high": d4 + 0.01},
+        ]
+    return rows
+
+
+def test_lift_layout_keeps_a_small_lift_visible_beside_a_collapse() -> None:
+    layout = lift_plot_layout(_lift_rows())
+    entries = {(e["model"], e["name"]): e for e in layout["entries"]}
+    assert len(entries) == 4  # plain rows are the reference, not bars
+    hflip, d4 = entries[("no-aug", "hflip")], entries[("no-aug", "d4")]
+    # the axis is zoomed to the small lifts and their intervals, not set by d4's -41 points
+    assert 0.6 < layout["lift_limit"] < 1.0
+    assert hflip["lift_shown"] == pytest.approx(0.35) and not hflip["lift_clipped"]
+    assert hflip["lift_shown"] / layout["lift_limit"] > 0.35  # a third of the half-width, visible
+    assert d4["lift_clipped"] and d4["lift_shown"] == -layout["lift_limit"]
+    assert hflip["lift_text"] == "+0.35 [+0.10, +0.60]"
+    assert d4["lift_text"] == "-41.20 [-42.20, -40.20]"
+    assert entries[("flip+shift", "d4")]["lift_text"] == "-5.00 [-6.00, -4.00]"
+    # NLL labelled to 4 decimals with its change, so 0.2533 and 0.2571 never both read "0.3"
+    assert hflip["nll_text"] == "0.2533 (-0.0038)" and d4["nll_text"] == "2.9300 (+2.6729)"
+    assert d4["nll_clipped"] and not hflip["nll_clipped"]
+
+
+def test_plot_policy_metrics_draws_lifts(tmp_path: Path) -> None:
+    path = plot_policy_metrics(_lift_rows(), tmp_path / "lift.png", title="lift")
+    assert_png(path, min_size=(900, 500))
+    pixels = assert_drawn(path, min_colors=6)
+    # both models' bars are there, in their colours (C0 blue, C1 orange)
+    assert _pixels_of(pixels, "#1f77b4") > 2_000 and _pixels_of(pixels, "#ff7f0e") > 2_000
+    # the same rows without the +0.35 lift draw less blue: the small bar is really drawn
+    fewer = [r for r in _lift_rows() if not (r["name"] == "hflip" and r["model"] == "no-aug")]
+    small = plot_policy_metrics(fewer, tmp_path / "fewer.png", title="lift")
+    assert _pixels_of(assert_drawn(small), "#1f77b4") < _pixels_of(pixels, "#1f77b4") - 1_000
 
 
 def test_plot_policy_metrics_validates(tmp_path: Path) -> None:

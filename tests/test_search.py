@@ -91,7 +91,7 @@ def test_greedy_picks_the_accurate_view_and_never_the_anti_correlated_one() -> N
     assert "vflip" not in names
     assert [row["added"] for row in result.path] == names
     # the path's scores are what they claim, by an independent computation
-    for row, k in zip(result.path, range(1, len(names) + 1)):
+    for row, k in zip(result.path, range(1, len(names) + 1), strict=True):
         probs = cache.probs[[cache.index(n) for n in names[:k]]].mean(0)
         assert row["accuracy"] == pytest.approx(accuracy(probs, cache.labels), abs=1e-9)
         assert row["nll_ts"] == pytest.approx(tempered_nll(probs, cache.labels), abs=1e-4)
@@ -147,19 +147,6 @@ def test_all_candidates_harmful_returns_identity() -> None:
     assert result.policy.view_names == ["identity"]
     assert result.policy.gate_threshold is None
     assert result.stop_reason in ("no candidate improves the objective", "no admissible candidate")
-
-
-@pytest.mark.parametrize("budget", [1, 2, 3])
-def test_budget_is_respected(budget: int) -> None:
-    cache = random_cache(15, 300, 4, seed=1)
-    cache = ViewCache(
-        cache.logits + 2.0 * F.one_hot(cache.labels, 4).float(), cache.labels, cache.views
-    )
-    result = greedy_search(cache, budget=budget, min_gain=0.0)
-    assert 1 <= len(result.policy) <= budget
-    assert len(result.path) == len(result.policy)
-    if budget == 1:
-        assert result.stop_reason == "budget of 1 view"
 
 
 def test_accuracy_objective_selects_the_accurate_view() -> None:
@@ -302,13 +289,19 @@ def test_default_pool_contents() -> None:
         "crop_center+resize28x28",
     ):
         assert expected in names
-    assert sum(n.startswith("shift(") for n in names) == 24
+    assert sum(n.startswith("shift(") for n in names) == 32  # 1-4 px in 8 directions
+    for expected in ("tshift(+0.5,+0)", "tshift(-0.5,-0.5)", "zoom0.85", "zoom1.15", "rotate+4", "rotate-12"):
+        assert expected in names
+    assert not any(n.startswith("hflip+") for n in names)  # no flip combinations without a trained flip
     # fixed-size pool: every view keeps the input size
     images = torch.rand(2, 1, 28, 28)
     for view in plain:
         assert view.transformer().augment_image(images).shape == images.shape, view.name
     aligned = [v.name for v in default_pool((28, 28), FLIP_SHIFT, n_random=8, seed=0)]
-    assert "hflip+shift(+1,-1)" in aligned and "hflip+shift(-2,+2)" in aligned
+    assert "hflip+shift(+1,-1)" in aligned and "hflip+shift(-3,+3)" in aligned
+    assert "hflip+shift(-4,+4)" not in aligned  # combinations reach one pixel past the trained shift
+    for expected in ("hflip+tshift(+0.5,+0)", "hflip+zoom1.1", "hflip+rotate-8", "hflip+crop_lt+resize28x28"):
+        assert expected in aligned
     assert set(v.name for v in random_copy_views(FLIP_SHIFT, 8, 0)) <= set(aligned)
     free = [v.name for v in default_pool((28, 28), fixed_size=False)]
     assert "scale0.9" in free and "crop_lt" in free
@@ -333,6 +326,18 @@ def tiny_dataset(n: int = 40, classes: int = 3) -> ImageDataset:
         torch.arange(n) % classes,
         [str(i) for i in range(classes)],
     )
+
+
+def tensors(ds: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    return ds.images, ds.labels
+
+
+def test_search_takes_tensors_not_datasets() -> None:
+    with pytest.raises(InvalidInputError) as err:
+        search_policy(exploding_model, tiny_dataset(), torch.zeros(40), progress=False)
+    assert "pass dataset.images and dataset.labels" in one_line(err)
+    with pytest.raises(InvalidInputError, match=r"`labels` to be an \(40,\) integer tensor"):
+        search_policy(exploding_model, tiny_dataset().images, torch.zeros(40), progress=False)
 
 
 def test_cache_views_matches_direct_forward_passes() -> None:
@@ -371,7 +376,7 @@ def test_view_cache_save_load_and_errors(tmp_path) -> None:
 
 def test_search_policy_end_to_end_and_report(tmp_path) -> None:
     model, ds = tiny_model(), tiny_dataset(60)
-    result = search_policy(model, ds, train_augmentations=FLIP_SHIFT, budget=3, progress=False)
+    result = search_policy(model, ds.images, ds.labels, train_augmentations=FLIP_SHIFT, budget=3, progress=False)
     assert isinstance(result, SearchResult)
     assert result.policy.view_names[0] == "identity" and len(result.policy) <= 3
     assert result.policy.meta["fixed_size"] is True  # a dense head takes one size only
@@ -426,8 +431,8 @@ def test_empty_validation_split() -> None:
         torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long), ["a", "b"], name="val"
     )
     with pytest.raises(DataError) as err:
-        search_policy(exploding_model, empty, progress=False)
-    assert "'val' is empty" in one_line(err)
+        search_policy(exploding_model, empty.images, empty.labels, progress=False)
+    assert "the validation images are empty" in one_line(err)
 
 
 def test_single_class_validation_split() -> None:
@@ -435,7 +440,7 @@ def test_single_class_validation_split() -> None:
         torch.rand(5, 1, 8, 8), torch.ones(5, dtype=torch.long), ["a", "b"], name="val"
     )
     with pytest.raises(DataError) as err:
-        search_policy(exploding_model, ds, progress=False)
+        search_policy(exploding_model, ds.images, ds.labels, progress=False)
     assert "single class (1) in 5 images" in one_line(err)
     with pytest.raises(DataError, match="single class"):
         greedy_search(ViewCache(torch.zeros(1, 4, 2), torch.zeros(4), [View.identity()]))
@@ -444,7 +449,7 @@ def test_single_class_validation_split() -> None:
 @pytest.mark.parametrize("budget", [0, -2, 1.5, True])
 def test_budget_below_one(budget) -> None:
     with pytest.raises(InvalidInputError) as err:
-        search_policy(exploding_model, tiny_dataset(), budget=budget, progress=False)
+        search_policy(exploding_model, *tensors(tiny_dataset()), budget=budget, progress=False)
     assert f"`budget` to be an integer >= 1 (views per image), but got {budget!r}" in one_line(err)
     with pytest.raises(InvalidInputError, match="budget"):
         greedy_search(constructed_cache(n=20), budget=budget)
@@ -452,7 +457,7 @@ def test_budget_below_one(budget) -> None:
 
 def test_unknown_objective() -> None:
     with pytest.raises(UnknownNameError) as err:
-        search_policy(exploding_model, tiny_dataset(), objective="auc", progress=False)
+        search_policy(exploding_model, *tensors(tiny_dataset()), objective="auc", progress=False)
     assert one_line(err) == "unknown objective 'auc'; expected one of: accuracy, nll"
 
 
@@ -475,12 +480,10 @@ class Smear(T.ImageOnlyTransform):
 def test_pool_with_a_view_the_task_cannot_invert() -> None:
     pool = [View.identity(), HFLIP, View([Step(Smear(), 1)])]
     with pytest.raises(NotInvertibleError) as err:
-        search_policy(exploding_model, tiny_dataset(), pool=pool, progress=False)
+        search_policy(exploding_model, *tensors(tiny_dataset()), pool=pool, progress=False)
     assert "Smear cannot invert the 'label' target" in one_line(err)
     with pytest.raises(InvalidInputError, match="only ttakit.View objects, but got 'hflip'"):
-        search_policy(
-            exploding_model, tiny_dataset(), pool=[View.identity(), "hflip"], progress=False
-        )
+        search_policy(exploding_model, *tensors(tiny_dataset()), pool=[View.identity(), "hflip"], progress=False)
 
 
 def test_cache_without_identity() -> None:
@@ -501,3 +504,152 @@ def test_policy_json_from_a_newer_or_foreign_format(tmp_path) -> None:
     with pytest.raises(PolicyFormatError) as err:
         Policy.load(foreign)
     assert 'is not a ttakit policy (expected "format": "ttakit-policy")' in one_line(err)
+
+
+# --------------------------------------------------------------------------- budget (strengthened)
+
+
+def helpful_cache(n_views: int = 12, n: int = 600, c: int = 4, seed: int = 0) -> ViewCache:
+    """Every view is an independent noisy copy of the truth: each one added lowers the NLL."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    logits = 1.2 * F.one_hot(y, c).float() + torch.randn(n_views, n, c, generator=g)
+    views = [View.identity()] + [shift_view(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3) if (dx, dy) != (0, 0)]
+    return ViewCache(logits, y, views[:n_views])
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3, 5])
+def test_budget_is_respected(budget: int) -> None:
+    cache = helpful_cache()
+    result = greedy_search(cache, budget=budget, min_gain=0.0, gate=False)
+    # Every candidate helps, so the search uses exactly the budget: an off-by-one in either
+    # direction, or a loop that ignores the budget, fails here.
+    assert len(result.policy) == budget
+    assert [row["n_views"] for row in result.path] == list(range(1, budget + 1))
+    assert result.stop_reason == ("budget of 1 view" if budget == 1 else "budget reached")
+    assert len(set(result.policy.view_names)) == budget  # no view selected twice
+    # the path keeps improving: each added view lowered the temperature-scaled NLL
+    nlls = [row["nll_ts"] for row in result.path]
+    assert all(b < a for a, b in zip(nlls, nlls[1:], strict=False))
+    # and a larger budget than the pool stops at the pool
+    small = cache.select(cache.names[:3])
+    assert len(greedy_search(small, budget=10, min_gain=0.0, gate=False).policy) == 3
+
+
+# --------------------------------------------------------------------------- successive halving
+
+
+class TableModel(nn.Module):
+    """A "model" that returns prescribed logits ``table[view, image]``: the image index is
+    written into the pixels (a brightness view shifts every pixel alike, so the difference of
+    two pixels keeps it) and the brightness delta names the view. Lets halving be tested
+    against a known cache."""
+
+    def __init__(self, table: torch.Tensor, step: float = 0.01):
+        super().__init__()
+        self.table, self.step = table, step
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += x.shape[0]
+        n = self.table.shape[1]
+        index = ((x[:, 0, 0, 1] - x[:, 0, 0, 0]) * n / 0.3).round().long().clamp(0, n - 1)
+        view = ((x[:, 0, 0, 0] - 0.3) / self.step).round().long()
+        return self.table[view, index]
+
+
+def table_images(n: int) -> torch.Tensor:
+    images = torch.full((n, 1, 4, 4), 0.3)
+    images[:, 0, 0, 1] += torch.arange(n) * 0.3 / n
+    return images
+
+
+def table_setup(n: int = 2000, c: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    onehot = F.one_hot(y, c).float()
+    good = [1.0, 1.6, 1.4, 1.2]  # identity and three useful views
+    rows = [s * onehot + torch.randn(n, c, generator=g) for s in good]
+    rows += [0.2 * onehot + torch.randn(n, c, generator=g) for _ in range(16)]  # weak views
+    rows += [-1.0 * onehot + torch.randn(n, c, generator=g) for _ in range(10)]  # harmful views
+    table = torch.stack(rows)
+    deltas = [round(0.01 * k, 2) for k in range(1, table.shape[0])]
+    views = Compose([T.Brightness(deltas)]).views
+    return TableModel(table), table_images(n), y, views
+
+
+def test_table_model_reproduces_its_table() -> None:
+    model, images, y, views = table_setup(n=300)
+    cache = cache_views(model, images, y, views, progress=False)
+    assert torch.allclose(cache.logits, model.table, atol=1e-6)
+
+
+def test_halving_spends_a_fraction_and_keeps_what_full_caching_selects() -> None:
+    model, images, y, views = table_setup()
+    full = search_policy(model, images, y, pool=views, budget=4, halving=False, gate=False, progress=False)
+    model.calls = 0
+    fast = search_policy(model, images, y, pool=views, budget=4, gate=False, first_rung=250, eta=2, progress=False)
+    cost = fast.cost
+    assert cost["full_caching_passes"] == len(views) * 2000 == full.cost["forward_passes"]
+    # passes are counted honestly: the model saw exactly what the report says (+ the engine check)
+    assert model.calls == cost["forward_passes"] + cost["check_passes"]
+    assert sum(r["passes"] for r in cost["rungs"]) == cost["forward_passes"]
+    assert cost["forward_passes"] <= 0.45 * cost["full_caching_passes"]
+    assert cost["saved_passes"] == cost["full_caching_passes"] - cost["forward_passes"]
+    # the harmful views go at the first rung, by the confidence bound
+    assert cost["rungs"][0]["dropped_by_bound"] >= 10
+    assert {"bright0.01", "bright0.02", "bright0.03"} <= set(fast.cache.names)
+    assert fast.policy.view_names == full.policy.view_names
+    assert fast.policy.temperature == pytest.approx(full.policy.temperature, rel=1e-6)
+    # the survivors' cache is the full cache restricted to them, in image order
+    assert torch.allclose(fast.cache.logits, full.cache.select(fast.cache.names).logits)
+    assert torch.equal(fast.cache.labels, y)
+
+
+def test_rung_sizes() -> None:
+    from ttakit.search.halving import rung_sizes
+
+    assert rung_sizes(10_000, 625, 2) == [625, 1250, 2500, 5000, 10_000]
+    assert rung_sizes(40, 500, 2) == [40]
+    assert rung_sizes(1000, 300, 3) == [300, 900, 1000]
+
+
+# --------------------------------------------------------------------------- the saved policy
+
+
+def test_saved_policy_with_gate_and_temperature_is_never_worse_through_the_engine() -> None:
+    model, images, y, views = table_setup(n=1500, seed=1)
+    result = search_policy(model, images, y, pool=views, budget=4, progress=False)
+    policy = result.policy
+    assert policy.meta["validation"]["checked_through"] == "TTAEngine"
+    saved = TTAEngine(model, policy, activation="softmax").run(images)
+    plain = torch.softmax(model.table[0], 1)
+    identity_nll = tempered_nll(plain, y)
+    assert accuracy(saved.merged, y) >= accuracy(plain, y)
+    assert nll(saved.merged, y) <= identity_nll + 1e-6
+    assert policy.meta["validation"]["saved"]["accuracy"] == pytest.approx(accuracy(saved.merged, y))
+    assert policy.meta["validation"]["saved"]["nll"] == pytest.approx(nll(saved.merged, y), abs=1e-6)
+    if policy.gate_threshold is not None:
+        assert saved.passes_per_image < len(policy)
+
+
+def test_a_harmful_gate_is_dropped_after_tuning() -> None:
+    """The final check runs after the gate: a gate whose plain rows are badly calibrated fails the
+    NLL check against the identity-with-temperature, and the ungated policy is saved instead."""
+    from ttakit.search import never_worse
+
+    cache = constructed_cache(n=2000)
+    result = greedy_search(cache, budget=2, gate=False, learn_weights=False)
+    base = result.comparison[0]
+    policy = result.policy
+    gated = Policy(policy.views, name="g", temperature=policy.temperature, gate_threshold=0.0)  # never gates
+    hot = Policy(policy.views, name="g", temperature=100.0)  # flattened to uniform: far worse NLL
+
+    def output(p):
+        from ttakit.search.greedy import cache_output
+
+        return cache_output(cache, p)
+
+    chosen, saved, notes = never_worse([hot, gated, policy], Policy.identity(), base, output, cache.labels)
+    assert chosen is policy and len(notes) == 2 and "dropped" in notes[0]
+    assert saved["accuracy"] >= base["accuracy"] and saved["nll"] <= base["nll_ts"]

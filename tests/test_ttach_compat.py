@@ -330,5 +330,5 @@ def test_readme_custom_model_loop(segmenter, softmax_classifier, images):
             labels.append(transformer.deaugment_label(model_output["label"]))
         return torch.stack(labels).mean(0), torch.stack(masks).mean(0)
 
-    for ours, theirs in zip(loop(ttakit.aliases.d4_transform()), loop(ttach.aliases.d4_transform())):
+    for ours, theirs in zip(loop(ttakit.aliases.d4_transform()), loop(ttach.aliases.d4_transform()), strict=True):
         assert torch.allclose(ours, theirs, atol=ATOL, rtol=0)

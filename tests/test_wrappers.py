@@ -73,10 +73,42 @@ def test_segmentation_refuses_crops_when_built(segmenter):
         ttakit.SegmentationTTAWrapper(segmenter, ttakit.aliases.five_crop_transform(4, 4))
 
 
-def test_wrapper_output_can_be_modified_in_place(softmax_classifier):
-    out = ttakit.ClassificationTTAWrapper(softmax_classifier, ttakit.aliases.hflip_transform())(torch.rand(2, 3, 6, 6))
-    out[out < 0.2] = 0.0
-    assert (out >= 0.2).sum() + (out == 0).sum() == out.numel()
+@pytest.mark.parametrize("transform", ["identity", "hflip"])
+@pytest.mark.parametrize("mode", ["mean", "sum", "max"])
+def test_wrapper_output_can_be_modified_in_place(softmax_classifier, transform, mode):
+    # A model that hands out its own stored tensor (a cache of predictions): writing into the
+    # wrapper's output must neither fail (inference tensors refuse in-place writes) nor reach it.
+    stored = torch.rand(8, 5, generator=torch.Generator().manual_seed(0))
+    before = stored.clone()
+
+    def cached(x):
+        return stored[: x.shape[0]]
+
+    transforms = ttakit.Compose([ttakit.HorizontalFlip()] if transform == "hflip" else [])
+    x = torch.rand(2, 3, 6, 6)
+    out = ttakit.ClassificationTTAWrapper(cached, transforms, mode)(x)
+    # By hand: each view's output is stored[:2] (or stored[:4] split for two stacked views).
+    views = [stored[:2]] if transform == "identity" else [stored[:2], stored[2:4]]
+    expected = {"mean": sum(views) / len(views), "sum": sum(views), "max": torch.stack(views).amax(0)}[mode]
+    assert torch.allclose(out, expected, atol=1e-7)
+    assert not out.is_inference()
+    out[out < 0.5] = 0.0
+    out.mul_(2)
+    assert torch.equal(stored, before)  # the model's own buffer is untouched
+    assert torch.equal(out, torch.where(expected < 0.5, torch.zeros(()), expected) * 2)
+
+
+def test_a_policy_runs_with_its_merge_mode_weights_temperature_and_gate(logits_classifier):
+    policy = ttakit.get_policy("flip")
+    policy.merge_mode, policy.weights, policy.temperature, policy.gate_threshold = "gmean", [1, 2, 3, 4], 2.5, 1.0
+    x = torch.rand(3, 3, 6, 6)
+    engine = ttakit.TTAEngine(logits_classifier, policy)(x)
+    wrapped = ttakit.ClassificationTTAWrapper(logits_classifier, policy, activation="softmax")
+    assert wrapped.merge_mode == "gmean"  # ttach's default "mean" leaves the policy's mode in charge
+    assert torch.allclose(wrapped(x), engine, atol=1e-6)
+    summed = ttakit.ClassificationTTAWrapper(logits_classifier, policy, "sum", activation="softmax")
+    assert summed.merge_mode == "sum"  # another explicit mode wins
+    assert torch.allclose(summed(x), ttakit.TTAEngine(logits_classifier, policy, merge_mode="sum")(x), atol=1e-6)
 
 
 def test_policy_objects_and_names_are_accepted(softmax_classifier):

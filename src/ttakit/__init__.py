@@ -6,7 +6,7 @@ their code: ``tta.ClassificationTTAWrapper(model, tta.aliases.d4_transform())``.
 
 __version__ = "0.1.0"
 
-from . import aliases, functional  # noqa: E402
+from . import aliases, base, functional, transforms, wrappers  # noqa: E402  (ttach's module paths)
 from .aliases import get_policy, list_policies, register_policy  # noqa: E402
 from .engine import TTAEngine, TTAOutput  # noqa: E402
 from .errors import (  # noqa: E402
@@ -49,7 +49,10 @@ from .wrappers import (  # noqa: E402
 __all__ = [
     "__version__",
     "aliases",
+    "base",
     "functional",
+    "transforms",
+    "wrappers",
     "get_policy",
     "list_policies",
     "register_policy",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from . import transforms as T
-from .errors import unknown_name
+from .errors import InvalidInputError, unknown_name
 from .policy import Compose, Policy
 
 __all__ = [
@@ -91,6 +91,11 @@ def list_policies() -> list[str]:
 
 def get_policy(name: str) -> Policy:
     """A fresh :class:`Policy` by name, e.g. ``"none"``, ``"hflip"``, ``"d4"``."""
+    if not isinstance(name, str):
+        raise InvalidInputError(
+            f"get_policy takes one policy name (a string such as 'hflip'), got {name!r} ({type(name).__name__}); "
+            "for several names, call it once per name"
+        )
     if name not in _POLICIES:
         raise unknown_name("policy", name, _POLICIES)
     return _POLICIES[name]()
@@ -119,18 +124,17 @@ def policy_from_augmentations(augmentations: Sequence[dict | str]) -> Policy:
     """The TTA policy aligned with a model's training augmentations.
 
     ``augmentations`` is a checkpoint's ``train_augmentations`` (dicts with a ``"name"``, or
-    bare names): ``flip`` adds a horizontal flip, ``shift``/``crop`` add one-pixel shifts in the
-    four axis directions; ``mixup`` changes no geometry and adds nothing. With none of these
-    the policy is the identity alone: TTA with views the model never saw tends to hurt.
+    bare names), read through the shared vocabulary of :mod:`ttakit.augmentations`: ``flip``
+    adds a horizontal flip, ``shift``/``crop`` add one-pixel shifts in the four axis directions;
+    ``mixup`` changes no geometry and adds nothing. With none of these the policy is the identity
+    alone: TTA with views the model never saw tends to hurt. An unknown name (``"rotate"``) or a
+    malformed record raises an error listing the valid ones, instead of silently giving identity.
+
+    Example:
+        >>> policy_from_augmentations(["flip"]).view_names
+        ['identity', 'hflip']
     """
-    names = {a["name"] if isinstance(a, dict) else str(a) for a in augmentations}
-    steps: list[T.BaseTransform] = []
-    if "flip" in names:
-        steps.append(T.HorizontalFlip())
-    if names & {"shift", "crop"}:
-        steps.append(T.Shift.around((1,), directions=4))
-    if not steps:
-        policy = Policy.identity()
-        policy.name = "train-aug"
-        return policy
-    return Compose(steps).to_policy("train-aug")
+    from .augmentations import aligned_views  # the vocabulary shared with train and search
+
+    policy = Policy(aligned_views(augmentations, max_shift=1), name="train-aug")
+    return policy

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from . import metrics as M
 from .aliases import get_policy, list_policies, policy_from_augmentations
 from .data import ImageDataset
+from .engine import TTAEngine, eval_mode
 from .errors import InvalidInputError, UnknownNameError, unknown_name
-from .gating import policy_predict
 from .models import CheckpointMeta
 from .policy import Policy
+from .progress import progress as show_progress
 
 __all__ = ["PolicyEvaluation", "resolve_policy", "resolve_policies", "predict_probs", "evaluate_policies"]
 
@@ -89,32 +89,31 @@ def resolve_policies(specs: Sequence[str | Policy], meta: CheckpointMeta | None 
 
 
 def predict_probs(
-    model: torch.nn.Module,
+    model: Any,
     images: torch.Tensor,
     policy: Policy,
     *,
     max_batch: int = 256,
-    chunk: int = 2000,
     progress: bool = False,
     desc: str | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Class probabilities ``(N, C)`` of ``images`` ``(N, C, H, W)`` under ``policy``, and the
     forward passes spent per image.
 
-    Everything the policy stores applies (:func:`ttakit.gating.policy_predict`): its views, merge
-    mode and weights over probabilities, its gate (extra views only for images the plain
-    prediction is unsure of) and its temperature. Images go through in chunks of ``chunk``
-    with a progress bar.
+    One :class:`~ttakit.engine.TTAEngine` call, so everything the policy stores applies: its
+    views, merge mode and weights over probabilities, its gate (extra views only for images the
+    plain prediction is unsure of) and its temperature. The engine chunks the images
+    (``max_batch`` per forward pass); the model is in eval mode for the call.
     """
-    outputs, passes = [], 0.0
-    with tqdm(total=len(images), desc=desc or policy.name, unit="img", disable=not progress, leave=False) as bar:
-        for start in range(0, len(images), chunk):
-            batch = images[start : start + chunk]
-            out = policy_predict(model, batch, policy, max_batch=max_batch)
-            outputs.append(out.probs.float())
-            passes += out.forward_passes_per_image * len(batch)
-            bar.update(len(batch))
-    return torch.cat(outputs), passes / max(len(images), 1)
+    engine = TTAEngine(model, policy, activation="softmax", max_batch=max_batch, device=device, amp=amp)
+    with (
+        eval_mode(model),
+        show_progress(desc=desc or policy.name, total=len(images), unit="img", enabled=progress) as bar,
+    ):
+        out = engine.run(images, progress=bar.update)
+    return out.merged.float().cpu(), float(out.passes_per_image)
 
 
 def evaluate_policies(
@@ -127,6 +126,8 @@ def evaluate_policies(
     n_bins: int = 15,
     bootstrap_resamples: int = 2000,
     seed: int = 0,
+    device: str | torch.device | None = None,
+    amp: bool = False,
 ) -> list[PolicyEvaluation]:
     """Evaluate ``policies`` (plain inference is added first if missing) on ``dataset``.
 
@@ -136,14 +137,15 @@ def evaluate_policies(
     """
     if len(dataset) == 0:
         raise InvalidInputError("the evaluation data set is empty")
-    model.eval()
     ordered = list(policies)
     if not any(p.name == BASELINE and len(p) == 1 for p in ordered):
         ordered.insert(0, get_policy(BASELINE))
     results: list[PolicyEvaluation] = []
     for policy in ordered:
         started = time.perf_counter()
-        probs, passes = predict_probs(model, dataset.images, policy, max_batch=max_batch, progress=progress)
+        probs, passes = predict_probs(
+            model, dataset.images, policy, max_batch=max_batch, progress=progress, device=device, amp=amp
+        )
         seconds = time.perf_counter() - started
         scores = M.summarize(probs, dataset.labels, n_bins=n_bins)
         scores["n_images"] = len(dataset)

@@ -7,6 +7,7 @@ it exists and reuse it when re-run, so an interrupted run loses only the piece i
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -14,12 +15,20 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ._io import atomic_write_json, read_json
-from .data import ImageDataset, load_dataset, train_val_split
-from .errors import CheckpointError, InvalidInputError
-from .evaluate import BASELINE, PolicyEvaluation, evaluate_policies, resolve_policies
+from .conformal import conformal_split, evaluate_extras
+from .data import ImageDataset, dataset_sha256, load_split, make_splits
+from .data.splits import DEFAULT_TEST_FRACTION
+from .errors import CheckpointError, InvalidInputError, TTAKitError
+from .evaluate import BASELINE, PolicyEvaluation, evaluate_policies, resolve_policy
 from .metrics import mean_std
 from .models import CheckpointMeta, check_compatible, load_checkpoint, save_checkpoint
+from .models.checkpoint import weights_sha256
+from .policy import Policy
+from .predictors import prepare_model
+from .progress import note
 from .report import (
     format_mean_std,
     format_table,
@@ -52,26 +61,36 @@ def train_run(
     arch: str = "seed-cnn",
     data_dir: str | None = None,
     val_fraction: float = 0.1,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``arch`` on the training split of ``data`` minus a held-out validation split
-    (``val_fraction``, fixed seed) and save the checkpoint in ``out_dir``.
+    """Train ``arch`` on the training split of ``data`` and save the checkpoint in ``out_dir``.
 
-    The checkpoint records where its data came from, so ``evaluate --repeats`` can retrain
-    the same recipe with other seeds and ``search`` can find the same validation split.
+    Held out from training, with a fixed seed and stratified by class: a validation split
+    (``val_fraction`` of the non-test images, for search) and, when the data has no test split
+    of its own (a flat image folder, an ``.npz`` file), a test split (``test_fraction`` of all
+    images). The checkpoint records the recipe exactly (seed, fractions, content hash, held-out
+    rows and files; see :mod:`ttakit.data.splits`), so ``evaluate`` scores only held-out images,
+    ``search`` finds the same validation split, and ``evaluate --repeats`` retrains the same recipe.
     """
     config = config or TrainConfig()
-    full = load_dataset(data, split="train", data_dir=data_dir)
-    train, val = train_val_split(full, val_fraction, seed=SPLIT_SEED) if val_fraction > 0 else (full, None)
-    result = train_model(train, config, arch=arch, val_ds=val, progress=progress)
-    result.meta.extra["data"] = {"spec": data, "data_dir": data_dir, "val_fraction": val_fraction, "split_seed": SPLIT_SEED}
+    splits = make_splits(data, data_dir, val_fraction=val_fraction, test_fraction=test_fraction, seed=SPLIT_SEED)
+    result = train_model(splits.train, config, arch=arch, val_ds=splits.val, progress=progress)
+    result.meta.extra["data"] = splits.recipe
     result.meta.dataset = data
     result.checkpoint_dir = save_checkpoint(out_dir, result.model, result.meta)
+    result.meta.source = str(result.checkpoint_dir)
     return result
 
 
 def _data_recipe(meta: CheckpointMeta) -> dict[str, Any]:
-    return dict(meta.extra.get("data") or {"spec": meta.dataset or "fashion-mnist", "val_fraction": 0.0})
+    recipe = meta.extra.get("data") or {"spec": meta.dataset or "fashion-mnist", "val_fraction": 0.0}
+    if not isinstance(recipe, dict):
+        raise CheckpointError(
+            f"checkpoint {meta.source or meta.arch}: checkpoint.json field extra.data must be an object "
+            f"(the data split recipe), got {type(recipe).__name__}"
+        )
+    return dict(recipe)
 
 
 def load_eval_data(
@@ -81,45 +100,70 @@ def load_eval_data(
     data_dir: str | None = None,
     limit: int | None = None,
 ) -> ImageDataset:
-    """The data a checkpoint is evaluated on: ``split`` of ``data`` (default: the checkpoint's own
-    data set); ``split="val"`` is the validation split held out at training time."""
-    recipe = _data_recipe(meta)
-    spec = data or recipe.get("spec") or "fashion-mnist"
-    data_dir = data_dir or recipe.get("data_dir")
-    if split == "val":
-        fraction = float(recipe.get("val_fraction") or 0.0)
-        if fraction <= 0:
-            raise InvalidInputError(
-                "split 'val' needs a checkpoint trained with a held-out validation split (ttakit train --val-fraction)"
-            )
-        full = load_dataset(spec, split="train", data_dir=data_dir)
-        dataset = train_val_split(full, fraction, seed=int(recipe.get("split_seed", SPLIT_SEED)))[1]
-    else:
-        dataset = load_dataset(spec, split=split, data_dir=data_dir)
-    dataset = dataset.head(limit)
+    """The held-out data a checkpoint is scored on: ``split`` of ``data`` (default: the
+    checkpoint's own data), rebuilt from the split recipe the checkpoint recorded.
+
+    ``split="test"``: the data's own test split, or the test split carved at training time;
+    ``"val"``: the validation split held out at training time; ``"train"``: the images the
+    model trained on (asked for by name only). Checks the data matches the checkpoint: channels,
+    image size, and class names in the same order.
+
+    This is the one function every command that scores a checkpoint (evaluate, search, audit,
+    ensemble) uses to get its data, so none of them can score training images by accident.
+    """
+    dataset = load_split(_data_recipe(meta), split, data=data, data_dir=data_dir).head(limit)
     check_compatible(meta, dataset.channels, dataset.image_size)
-    if list(dataset.classes) != list(meta.classes) and len(dataset.classes) != len(meta.classes):
+    if list(dataset.classes) != list(meta.classes):
         raise CheckpointError(
-            f"checkpoint {meta.source or ''} predicts {len(meta.classes)} classes but the data has "
-            f"{len(dataset.classes)}; evaluate it on the data set it was trained on ({meta.dataset})"
+            f"checkpoint {meta.source or meta.arch} was trained on classes {list(meta.classes)} "
+            f"but the data has classes {list(dataset.classes)} (names and order must match)"
         )
     return dataset
 
 
+def _train_config_of(meta: CheckpointMeta) -> TrainConfig:
+    saved = meta.extra.get("train_config") or {}
+    if not isinstance(saved, dict) or not saved:
+        raise CheckpointError(
+            f"checkpoint {meta.source} does not record its training configuration as an object, "
+            "so --repeats cannot retrain it"
+        )
+    try:
+        saved = {**saved, "augment": tuple(saved.get("augment") or ())}
+        return TrainConfig(**saved)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {meta.source}: its recorded train_config is not valid ({exc})") from exc
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for comparing recipes."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _same_recipe(found: CheckpointMeta, expected: CheckpointMeta, config: TrainConfig) -> str | None:
+    """None when ``found`` was trained with ``expected``'s recipe and ``config``, else what differs."""
+    if found.arch != expected.arch or found.arch_kwargs != expected.arch_kwargs:
+        return f"architecture {found.arch} {found.arch_kwargs} instead of {expected.arch} {expected.arch_kwargs}"
+    if _as_json(found.extra.get("train_config")) != _as_json(asdict(config)):
+        return "another training configuration"
+    if _as_json(_data_recipe(found)) != _as_json(_data_recipe(expected)):
+        return "another data recipe (data, splits or content)"
+    return None
+
+
 def _retrain(meta: CheckpointMeta, seed: int, out_dir: Path, progress: bool) -> tuple[Any, CheckpointMeta]:
-    """Train the checkpoint's recipe again with another seed (reused if already on disk)."""
+    """Train the checkpoint's recipe again with another seed; a checkpoint already in
+    ``out_dir`` is reused only when it was trained with exactly that recipe and seed."""
+    config = replace(_train_config_of(meta), seed=seed)
     if (out_dir / "checkpoint.json").exists():
         try:
-            return load_checkpoint(out_dir)
+            model, found = load_checkpoint(out_dir)
+            why = _same_recipe(found, meta, config)
+            if why is None:
+                return model, found
+            note(f"retraining {out_dir}: the checkpoint there has {why}", enabled=progress)
         except CheckpointError:
             pass  # a half-written or foreign folder: train again
-    saved = dict(meta.extra.get("train_config") or {})
-    if not saved:
-        raise CheckpointError(
-            f"checkpoint {meta.source} does not record its training configuration, so --repeats cannot retrain it"
-        )
-    saved["augment"] = tuple(saved.get("augment") or ())
-    config = replace(TrainConfig(**saved), seed=seed)
     recipe = _data_recipe(meta)
     result = train_run(
         recipe.get("spec", "fashion-mnist"),
@@ -128,6 +172,7 @@ def _retrain(meta: CheckpointMeta, seed: int, out_dir: Path, progress: bool) -> 
         arch=meta.arch,
         data_dir=recipe.get("data_dir"),
         val_fraction=float(recipe.get("val_fraction") or 0.0),
+        test_fraction=float(recipe.get("test_fraction") or DEFAULT_TEST_FRACTION),
         progress=progress,
     )
     return result.model, result.meta
@@ -145,7 +190,7 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         rows = [row for run in runs for row in run["rows"] if row["policy"] == name]
         entry: dict[str, Any] = {"policy": name, "views": rows[0]["views"], "runs": len(rows)}
         entry["passes_per_image"] = sum(r["passes_per_image"] for r in rows) / len(rows)
-        for key in ("accuracy", "nll", "ece", "brier", "lift_accuracy", "lift_nll", "ms_per_image"):
+        for key in ("accuracy", "nll", "ece", "brier", "lift_accuracy", "lift_nll", "lift_ci_low", "lift_ci_high", "ms_per_image"):
             values = [r[key] for r in rows if r.get(key) is not None]
             if values:
                 entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
@@ -171,12 +216,14 @@ def _display_rows(summary: Sequence[dict[str, Any]], model: str | None = None) -
             row["lift (pts)"] = format_mean_std(
                 s["lift_accuracy_mean"], s["lift_accuracy_std"] if s["runs"] > 1 else None, fmt="+.2f", scale=100
             )
+            row["95% CI (pts)"] = _format_ci(s)
             if s["runs"] == 1:
                 row["p (McNemar)"] = _format_p(s["mcnemar_p_min"])
             else:
                 row["p (McNemar)"] = f"{s['significant_runs']}/{s['runs']} runs < 0.05"
         else:
             row["lift (pts)"] = "baseline"
+            row["95% CI (pts)"] = "-"
             row["p (McNemar)"] = "-"
         row["NLL"] = format_mean_std(s["nll_mean"], s["nll_std"] if s["runs"] > 1 else None, fmt=".4f")
         row["ECE"] = f"{s['ece_mean']:.4f}"
@@ -185,6 +232,13 @@ def _display_rows(summary: Sequence[dict[str, Any]], model: str | None = None) -
         row["ms/img"] = f"{s['ms_per_image_mean']:.3f}"
         rows.append(row)
     return rows
+
+
+def _format_ci(s: dict[str, Any]) -> str:
+    """The paired bootstrap 95% interval of the accuracy lift, in points (mean bounds over runs)."""
+    if "lift_ci_low_mean" not in s:
+        return "-"
+    return f"[{100 * s['lift_ci_low_mean']:+.2f}, {100 * s['lift_ci_high_mean']:+.2f}]"
 
 
 def _format_p(p: float) -> str:
@@ -198,6 +252,9 @@ def _plot_rows(summary: Sequence[dict[str, Any]], model: str | None = None) -> l
         row = {"name": s["policy"], "accuracy": s["accuracy_mean"], "nll": s["nll_mean"]}
         if s["runs"] > 1:
             row["accuracy_std"], row["nll_std"] = s["accuracy_std"], s["nll_std"]
+        if "lift_accuracy_mean" in s:
+            row["lift"], row["lift_nll"] = s["lift_accuracy_mean"], s.get("lift_nll_mean")
+            row["lift_ci_low"], row["lift_ci_high"] = s.get("lift_ci_low_mean"), s.get("lift_ci_high_mean")
         if model is not None:
             row["model"] = model
         rows.append(row)
@@ -205,7 +262,8 @@ def _plot_rows(summary: Sequence[dict[str, Any]], model: str | None = None) -> l
 
 
 def _evaluate_run(model, meta, dataset, policy_specs, max_batch, progress) -> tuple[dict[str, Any], list[PolicyEvaluation]]:
-    policies = resolve_policies(policy_specs, meta)
+    policies = resolve_named_policies(policy_specs, meta)
+    check_input_sizes(model, meta, policies)
     evaluations = evaluate_policies(model, dataset, policies, max_batch=max_batch, progress=progress)
     run = {
         "seed": meta.seed,
@@ -216,10 +274,184 @@ def _evaluate_run(model, meta, dataset, policy_specs, max_batch, progress) -> tu
     return run, evaluations
 
 
+def _flat_specs(specs: Sequence[str | Policy]) -> list[str | Policy]:
+    if isinstance(specs, (str, Policy)):
+        specs = [specs]
+    flat: list[str | Policy] = []
+    for spec in specs:
+        if isinstance(spec, str):
+            flat.extend(s.strip() for s in spec.split(",") if s.strip())
+        elif isinstance(spec, Policy):
+            flat.append(spec)
+        else:
+            raise InvalidInputError(
+                f"policies must be names, policy .json paths or Policy objects, got {type(spec).__name__}: {spec!r}"
+            )
+    return flat
+
+
+def _is_plain(policy: Policy) -> bool:
+    return (
+        len(policy) == 1
+        and policy.views[0].is_identity
+        and policy.temperature is None
+        and policy.gate_threshold is None
+    )
+
+
+def policy_fingerprint(policy: Policy) -> dict[str, Any]:
+    """What a policy computes, as JSON: name, views, merge mode, weights, temperature, gate
+    (not its provenance ``meta`` nor the ttakit version). Equal fingerprints give equal results."""
+    data = policy.to_json()
+    return {k: data[k] for k in ("name", "merge_mode", "weights", "temperature", "gate_threshold", "views")}
+
+
+def resolve_named_policies(specs: Sequence[str | Policy], meta: CheckpointMeta | None = None) -> list[Policy]:
+    """Resolve policy specs (names, ``train-aug``, ``.json`` paths, :class:`Policy` objects;
+    comma-separated strings are split) into policies with distinct names.
+
+    A policy file whose name clashes with another policy, or that calls itself ``none`` without
+    being plain inference, is named by its file stem instead. A clash that remains is refused,
+    naming both sources: two different policies are never merged or dropped. The same spec
+    given twice is evaluated once.
+
+    Raises:
+        InvalidInputError: no policy given, or two different policies with the same name.
+    """
+    flat = _flat_specs(specs)
+    if not flat:
+        raise InvalidInputError(f"give at least one policy, got {list(specs)!r}")
+    resolved: list[tuple[Policy, str, bool]] = []  # (policy, where it came from, from a file)
+    for spec in flat:
+        policy = resolve_policy(spec, meta)
+        from_file = isinstance(spec, str) and (spec.endswith(".json") or os.path.sep in spec)
+        source = spec if isinstance(spec, str) else f"Policy object {policy.name!r}"
+        resolved.append((replace(policy) if from_file else policy, source, from_file))
+    # pass 1: a file whose name another, different policy also uses (or that calls itself
+    # "none" without being plain inference) is named by its file stem
+    by_name: dict[str, set[str]] = {}
+    for policy, _, _ in resolved:
+        by_name.setdefault(policy.name, set()).add(json.dumps(policy_fingerprint(policy), sort_keys=True))
+    renamed: dict[str, str] = {}  # source -> the name its file gave
+    for policy, source, from_file in resolved:
+        if from_file and (len(by_name[policy.name]) > 1 or (policy.name == BASELINE and not _is_plain(policy))):
+            renamed[source] = policy.name
+            policy.name = Path(source).stem
+    # pass 2: what still clashes is refused, naming both sources
+    policies: list[Policy] = []
+    sources: dict[str, str] = {}
+    fingerprints: dict[str, dict[str, Any]] = {}
+    for policy, source, _ in resolved:
+        fingerprint = policy_fingerprint(policy)
+        if policy.name in fingerprints:
+            if fingerprints[policy.name] == fingerprint:
+                continue  # the very same policy twice: one row
+            first = sources[policy.name]
+            named = {renamed[x] for x in (first, source) if x in renamed}
+            via = f" (named {', '.join(repr(n) for n in sorted(named))} inside, so named by file stem)" if named else ""
+            raise InvalidInputError(
+                f"policies {first!r} and {source!r} both resolve to the name {policy.name!r}{via} "
+                "but differ; give them distinct names (the \"name\" field, or distinct file names)"
+            )
+        if policy.name == BASELINE and not _is_plain(policy):
+            raise InvalidInputError(
+                f"policy {source!r} is named {BASELINE!r}, which is reserved for plain inference "
+                f"(the identity view alone), but has views {policy.view_names}; rename it"
+            )
+        fingerprints[policy.name] = fingerprint
+        sources[policy.name] = source
+        policies.append(policy)
+    return policies
+
+
+def _probe_size(model: torch.nn.Module, channels: int, size: tuple[int, int]) -> bool:
+    """Whether ``model`` accepts one ``channels`` x ``size`` image (a forward pass of one blank image)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.inference_mode():
+            model.eval()
+            model(torch.zeros(1, channels, *size, device=device))
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _is_fixed_size(arch: str) -> bool:
+    try:
+        from .models.registry import is_fixed_size
+    except ImportError:  # a registry without size flags: probe every size instead
+        return False
+    try:
+        return bool(is_fixed_size(arch))
+    except TTAKitError:
+        return False
+
+
+def check_input_sizes(model: torch.nn.Module, meta: CheckpointMeta, policies: Sequence[Policy]) -> None:
+    """Refuse, before any inference, a view that changes the image size when the model takes
+    only the size it was trained on (e.g. ``multiscale`` on ``seed-cnn``, whose classifier is a
+    fixed-size linear layer). Models that pool globally accept other sizes and pass.
+
+    Raises:
+        InvalidInputError: naming the policy, the view, the size it produces and the size the
+            model takes.
+    """
+    channels = int(meta.in_channels)
+    size = (int(meta.image_size[0]), int(meta.image_size[1]))
+    blank = torch.zeros(1, channels, *size)
+    fixed = _is_fixed_size(meta.arch)
+    accepted: dict[tuple[int, int], bool] = {size: True}
+    for policy in policies:
+        for view in policy.views:
+            try:
+                out = tuple(int(d) for d in view.transformer().augment_image(blank).shape[-2:])
+            except (RuntimeError, ValueError):
+                continue  # the engine reports views that cannot run on this input itself
+            if out not in accepted:
+                # a registered fixed-size architecture takes no other size, even where its
+                # pooling happens to round to the same feature count; others are probed
+                accepted[out] = not fixed and _probe_size(model, channels, out)  # type: ignore[index]
+            if not accepted[out]:
+                raise InvalidInputError(
+                    f"policy {policy.name!r}: view {view.name!r} turns the {size[0]}x{size[1]} images into "
+                    f"{out[0]}x{out[1]}, but model {meta.arch} ({meta.source or 'checkpoint'}) takes only "
+                    f"{size[0]}x{size[1]} images; drop that view, or use an architecture that pools globally (resnet20)"
+                )
+
+
+def weights_digest(meta: CheckpointMeta) -> str | None:
+    """SHA-256 of the checkpoint's weights file, or None for a model not loaded from disk."""
+    if not meta.source:
+        return None
+    try:
+        return weights_sha256(meta.source)
+    except CheckpointError:
+        return None
+
+
+def _run_key(
+    policies: Sequence[Policy], meta: CheckpointMeta, dataset: ImageDataset, split: str, seed: int
+) -> dict[str, Any]:
+    """What a repeat's results depend on, by content: each policy as it computes, the base
+    checkpoint's weights and training recipe, the retraining seed, and the scored images."""
+    recipe = {k: v for k, v in _data_recipe(meta).items() if k not in ("test_index", "val_index", "test_files")}
+    return {
+        "policies": [policy_fingerprint(p) for p in policies],
+        "checkpoint_weights_sha256": weights_digest(meta),
+        "arch": meta.arch,
+        "train_config": meta.extra.get("train_config"),
+        "data_recipe": recipe,
+        "split": split,
+        "eval_data_sha256": dataset_sha256(dataset),
+        "n_images": len(dataset),
+        "seed": seed,
+    }
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     *,
-    policies: Sequence[str] = ("none", "hflip"),
+    policies: Sequence[str | Policy] = ("none", "hflip"),
     data: str | None = None,
     split: str = "test",
     data_dir: str | None = None,
@@ -229,42 +461,59 @@ def evaluate_checkpoint(
     out_dir: str | os.PathLike | None = None,
     plots: bool = True,
     progress: bool = True,
+    device: str | None = None,
+    amp: bool = False,
+    conformal: float | None = None,
+    conformal_method: str = "lac",
+    uncertainty: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint with each policy; with ``repeats > 1`` also retrain its recipe with
-    ``repeats - 1`` further seeds and report mean ± std over the runs.
+    """Evaluate a checkpoint with each policy on held-out data; with ``repeats > 1`` also
+    retrain its recipe with ``repeats - 1`` further seeds and report mean ± std over the runs.
+
+    ``split`` is ``"test"`` (default: the data's own test split, or the one carved at training
+    time), ``"val"``, or ``"train"`` (the training images, flagged as such in every title).
 
     Writes ``results.json``, ``results.md`` and PNG plots to ``out_dir`` (default
     ``<checkpoint>/eval``). Each run's results are written as soon as it finishes
-    (``runs/seed-<s>.json``) and reused when the same evaluation is re-run.
+    (``runs/seed-<s>.json``) with a key of everything they depend on (policies by content,
+    checkpoint weights hash, data recipe, scored images); a re-run reuses a finished repeat
+    only when its key is unchanged.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise InvalidInputError(f"repeats must be a positive integer, got {repeats!r}")
     checkpoint = Path(checkpoint)
     model, meta = load_checkpoint(checkpoint)
+    model = prepare_model(model, device, amp)  # --device / --amp (ttakit.predictors)
     out = Path(out_dir) if out_dir is not None else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval"
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"out_dir (--out) must be a folder for the results, got the file {out}")
     dataset = load_eval_data(meta, data, split, data_dir, limit)
-    key = {"policies": list(policies), "data": data or _data_recipe(meta).get("spec"), "split": split, "n_images": len(dataset)}
+    resolved = resolve_named_policies(policies, meta)
+    check_input_sizes(model, meta, resolved)
+    conformal_val = conformal_split(meta, data, data_dir, conformal)  # --conformal: checked up front (ttakit.conformal)
+    data_name = data or _data_recipe(meta).get("spec")
 
     runs: list[dict[str, Any]] = []
     first_evaluations: list[PolicyEvaluation] = []
     for r in range(repeats):
         seed = meta.seed + r
+        key = _run_key(resolved, meta, dataset, split, seed)
         run_path = out / "runs" / f"seed-{seed}.json"
-        if run_path.exists():
+        if r > 0 and run_path.exists():  # run 0 is always computed: its outputs feed the plots
             try:
                 cached = read_json(run_path)
-                if cached.get("key") == key and r > 0:
-                    runs.append(cached)
-                    continue
             except (OSError, ValueError):
-                pass  # unreadable: compute it again
+                cached = None  # unreadable: compute it again
+            if isinstance(cached, dict) and cached.get("key") == key:
+                note(f"repeat {r + 1}/{repeats}: reusing {run_path} (same policies, checkpoint and data)", enabled=progress)
+                runs.append(cached)
+                continue
         if r == 0:
             run_model, run_meta = model, meta
         else:
-            if progress:
-                print(f"repeat {r + 1}/{repeats}: training seed {seed}", flush=True)
+            note(f"repeat {r + 1}/{repeats}: training seed {seed}", enabled=progress)
             run_model, run_meta = _retrain(meta, seed, out / "repeats" / f"seed-{seed}", progress)
-        run, evaluations = _evaluate_run(run_model, run_meta, dataset, policies, max_batch, progress)
+        run, evaluations = _evaluate_run(run_model, run_meta, dataset, resolved, max_batch, progress)
         run["key"] = key
         atomic_write_json(run_path, run)
         runs.append(run)
@@ -272,13 +521,18 @@ def evaluate_checkpoint(
             first_evaluations = evaluations
 
     summary = summarize_runs(runs)
-    table = format_table(_display_rows(summary), title=f"{checkpoint} on {key['data']}/{split} ({len(dataset)} images, {repeats} run(s))")
+    scope = _split_phrase(split, dataset)
+    table = format_table(
+        _display_rows(summary),
+        title=f"{checkpoint} on {data_name}: {scope} ({len(dataset)} images, {repeats} run(s))",
+    )
     results = {
         "format": RESULTS_FORMAT,
-        "format_version": 1,
+        "format_version": 2,
         "checkpoint": str(checkpoint),
-        "data": key["data"],
+        "data": data_name,
         "split": split,
+        "held_out": split != "train",
         "n_images": len(dataset),
         "repeats": repeats,
         "summary": summary,
@@ -288,22 +542,42 @@ def evaluate_checkpoint(
         [
             f"# TTA evaluation of `{checkpoint}`",
             "",
-            f"Data: {key['data']} / {split}, {len(dataset)} images; {repeats} run(s) (seeds {meta.seed}..{meta.seed + repeats - 1}).",
-            "Lift is accuracy minus plain inference on the same images; p is McNemar's paired test.",
+            f"Data: {data_name}: {scope}, {len(dataset)} images; {repeats} run(s) (seeds {meta.seed}..{meta.seed + repeats - 1}).",
+            "Lift is accuracy minus plain inference on the same images; the interval is a 95% paired bootstrap "
+            "interval of that difference (with several runs: its bounds averaged over the runs); "
+            "p is McNemar's paired test.",
             "",
             markdown_table(_display_rows(summary)),
         ]
     )
+    if uncertainty or conformal is not None:  # uncertainty AUROC and conformal sets (ttakit.conformal)
+        extras = evaluate_extras(model, dataset, resolved, val=conformal_val, alpha=conformal, method=conformal_method,
+                                 uncertainty=uncertainty, max_batch=max_batch, progress=progress)
+        results.update(uncertainty=extras["uncertainty"], conformal=extras["conformal"], extras_table=extras["table"])
+        markdown += "\n\n" + extras["markdown"]
     write_results(out, results, markdown)
     if plots:
-        results["plots"] = _write_plots(out, _plot_rows(summary), first_evaluations, dataset)
+        title = f"{Path(checkpoint).name} on {data_name}: {scope}"
+        results["plots"] = _write_plots(out, _plot_rows(summary), first_evaluations, dataset, title)
     results["table"] = table
     results["out_dir"] = str(out)
     return results
 
 
-def _write_plots(out: Path, plot_rows, evaluations: Sequence[PolicyEvaluation], dataset: ImageDataset) -> list[str]:
-    paths = [str(plot_policy_metrics(plot_rows, out / "policy_metrics.png"))]
+def _split_phrase(split: str, dataset: ImageDataset) -> str:
+    if split == "train":
+        return "TRAINING images (the model trained on these; not a held-out score)"
+    if split == "val":
+        return "held-out validation split"
+    if "not the training data" in dataset.name:
+        return "all images (other data than the model trained on)"
+    return "held-out test split"
+
+
+def _write_plots(
+    out: Path, plot_rows, evaluations: Sequence[PolicyEvaluation], dataset: ImageDataset, title: str | None = None
+) -> list[str]:
+    paths = [str(plot_policy_metrics(plot_rows, out / "policy_metrics.png", title=title))]
     curves = {e.name: (e.probs, dataset.labels) for e in evaluations if e.probs is not None}
     if curves:
         paths.append(str(plot_reliability_diagram(curves, out / "reliability.png")))
@@ -326,11 +600,12 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The reference experiment on Fashion-MNIST: train the seed CNN without and with train-time
-    flip+shift augmentation, evaluate each with no TTA, hflip, d4 and the policy built from its
-    training augmentations, and report accuracy, calibration and lift with significance.
+    flip+shift augmentation, evaluate each with no TTA, hflip, d4, the policy built from its
+    training augmentations and the policy searched for it (selected on validation images, scored
+    on test), and report accuracy, calibration and lift with significance.
 
     ``quick`` trains on 12,000 images for 2 epochs and tests on 2,000 images. Trained models
-    are reused from ``out_dir`` when the demo is re-run.
+    and searched policies are reused from ``out_dir`` when the demo is re-run.
     """
     out = Path(out_dir)
     started = time.perf_counter()
@@ -345,11 +620,17 @@ def run_demo(
         model, meta = load_or_train(model_dir, config, data_dir=data_dir, progress=progress)
         if test is None:
             test = load_eval_data(meta, "fashion-mnist", "test", data_dir, test_limit)
+        searched, search_info = _demo_search(model, meta, model_dir, out / "search" / model_name, quick, data_dir, max_batch, progress)
         if progress:
             print(f"evaluating {model_name} on {len(test)} test images", flush=True)
-        run, evaluations = _evaluate_run(model, meta, test, DEMO_POLICIES, max_batch, progress)
+        run, evaluations = _evaluate_run(model, meta, test, [*DEMO_POLICIES, searched], max_batch, progress)
         summary = summarize_runs([run])
-        per_model[model_name] = {"checkpoint": str(model_dir), "train_augmentations": meta.train_augmentations, "run": run}
+        per_model[model_name] = {
+            "checkpoint": str(model_dir),
+            "train_augmentations": meta.train_augmentations,
+            "run": run,
+            "search": search_info,
+        }
         all_display += _display_rows(summary, model_name)
         all_plot += _plot_rows(summary, model_name)
         for e in evaluations:
@@ -408,18 +689,76 @@ def load_or_train(
         try:
             model, meta = load_checkpoint(model_dir)
             same_split = (meta.extra.get("data") or {}).get("val_fraction") == val_fraction
-            if meta.extra.get("train_config") == asdict(config) and same_split:
-                if progress:
-                    print(f"reusing the model trained earlier in {model_dir}", flush=True)
+            if _as_json(meta.extra.get("train_config")) == _as_json(asdict(config)) and same_split:
+                note(f"reusing the model trained earlier in {model_dir}", enabled=progress)
                 return model, meta
         except CheckpointError:
             pass
-    if progress:
-        print(f"training {model_dir.name} (augment: {', '.join(config.augment) or 'none'})", flush=True)
+    note(f"training {model_dir.name} (augment: {', '.join(config.augment) or 'none'})", enabled=progress)
     result = train_run(
         "fashion-mnist", out_dir=model_dir, config=config, data_dir=data_dir, val_fraction=val_fraction, progress=progress
     )
     return result.model, result.meta
+
+
+DEMO_SEARCH = {"val_images": 2000, "budget": 8}  # quick: a quarter of the images
+
+
+def _demo_search(
+    model: Any,
+    meta: CheckpointMeta,
+    model_dir: Path,
+    report_dir: Path,
+    quick: bool,
+    data_dir: str | None,
+    max_batch: int,
+    progress: bool,
+) -> tuple[Policy, dict[str, Any]]:
+    """Search a policy for a demo model on validation images (successive halving on a subset of
+    the held-out split, to keep the demo short), write its report, and return it named
+    ``searched``; a policy searched earlier for the same weights is reused."""
+    from .report import write_search_report
+    from .search import search_policy
+
+    path = model_dir / "policy.json"
+    digest = weights_digest(meta)
+    if path.exists():
+        try:
+            policy = Policy.load(path)
+            if digest is not None and policy.meta.get("weights_sha256") == digest and policy.meta.get("quick") == quick:
+                note(f"reusing the policy searched earlier in {path}", enabled=progress)
+                return replace(policy, name="searched"), dict(policy.meta.get("demo_search") or {})
+        except TTAKitError:
+            pass  # unreadable or foreign: search again
+    limit = DEMO_SEARCH["val_images"] // (4 if quick else 1)
+    val = load_eval_data(meta, "fashion-mnist", "val", data_dir, limit)
+    note(f"searching a policy for {model_dir.name} on {len(val)} validation images", enabled=progress)
+    started = time.perf_counter()
+    result = search_policy(
+        model,
+        val.images,
+        val.labels,
+        train_augmentations=meta.train_augmentations,
+        budget=DEMO_SEARCH["budget"],
+        max_batch=max_batch,
+        progress=progress,
+    )
+    write_search_report(result, report_dir)
+    cost = result.cost or {}
+    info = {
+        "views": result.policy.view_names,
+        "gate_threshold": result.policy.gate_threshold,
+        "temperature": result.policy.temperature,
+        "validation_images": len(val),
+        "pool_size": cost.get("pool_size"),
+        "forward_passes": cost.get("forward_passes"),
+        "full_caching_passes": cost.get("full_caching_passes"),
+        "seconds": time.perf_counter() - started,
+        "report": str(report_dir / "search.md"),
+    }
+    policy = replace(result.policy, name="searched", meta={**result.policy.meta, "weights_sha256": digest, "quick": quick, "demo_search": info})
+    policy.save(path)
+    return policy, info
 
 
 def _demo_lessons(per_model: dict[str, Any]) -> list[str]:
@@ -428,9 +767,12 @@ def _demo_lessons(per_model: dict[str, Any]) -> list[str]:
     for model_name, info in per_model.items():
         rows = {r["policy"]: r for r in info["run"]["rows"]}
         plain = rows[BASELINE]["accuracy"]
-        for policy in ("hflip", "d4", "train-aug"):
+        for policy in ("hflip", "d4", "train-aug", "searched"):
             row = rows.get(policy)
             if row is None:
+                continue
+            if policy == "searched":
+                lessons.append(_searched_lesson(model_name, info.get("search") or {}, row, rows[BASELINE]))
                 continue
             if row["views"] == 1:
                 lessons.append(
@@ -448,10 +790,35 @@ def _demo_lessons(per_model: dict[str, Any]) -> list[str]:
             )
     lessons.append(
         "TTA helps when its views match what the model learned to be invariant to; views it never saw "
-        "in training (flips, rotations for a model trained without them) can cost accuracy. Search a policy "
-        "on held-out data (ttakit search) rather than assuming one."
+        "in training (flips, rotations for a model trained without them) can cost accuracy. The searched rows "
+        "pick views on held-out validation images (ttakit search) and never do worse than plain inference there."
     )
     return lessons
+
+
+def _searched_lesson(model_name: str, search: dict[str, Any], row: dict[str, Any], plain: dict[str, Any]) -> str:
+    views = search.get("views") or []
+    extra = [v for v in views if v != "identity"]
+    lift = 100 * row.get("lift_accuracy", 0.0)
+    p = row.get("lift_mcnemar_p")
+    chosen = (
+        f"chose {len(views)} views ({', '.join(extra[:8])}{', ...' if len(extra) > 8 else ''} besides the identity)"
+        if extra
+        else "kept the identity view alone (no candidate helped on validation)"
+    )
+    gate = search.get("gate_threshold")
+    cost = (
+        f" Search spent {search['forward_passes']:,} forward passes, {search['forward_passes'] / search['full_caching_passes']:.0%} "
+        f"of caching all {search['pool_size']} candidates."
+        if search.get("forward_passes") and search.get("full_caching_passes")
+        else ""
+    )
+    return (
+        f"{model_name}: search on {search.get('validation_images', '?')} validation images {chosen}"
+        f"{f', gated at plain confidence < {gate:.3f}' if gate is not None else ''}; on test it gives "
+        f"{100 * row['accuracy']:.2f}% ({lift:+.2f} points{f', McNemar p={_format_p(p)}' if p is not None else ''}) at "
+        f"{row['passes_per_image']:.2f} passes per image; NLL {plain['nll']:.4f} -> {row['nll']:.4f}.{cost}"
+    )
 
 
 # --------------------------------------------------------------------------- policy search
@@ -470,39 +837,54 @@ def search_checkpoint(
     objective: str = "nll",
     learn_weights: bool = True,
     gate: bool = True,
+    halving: bool = True,
     max_batch: int = 256,
     progress: bool = True,
+    device: str | None = None,
+    amp: bool = False,
 ) -> dict[str, Any]:
     """Search a TTA policy for a checkpoint on its held-out validation split (never the test
     split) and save it as JSON that ``evaluate`` accepts.
 
     The candidate pool is :func:`ttakit.search.default_pool` plus draws of the checkpoint's
-    recorded training augmentations. Writes the policy to ``out`` (default
+    recorded training augmentations; successive halving caches in full only the candidates
+    still in the running (``halving=False``: all of them). Writes the policy to ``out`` (default
     ``<checkpoint>/policy.json``) and the report (``search.md``, ``search.json``, plots) to
     ``report_dir`` (default ``<checkpoint>/search``).
     """
-    from .search import search_policy, write_search_report  # the search stack is heavy; load on use
+    if split == "test":
+        raise InvalidInputError(
+            "search selects a policy, so it must not see the test split (--split test); search on 'val' "
+            "(the held-out validation split) and score the saved policy on test with ttakit evaluate"
+        )
+    from .report import write_search_report
+    from .search import search_policy  # the search stack is heavy; load on use
 
     checkpoint = Path(checkpoint)
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     model, meta = load_checkpoint(checkpoint)
+    model = prepare_model(model, device, amp)  # --device / --amp (ttakit.predictors)
     dataset = load_eval_data(meta, data, split, data_dir, limit)
     result = search_policy(
         model,
-        dataset,
+        dataset.images,
+        dataset.labels,
         train_augmentations=meta.train_augmentations,
         budget=budget,
         objective=objective,
         learn_weights=learn_weights,
         gate=gate,
+        halving=halving,
         max_batch=max_batch,
         progress=progress,
     )
+    result.policy.meta["dataset"] = dataset.name
     policy_path = Path(out) if out is not None else folder / "policy.json"
     reports = write_search_report(result, Path(report_dir) if report_dir is not None else folder / "search")
     result.policy.name = "searched"
     result.policy.save(policy_path)
     table = format_table(result.rows(), title=f"Policies on {len(dataset)} validation images ({split} split)")
+    cost = result.cost or {}
     return {
         "policy": str(policy_path),
         "views": result.policy.view_names,
@@ -510,6 +892,15 @@ def search_checkpoint(
         "temperature": result.policy.temperature,
         "gate_threshold": result.policy.gate_threshold,
         "search_seconds": result.search_seconds,
+        "forward_passes": cost.get("forward_passes"),
+        "full_caching_passes": cost.get("full_caching_passes"),
         "reports": {k: str(v) for k, v in reports.items()},
         "table": table,
+        "cost_line": (
+            f"forward passes: {cost['forward_passes']:,} spent ({cost['fraction_of_full']:.0%} of the "
+            f"{cost['full_caching_passes']:,} that caching all {cost['pool_size']} candidates costs; "
+            f"{cost['saved_passes']:,} saved)"
+            if cost
+            else ""
+        ),
     }

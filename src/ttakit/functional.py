@@ -35,6 +35,7 @@ __all__ = [
     "resize",
     "scaled_size",
     "scale",
+    "unscale",
     "crop",
     "crop_origin",
     "shift",
@@ -174,6 +175,21 @@ def scale(
     not round-trip odd sizes (``int(5 * 0.5) = 2``, ``int(2 / 0.5) = 4``).
     """
     return resize(x, scaled_size(tuple(x.shape[-2:]), factor), interpolation, align_corners)
+
+
+def unscale(
+    x: torch.Tensor, factor: float, interpolation: str = "nearest", align_corners: bool | None = None
+) -> torch.Tensor:
+    """ttach's inverse of :func:`scale`, for when the input size was not recorded: scale
+    ``x: (B, C, H', W')`` by ``1 / factor``, i.e. to ``(int(H' * (1 / factor)), int(W' * (1 / factor)))``.
+
+    Exact whenever ``scale`` did not truncate (``H * factor`` whole, as for ``H=4``, ``factor=2``);
+    otherwise off by the truncation (``H=5``, ``factor=0.5``: ``5 -> 2 -> 4``). Prefer
+    :func:`resize` to the recorded size, as :class:`ttakit.Transformer` does.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise InvalidInputError(f"factor must be a positive number, got {factor!r}")
+    return scale(x, 1 / factor, interpolation, align_corners)
 
 
 def crop_origin(size: tuple[int, int], crop_size: tuple[int, int], position: str) -> tuple[int, int]:
@@ -364,3 +380,90 @@ def boxes_uncrop(
 ) -> torch.Tensor:
     """Map boxes normalised to a crop back to the full image of ``size = (H, W)``."""
     return _map_boxes(boxes, lambda p: keypoints_uncrop(p, top, left, crop_size, size))
+
+
+# =========================================================================== search views (helper B)
+# Sub-pixel shifts, small rotations and zooms that keep the image size, resampled through
+# ``grid_sample``. One affine map in pixel coordinates (x right, y down, pixel centres at
+# ``i + 0.5``) drives both the image and the exact keypoint inverse:
+#     p_out = c + scale * R(angle) (p_in - c) + (dx, dy),    c = (W / 2, H / 2)
+# where ``R(angle)`` turns content counter-clockwise on screen (as :func:`rot90`).
+
+import math  # noqa: E402
+
+
+def _rotation(angle: float) -> tuple[float, float, float, float]:
+    # (x, y) -> (x cos + y sin, -x sin + y cos): counter-clockwise on screen with y pointing down
+    rad = math.radians(float(angle))
+    cos, sin = math.cos(rad), math.sin(rad)
+    return cos, sin, -sin, cos
+
+
+def affine(
+    x: torch.Tensor, angle: float = 0.0, scale: float = 1.0, dx: float = 0.0, dy: float = 0.0
+) -> torch.Tensor:
+    """Rotate by ``angle`` degrees (counter-clockwise on screen), scale by ``scale`` about the
+    centre and translate by ``(dx, dy)`` pixels (may be fractional) ``x: (B, C, H, W)``; bilinear,
+    zero fill, same size. ``affine(x)`` with the defaults returns ``x``.
+
+    Keypoints follow exactly with :func:`keypoints_affine` (inverse: :func:`keypoints_unaffine`).
+    """
+    if angle == 0 and scale == 1 and dx == 0 and dy == 0:
+        return x
+    if not scale > 0:
+        raise InvalidInputError(f"scale must be a positive number, got {scale!r}")
+    h, w = x.shape[-2:]
+    a, b, c, d = _rotation(-angle)  # the inverse rotation, to sample the input
+    sx, sy = w / 2.0, h / 2.0
+    # u_in = D^-1 R^-1 (D u_out - t) / s with D = diag(W/2, H/2), u in grid_sample's [-1, 1]
+    theta = torch.tensor(
+        [
+            [a / scale, b * sy / sx / scale, -(a * dx + b * dy) / sx / scale],
+            [c * sx / sy / scale, d / scale, -(c * dx + d * dy) / sy / scale],
+        ],
+        dtype=torch.float32,
+    )
+    work = x.float()
+    grid = F.affine_grid(theta.to(work.device)[None].expand(x.shape[0], 2, 3), list(work.shape), align_corners=False)
+    out = F.grid_sample(work, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.to(x.dtype) if x.is_floating_point() else out
+
+
+def keypoints_affine(
+    points: torch.Tensor, angle: float, scale: float, dx: float, dy: float, size: tuple[int, int]
+) -> torch.Tensor:
+    """Where keypoints ``(B, N, 2)`` (normalised) of an image of ``size = (H, W)`` land under
+    :func:`affine` with the same arguments."""
+    check_points(points)
+    h, w = size
+    a, b, c, d = _rotation(angle)
+    px = points[..., 0] * w - w / 2.0
+    py = points[..., 1] * h - h / 2.0
+    ox = w / 2.0 + scale * (a * px + b * py) + dx
+    oy = h / 2.0 + scale * (c * px + d * py) + dy
+    return torch.stack([ox / w, oy / h], dim=-1)
+
+
+def keypoints_unaffine(
+    points: torch.Tensor, angle: float, scale: float, dx: float, dy: float, size: tuple[int, int]
+) -> torch.Tensor:
+    """The exact inverse of :func:`keypoints_affine`: keypoints found on the transformed image,
+    mapped back to the original frame."""
+    check_points(points)
+    h, w = size
+    a, b, c, d = _rotation(-angle)
+    px = (points[..., 0] * w - w / 2.0 - dx) / scale
+    py = (points[..., 1] * h - h / 2.0 - dy) / scale
+    return torch.stack([(w / 2.0 + a * px + b * py) / w, (h / 2.0 + c * px + d * py) / h], dim=-1)
+
+
+def boxes_unaffine(boxes: torch.Tensor, scale: float, dx: float, dy: float, size: tuple[int, int]) -> torch.Tensor:
+    """Boxes ``(B, N, 4)`` found on an image zoomed by ``scale`` and translated by ``(dx, dy)``
+    pixels (no rotation: a rotated box is not a box), mapped back to the original frame."""
+    check_points(boxes, size=4)
+    corners = keypoints_unaffine(boxes.reshape(*boxes.shape[:-1], 2, 2).flatten(-3, -2), 0.0, scale, dx, dy, size)
+    corners = corners.reshape(*boxes.shape[:-1], 2, 2)
+    return boxes_from_corners(corners[..., 0, :], corners[..., 1, :])
+
+
+__all__ += ["affine", "keypoints_affine", "keypoints_unaffine", "boxes_unaffine"]

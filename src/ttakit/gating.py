@@ -5,15 +5,15 @@ its plain prediction; the others get the full policy, merged as the policy says.
 view's output is reused, so a policy of K views costs ``1 + (K - 1) * fraction_gated`` forward
 passes per image (``1 + K * fraction_gated`` would be the cost without reuse).
 
-* :func:`tune_gate_threshold` picks, on validation outputs, the cheapest threshold that keeps at
-  least ``keep`` of the full policy's accuracy lift over plain prediction.
-* :func:`gated_predict` runs a model; :func:`evaluate_gated_on_cache` computes the same from the
-  per-view outputs cached by :func:`ttakit.search.cache_views`, without the model.
+* :func:`gated_predict` runs a model. Tuning the threshold on validation outputs
+  (:func:`tune_gate_threshold`) and computing gated predictions from cached per-view outputs
+  (:func:`evaluate_gated_on_cache`) live in :mod:`ttakit.search.gate`, re-exported here.
 * :func:`policy_predict` honours everything a searched policy stores: views, weights, gate
   threshold and temperature.
 
-Outputs are merged probabilities *before* temperature scaling (as :class:`ttakit.TTAEngine`
-returns them); apply :func:`ttakit.calibration.apply_temperature` for calibrated probabilities.
+Both are one call of :class:`ttakit.TTAEngine`, which runs the gate and the temperature itself.
+:func:`gated_predict` returns merged probabilities *before* temperature scaling (apply
+:func:`ttakit.merge.apply_temperature` for calibrated ones); :func:`policy_predict` applies it.
 Temperature does not change the arg-max, so accuracies and the gate are unaffected by it.
 
 Example:
@@ -27,19 +27,24 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .calibration import apply_temperature
-from .engine import TTAEngine
+from .engine import TTAEngine, TTAOutput, eval_mode
 from .errors import InvalidInputError
-from .merge import merge
 from .policy import Policy
 
-if TYPE_CHECKING:  # search imports this module; only type checkers need the reverse
-    from .search import ViewCache
+# Gate tuning lives in the search package (ttakit.search.gate), which never imports this module;
+# its names are re-exported here for existing callers.
+from .search.gate import (
+    GATE_ALL,
+    GatedOutput,
+    GateTuning,
+    evaluate_gated_on_cache,
+    forward_passes,
+    tune_gate_threshold,
+)
 
 __all__ = [
     "GateTuning",
@@ -49,82 +54,8 @@ __all__ = [
     "evaluate_gated_on_cache",
     "policy_predict",
     "forward_passes",
+    "GATE_ALL",
 ]
-
-# The largest threshold a policy stores: gates every image whose plain confidence is below 1.
-# (A float32 softmax saturated at exactly 1.0 is never gated.)
-GATE_ALL = 1.0
-
-
-@dataclass
-class GateTuning:
-    """The gate chosen by :func:`tune_gate_threshold` and what it costs and keeps on the tuning data.
-
-    Attributes:
-        threshold: run the extra views on images whose plain confidence is ``< threshold``
-            (0: never; 1: every image not predicted with probability exactly 1).
-        keep: the fraction of the full policy's accuracy lift that had to be kept.
-        confidence: the share of bootstrap resamples on which it had to be kept.
-        fraction_gated: share of images that get the extra views.
-        forward_passes_per_image: plain = 1, full = ``n_views``, gated = this.
-        n_views: forward passes per image of the full policy.
-        plain_accuracy, full_accuracy, gated_accuracy: top-1 accuracies.
-        full_lift, gated_lift: accuracy minus plain accuracy.
-        kept_lift: ``gated_lift / full_lift`` (1.0 when the full lift is not positive).
-    """
-
-    threshold: float
-    keep: float
-    confidence: float
-    fraction_gated: float
-    forward_passes_per_image: float
-    n_views: int
-    plain_accuracy: float
-    full_accuracy: float
-    gated_accuracy: float
-    full_lift: float
-    gated_lift: float
-    kept_lift: float
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class GatedOutput:
-    """What gated prediction returns.
-
-    Attributes:
-        probs: ``(N, C)`` merged probabilities (plain for confident images, the policy's merge for
-            gated ones), before temperature scaling.
-        gated: ``(N,)`` bool, which images got the extra views.
-        n_gated: ``int(gated.sum())``.
-        forward_passes_per_image: average forward passes per image actually spent.
-    """
-
-    probs: torch.Tensor
-    gated: torch.Tensor
-    n_gated: int
-    forward_passes_per_image: float
-
-
-def forward_passes(n_views: int, fraction_gated: float, reuse_identity: bool = True) -> float:
-    """Forward passes per image of gated TTA: ``1 + (K - 1) * f`` (identity reused) or ``1 + K * f``."""
-    extra = n_views - 1 if reuse_identity else n_views
-    return 1.0 + extra * float(fraction_gated)
-
-
-def _check_probs(name: str, probs: object) -> torch.Tensor:
-    if not isinstance(probs, torch.Tensor) or probs.ndim != 2 or probs.shape[0] == 0:
-        shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
-        raise InvalidInputError(
-            f"Expected argument `{name}` to be a non-empty (N, C) tensor, but got {shape}"
-        )
-    if not torch.isfinite(probs).all():
-        raise InvalidInputError(
-            f"Expected argument `{name}` to hold finite probabilities, but it holds NaN/inf"
-        )
-    return probs.float()
 
 
 def _check_threshold(threshold: object) -> float:
@@ -141,176 +72,6 @@ def _check_threshold(threshold: object) -> float:
             f"Expected argument `threshold` to be a number in [0, 1] (0 never gates, 1 gates all), but got {threshold}"
         )
     return float(threshold)
-
-
-def tune_gate_threshold(
-    plain_probs: torch.Tensor,
-    full_probs: torch.Tensor,
-    labels: torch.Tensor,
-    keep: float = 0.95,
-    n_views: int = 2,
-    reuse_identity: bool = True,
-    confidence: float = 0.9,
-    n_boot: int = 200,
-    seed: int = 0,
-    max_cost: float | None = None,
-) -> GateTuning:
-    """The cheapest confidence threshold that keeps at least ``keep`` of the full policy's lift.
-
-    Images are gated in order of increasing plain confidence; the chosen threshold gates the
-    fewest images such that the gated accuracy lift over plain is ``>= keep * full_lift`` on
-    the given data *and* on at least ``confidence`` of ``n_boot`` bootstrap resamples of it.
-    The bootstrap is a margin against noise: a lift of 1% on 10,000 images is 100 images, and
-    a threshold that keeps exactly 95% of it here keeps less on fresh data about half the time.
-    ``confidence=0`` turns the margin off. Thresholds only fall between distinct confidences,
-    so ties are gated together. When the full policy does not beat plain prediction
-    (``full_lift <= 0``), gating buys nothing: the threshold is 0 and no image is gated.
-
-    Args:
-        plain_probs: ``(N, C)`` probabilities of the identity view alone.
-        full_probs: ``(N, C)`` merged probabilities of the full policy.
-        labels: ``(N,)`` class indices.
-        keep: fraction of the accuracy lift to keep, in ``(0, 1]``.
-        n_views: forward passes per image of the full policy (for the cost columns).
-        reuse_identity: whether the full policy's identity view reuses the plain pass.
-        confidence: share of bootstrap resamples on which the kept lift must reach ``keep``.
-        n_boot: bootstrap resamples (seeded by ``seed``).
-        max_cost: the most forward passes gated TTA may spend, as a fraction of the full
-            policy's. When the cheapest robust threshold costs more, the threshold within the
-            budget that keeps the lift on the most bootstrap resamples is chosen instead (among
-            those keeping ``keep`` on the data itself; if none does, the budget is exceeded).
-    """
-    plain = _check_probs("plain_probs", plain_probs)
-    full = _check_probs("full_probs", full_probs)
-    if full.shape != plain.shape:
-        raise InvalidInputError(
-            f"Expected `full_probs` to have the shape of `plain_probs` {tuple(plain.shape)}, but got {tuple(full.shape)}"
-        )
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.ndim != 1
-        or labels.shape[0] != plain.shape[0]
-    ):
-        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise InvalidInputError(
-            f"Expected argument `labels` to be a ({plain.shape[0]},) tensor, but got {got}"
-        )
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0 < keep <= 1:
-        raise InvalidInputError(
-            f"Expected argument `keep` to be a number in (0, 1], but got {keep!r}"
-        )
-    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
-        raise InvalidInputError(
-            f"Expected argument `n_views` to be a positive integer, but got {n_views!r}"
-        )
-    if (
-        isinstance(confidence, bool)
-        or not isinstance(confidence, numbers.Real)
-        or not 0 <= confidence <= 1
-    ):
-        raise InvalidInputError(
-            f"Expected argument `confidence` to be a number in [0, 1], but got {confidence!r}"
-        )
-    if max_cost is not None and (
-        isinstance(max_cost, bool) or not isinstance(max_cost, numbers.Real) or not 0 < max_cost <= 1
-    ):
-        raise InvalidInputError(
-            f"Expected argument `max_cost` to be a number in (0, 1] or None, but got {max_cost!r}"
-        )
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
-        raise InvalidInputError(
-            f"Expected argument `n_boot` to be an integer >= 0, but got {n_boot!r}"
-        )
-    labels = labels.long()
-    n = plain.shape[0]
-    conf = plain.max(dim=1).values  # (N,)
-    plain_ok = (plain.argmax(1) == labels).double()
-    full_ok = (full.argmax(1) == labels).double()
-    plain_acc, full_acc = float(plain_ok.mean()), float(full_ok.mean())
-    full_lift = full_acc - plain_acc
-
-    def tuning(threshold: float, n_gated: int, gated_acc: float) -> GateTuning:
-        fraction = n_gated / n
-        gated_lift = gated_acc - plain_acc
-        kept = gated_lift / full_lift if full_lift > 0 else 1.0
-        return GateTuning(
-            threshold=threshold,
-            keep=float(keep),
-            confidence=float(confidence),
-            fraction_gated=fraction,
-            forward_passes_per_image=forward_passes(n_views, fraction, reuse_identity)
-            if n_gated
-            else 1.0,
-            n_views=n_views,
-            plain_accuracy=plain_acc,
-            full_accuracy=full_acc,
-            gated_accuracy=gated_acc,
-            full_lift=full_lift,
-            gated_lift=gated_lift,
-            kept_lift=kept,
-        )
-
-    if full_lift <= 0:
-        return tuning(0.0, 0, plain_acc)
-    order = torch.argsort(conf, stable=True)
-    sorted_conf = conf[order]
-    # gain[j] = accuracy lift when the j least confident images are gated, j = 0..N
-    gain = (
-        torch.cat(
-            [torch.zeros(1, dtype=torch.float64), torch.cumsum((full_ok - plain_ok)[order], 0)]
-        )
-        / n
-    )
-    # A threshold t gates {conf < t}: cuts fall between distinct confidences, and after the
-    # last image only if its confidence is below 1 (thresholds lie in [0, 1]).
-    cut_ok = torch.ones(n + 1, dtype=torch.bool)
-    cut_ok[1:n] = sorted_conf[1:] > sorted_conf[:-1]
-    cut_ok[n] = bool(sorted_conf[-1] < GATE_ALL)
-    target = keep * full_lift - 1e-12
-    keeps = cut_ok & (gain >= target)
-    robust = keeps.clone()
-    keep_rate = None
-    if confidence > 0 and n_boot > 0:
-        keep_rate = _bootstrap_keep_rate((full_ok - plain_ok)[order], keep, n_boot, seed)
-        robust &= keep_rate >= confidence
-    feasible = torch.nonzero(robust).flatten()
-    if len(feasible):
-        j = int(feasible[0])
-    else:  # the lift needs images at confidence 1.0: gate as many as a threshold can
-        j = int(torch.nonzero(cut_ok).flatten()[-1])
-    if max_cost is not None:
-        fractions = torch.arange(n + 1, dtype=torch.float64) / n
-        cost = torch.tensor([forward_passes(n_views, float(f), reuse_identity) / n_views for f in fractions])
-        affordable = torch.nonzero(keeps & (cost <= max_cost + 1e-12)).flatten()
-        if cost[j] > max_cost + 1e-12 and len(affordable):
-            # Within budget, prefer the cut that keeps the lift on the most resamples.
-            rates = keep_rate[affordable] if keep_rate is not None else affordable.double()
-            j = int(affordable[int(torch.argmax(rates + 1e-9 * affordable.double()))])
-    threshold = float(sorted_conf[j]) if j < n else GATE_ALL
-    return tuning(threshold, j, plain_acc + float(gain[j]))
-
-
-def _bootstrap_keep_rate(delta: torch.Tensor, keep: float, n_boot: int, seed: int) -> torch.Tensor:
-    """For each cut j (gate the j least confident images), the share of bootstrap resamples on
-    which gating keeps ``keep`` of the resample's full lift.
-
-    ``delta``: ``(N,)`` per-image (full correct - plain correct), in gating order. Resamples where
-    the full policy does not help count as kept (there is nothing to lose). Returns ``(N + 1,)``.
-    """
-    n = delta.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    rate = torch.zeros(n + 1, dtype=torch.float64)
-    for start in range(0, n_boot, 50):  # bounds memory to 50 x N counts
-        b = min(50, n_boot - start)
-        index = torch.randint(0, n, (b, n), generator=generator)
-        counts = torch.zeros(b, n, dtype=torch.float64).scatter_add_(
-            1, index, torch.ones(b, n, dtype=torch.float64)
-        )
-        gains = torch.cat(
-            [torch.zeros(b, 1, dtype=torch.float64), torch.cumsum(counts * delta, 1)], 1
-        )
-        rate += (gains >= keep * gains[:, -1:] - 1e-9).double().sum(0)
-    return rate / n_boot
 
 
 def _resolve_threshold(policy: Policy, threshold: float | None) -> float:
@@ -342,24 +103,14 @@ def _check_policy(policy: object) -> Policy:
     return policy
 
 
-def _merge_views(stack: torch.Tensor, policy: Policy, activation: str | None) -> torch.Tensor:
-    return merge(stack, policy.merge_mode, policy.weights, activation=activation)
+_EvalMode = eval_mode  # the old private name
 
 
-class _EvalMode:
-    """Put an ``nn.Module`` in eval mode for the block and restore its mode afterwards."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.was_training = bool(getattr(model, "training", False))
-
-    def __enter__(self) -> None:
-        if self.was_training and hasattr(self.model, "eval"):
-            self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.was_training and hasattr(self.model, "train"):
-            self.model.train(True)
+def _gated_output(out: TTAOutput) -> GatedOutput:
+    """A :class:`GatedOutput` from one engine call (every row counts as gated without a gate)."""
+    probs = out.merged.float()
+    gated = out.gated.cpu() if out.gated is not None else torch.ones(probs.shape[0], dtype=torch.bool)
+    return GatedOutput(probs, gated, int(gated.sum()), float(out.passes_per_image))
 
 
 def gated_predict(
@@ -370,7 +121,8 @@ def gated_predict(
     max_batch: int = 256,
     activation: str | None = "softmax",
 ) -> GatedOutput:
-    """Plain prediction for confident images, the full ``policy`` for the rest.
+    """Plain prediction for confident images, the full ``policy`` for the rest: one
+    :class:`~ttakit.engine.TTAEngine` call with ``gate_threshold=threshold`` and no temperature.
 
     The identity view runs on every image; the policy's other views run only on images whose
     plain top-class softmax probability is ``< threshold``, and are merged with the reused
@@ -386,7 +138,7 @@ def gated_predict(
         activation: applied to each view before merging (``"softmax"``: merge probabilities).
 
     Returns:
-        :class:`GatedOutput` with ``probs`` ``(N, C)``.
+        :class:`GatedOutput` with ``probs`` ``(N, C)``, before temperature scaling.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
@@ -397,52 +149,12 @@ def gated_predict(
     """
     policy = _check_policy(policy)
     threshold = _resolve_threshold(policy, threshold)
-    identity = _identity_index(policy)
-    n_views = len(policy)
-    with _EvalMode(model):
-        plain_out = TTAEngine(model, Policy.identity(), activation=None, max_batch=max_batch).run(
-            images
-        )
-        plain_logits = plain_out.merged.float()  # (N, C)
-        plain_probs = torch.softmax(plain_logits, dim=1)
-        gated = plain_probs.max(dim=1).values < threshold  # (N,)
-        probs = _merge_views(plain_logits[None], Policy.identity(), activation).clone()
-        n_gated = int(gated.sum())
-        if n_gated and n_views > 1:
-            others = [v for k, v in enumerate(policy.views) if k != identity]
-            extra = TTAEngine(model, Policy(others), activation=None, max_batch=max_batch).run(
-                images[gated], return_views=True
-            )
-            stack = list(extra.views)  # K-1 x (G, C), policy order without the identity
-            stack.insert(identity, plain_logits[gated])
-            probs[gated] = _merge_views(torch.stack(stack).float(), policy, activation).float()
-        elif n_gated:
-            probs[gated] = _merge_views(plain_logits[gated][None], policy, activation).float()
-    n = max(int(images.shape[0]), 1)
-    return GatedOutput(probs, gated, n_gated, forward_passes(n_views, n_gated / n))
-
-
-def evaluate_gated_on_cache(
-    cache: ViewCache, policy: Policy, threshold: float | None = None
-) -> GatedOutput:
-    """What :func:`gated_predict` returns, computed from cached per-view logits (no model).
-
-    Args:
-        cache: a :class:`ttakit.search.ViewCache` holding every view of ``policy``.
-        policy: a policy holding the identity view.
-        threshold: the gate; defaults to ``policy.gate_threshold``.
-    """
-    policy = _check_policy(policy)
-    threshold = _resolve_threshold(policy, threshold)
     _identity_index(policy)
-    plain_probs = torch.softmax(cache.logits[cache.index("identity")].float(), dim=1)
-    full_probs = cache.policy_probs(policy)
-    gated = plain_probs.max(dim=1).values < threshold
-    probs = torch.where(gated[:, None], full_probs, plain_probs)
-    n_gated = int(gated.sum())
-    return GatedOutput(
-        probs, gated, n_gated, forward_passes(len(policy), n_gated / max(len(gated), 1))
+    engine = TTAEngine(
+        model, policy, activation=activation, temperature=None, gate_threshold=threshold, max_batch=max_batch
     )
+    with eval_mode(model):
+        return _gated_output(engine.run(images))
 
 
 def policy_predict(
@@ -456,31 +168,24 @@ def policy_predict(
 ) -> GatedOutput:
     """Predict with everything a policy stores: views, merge mode, weights, gate and temperature.
 
-    With ``use_gate`` and a stored ``gate_threshold`` (and the identity among the views) this is
-    :func:`gated_predict`; otherwise every image gets every view through :class:`TTAEngine`.
-    With ``calibrate`` the policy's merged probabilities are temperature-scaled by
-    ``policy.temperature`` (under the gate, only the gated rows: the others are the plain
-    softmax the temperature was not fitted for).
+    One :class:`~ttakit.engine.TTAEngine` call (the model in eval mode): with ``use_gate`` and a
+    stored ``gate_threshold`` the gate applies (the identity view first, the other views only
+    where the plain prediction is unsure); otherwise every image gets every view. With
+    ``calibrate`` the merged probabilities are temperature-scaled by ``policy.temperature``
+    (under the gate only the gated rows: the others are the plain softmax the temperature was
+    not fitted for).
 
     Returns:
         :class:`GatedOutput`; ``probs`` ``(N, C)`` calibrated when ``calibrate``.
     """
     policy = _check_policy(policy)
-    has_identity = any(v.is_identity for v in policy.views)
-    if use_gate and policy.gate_threshold is not None and has_identity:
-        out = gated_predict(model, images, policy, policy.gate_threshold, max_batch=max_batch)
-    else:
-        with _EvalMode(model):
-            probs = (
-                TTAEngine(model, policy, activation="softmax", max_batch=max_batch)
-                .run(images)
-                .merged.float()
-            )
-        everything = torch.ones(probs.shape[0], dtype=torch.bool)
-        out = GatedOutput(probs, everything, int(probs.shape[0]), float(len(policy)))
-    if calibrate and policy.temperature is not None and out.n_gated:
-        # The temperature was fitted to the policy's merge: it calibrates the gated rows; the
-        # others are the model's own plain softmax.
-        out.probs = out.probs.clone()
-        out.probs[out.gated] = apply_temperature(out.probs[out.gated], policy.temperature)
-    return out
+    engine = TTAEngine(
+        model,
+        policy,
+        activation="softmax",
+        temperature="policy" if calibrate else None,
+        gate_threshold="policy" if use_gate else None,
+        max_batch=max_batch,
+    )
+    with eval_mode(model):
+        return _gated_output(engine.run(images))

@@ -22,10 +22,17 @@ A merge is a function of a stack ``(K, B, ...)`` of K views, computed by a strea
 
 ``activation`` (``None``, ``"softmax"``, ``"sigmoid"``) is applied to each view before merging,
 so ``activation="softmax"`` merges probabilities while ``None`` merges raw outputs as ttach does.
+Views that are already probabilities (a model declaring ``outputs = "probs"``) are merged with
+``activation=None, renormalize=True``: the same numbers as softmax of their logits would give.
+
+:func:`apply_temperature` temperature-scales merged probabilities (``softmax(log(p) / T)``); the
+engine applies it to a policy's merged output.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -33,12 +40,24 @@ import torch
 
 from .errors import InvalidInputError, unknown_name
 
-__all__ = ["MERGE_MODES", "ACTIVATIONS", "MergeAccumulator", "merge", "apply_activation", "Merger"]
+__all__ = [
+    "MERGE_MODES",
+    "ACTIVATIONS",
+    "PROB_FLOOR",
+    "MergeAccumulator",
+    "merge",
+    "apply_activation",
+    "apply_temperature",
+    "check_weights",
+    "Merger",
+]
 
 MERGE_MODES = ("mean", "gmean", "sum", "max", "min", "tsharpen", "vote")
 ACTIVATIONS = (None, "softmax", "sigmoid")
 _TTACH_MODES = ("mean", "gmean", "sum", "max", "min", "tsharpen")
 _VOTE_NUDGE = 1e-6
+# log(0) would be -inf; probabilities this small carry no information a float32 softmax can use.
+PROB_FLOOR = 1e-30
 
 MergeMode = Literal["mean", "gmean", "sum", "max", "min", "tsharpen", "vote"]
 Activation = Literal["softmax", "sigmoid"] | None
@@ -72,6 +91,40 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def check_temperature(temperature: object, name: str = "temperature") -> float | None:
+    """``None`` or a positive finite number, as a float."""
+    if temperature is None:
+        return None
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not math.isfinite(temperature)
+        or not temperature > 0
+    ):
+        raise InvalidInputError(
+            f"Expected argument `{name}` to be a positive number (or None for no temperature), but got {temperature!r}"
+        )
+    return float(temperature)
+
+
+def apply_temperature(probs: torch.Tensor, temperature: float | None, class_dim: int = -1) -> torch.Tensor:
+    """Temperature-scale merged probabilities ``probs`` ``(..., C, ...)``: ``softmax(log(p) / T)``
+    over ``class_dim`` (default the last dimension).
+
+    A merged output is a probability vector; its log is a logit vector up to a constant, so this
+    is ordinary temperature scaling of the merged prediction. ``T > 1`` softens, ``T < 1``
+    sharpens, the argmax never changes, and ``temperature=None`` returns ``probs`` unchanged.
+
+    Example:
+        >>> apply_temperature(torch.tensor([[0.8, 0.2]]), 2.0)
+        tensor([[0.6667, 0.3333]])
+    """
+    temperature = check_temperature(temperature)
+    if temperature is None:
+        return probs
+    return torch.softmax(torch.log(_at_least_float32(probs).clamp_min(PROB_FLOOR)) / temperature, dim=class_dim)
+
+
 class MergeAccumulator:
     """Merge views one at a time; :meth:`result` equals :func:`merge` over the stacked views.
 
@@ -82,6 +135,11 @@ class MergeAccumulator:
         activation: applied to each view before merging.
         class_dim: the class dimension of one view's output (``vote``, ``softmax``).
         seed: seeds the random tie-break of ``vote``.
+        renormalize: make a ``gmean`` sum to 1 over ``class_dim``; default: when ``activation`` is
+            softmax. Pass True to merge views that already are probabilities.
+
+    The settings are checked once; :meth:`fresh` returns an empty accumulator with the same
+    settings without checking them again (the engine makes one per chunk).
     """
 
     def __init__(
@@ -92,30 +150,50 @@ class MergeAccumulator:
         activation: str | None = None,
         class_dim: int = 1,
         seed: int = 0,
+        renormalize: bool | None = None,
     ):
         self.mode = check_merge_mode(mode)
         self.activation = check_activation(activation)
         if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
             raise InvalidInputError(f"n_views must be a positive integer, got {n_views!r}")
         self.n_views = n_views
-        self.weights = _check_weights(weights, n_views, mode)
+        self.weights = check_weights(weights, n_views, mode)
         self.total_weight = float(self.weights.sum()) if self.weights is not None else float(n_views)
+        # Per-view weights as Python floats: reading a tensor element per view costs a dispatch.
+        self._weight_list = [1.0] * n_views if self.weights is None else [float(w) for w in self.weights]
         self.class_dim = class_dim
         self.seed = seed
+        self.renormalize = (self.activation == "softmax") if renormalize is None else bool(renormalize)
+        self._settings = dict(self.__dict__)
+        self._reset()
+
+    def _reset(self) -> None:
         self.count = 0
         self._acc: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None  # vote: summed scores for the tie-break
+        self._aliased = False  # whether _acc is the caller's own tensor (one view added as it was)
+        self._stack_weights: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def fresh(self) -> MergeAccumulator:
+        """An empty accumulator with these settings (not checked again)."""
+        new = object.__new__(MergeAccumulator)
+        new.__dict__.update(self._settings)
+        new._reset()
+        return new
 
     def _weight(self, index: int) -> float:
-        return 1.0 if self.weights is None else float(self.weights[index])
+        return self._weight_list[index]
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.n_views:
+            raise InvalidInputError(f"view index must lie in [0, {self.n_views - 1}], got {index}")
 
     def add(self, output: torch.Tensor, index: int | None = None) -> None:
         """Add the de-augmented output of view ``index`` (default: the next one)."""
         index = self.count if index is None else index
-        if not 0 <= index < self.n_views:
-            raise InvalidInputError(f"view index must lie in [0, {self.n_views - 1}], got {index}")
+        self._check_index(index)
         x = apply_activation(output, self.activation, self.class_dim)
-        w = self._weight(index)
+        w = self._weight_list[index]
         mode = self.mode
         if mode in ("gmean", "tsharpen"):
             _check_non_negative(x, mode)
@@ -128,13 +206,59 @@ class MergeAccumulator:
         elif self._acc is None:
             # No copy needed: later updates build new tensors, never write into this one.
             self._acc = x * w if mode not in ("max", "min") and w != 1.0 else x
+            self._aliased = self._acc is output
         elif mode == "max":
-            self._acc = torch.maximum(self._acc, x)
+            self._acc, self._aliased = torch.maximum(self._acc, x), False
         elif mode == "min":
-            self._acc = torch.minimum(self._acc, x)
+            self._acc, self._aliased = torch.minimum(self._acc, x), False
         else:
-            self._acc = self._acc + (x * w if w != 1.0 else x)
+            self._acc, self._aliased = self._acc + (x * w if w != 1.0 else x), False
         self.count += 1
+
+    def add_stack(self, outputs: torch.Tensor, indices: Sequence[int]) -> None:
+        """Add several views at once: ``outputs`` ``(n, B, ...)`` are views ``indices`` (n of them).
+
+        Equal to :meth:`add` on each view in turn (up to float rounding): one activation and one
+        reduction over the stack instead of n of each.
+        """
+        n = len(indices)
+        if outputs.shape[0] != n:
+            raise InvalidInputError(f"add_stack got {outputs.shape[0]} outputs for {n} view indices")
+        mode = self.mode
+        if n == 1 or mode == "vote":
+            for i, k in enumerate(indices):
+                self.add(outputs[i], k)
+            return
+        for k in indices:
+            self._check_index(k)
+        class_dim = self.class_dim if self.class_dim < 0 else self.class_dim + 1
+        x = apply_activation(outputs, self.activation, class_dim)
+        if mode in ("gmean", "tsharpen"):
+            _check_non_negative(x, mode)
+            x = torch.log(x) if mode == "gmean" else torch.sqrt(x)
+        if mode == "max":
+            part = x.amax(dim=0)
+            self._acc = part if self._acc is None else torch.maximum(self._acc, part)
+        elif mode == "min":
+            part = x.amin(dim=0)
+            self._acc = part if self._acc is None else torch.minimum(self._acc, part)
+        else:
+            weights = [self._weight_list[k] for k in indices]
+            if all(w == 1.0 for w in weights):
+                part = x.sum(dim=0)
+            else:
+                key = tuple(indices)
+                w = self._stack_weights.get(key)
+                if w is None or w.device != x.device or w.dtype != x.dtype:
+                    w = torch.tensor(weights, dtype=x.dtype, device=x.device).view(n, *([1] * (x.ndim - 1)))
+                    self._stack_weights[key] = w
+                if any(v == 0.0 for v in weights):
+                    # A zero-weight view contributes nothing (and log(0) * 0 would be NaN).
+                    x = torch.where(w == 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
+                part = (x * w).sum(dim=0)
+            self._acc = part if self._acc is None else self._acc + part
+        self._aliased = False  # every branch above built a new tensor
+        self.count += n
 
     def _add_vote(self, x: torch.Tensor, w: float) -> None:
         dim = self.class_dim % x.ndim
@@ -150,13 +274,14 @@ class MergeAccumulator:
             raise InvalidInputError("no views were added to the merge")
         mode = self.mode
         if mode in ("max", "min", "sum"):
-            return self._acc
+            # A single view's output may be the caller's own tensor: hand back a copy, not an alias.
+            return self._acc.clone() if self._aliased else self._acc
         if mode == "vote":
             return self._vote_result()
         merged = self._acc / self.total_weight
         if mode == "gmean":
             merged = torch.exp(merged)
-            if self.activation == "softmax":
+            if self.renormalize:
                 merged = merged / merged.sum(dim=self.class_dim, keepdim=True).clamp_min(1e-38)
         return merged
 
@@ -177,17 +302,48 @@ class MergeAccumulator:
         return fractions.scatter_add(dim, winner, torch.full_like(winner, _VOTE_NUDGE, dtype=fractions.dtype))
 
 
-def _check_weights(weights, n_views: int, mode: str) -> torch.Tensor | None:
+def check_weights(weights: object, n_views: int, mode: str) -> torch.Tensor | None:
+    """Validate per-view merge weights: ``None``, or ``n_views`` finite, non-negative numbers (a list,
+    tuple or 1-D tensor), not all zero, for a mode that takes weights. Returns them as float64."""
     if weights is None:
         return None
     if mode in ("max", "min"):
-        raise InvalidInputError(f"weights do not apply to merge mode {mode!r}; use mean, gmean, sum, tsharpen or vote")
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        raise InvalidInputError(
+            f"weights do not apply to merge mode {mode!r} (got weights={_show(weights)}); "
+            "use mean, gmean, sum, tsharpen or vote, or pass weights=None"
+        )
+    if isinstance(weights, torch.Tensor):
+        if weights.ndim > 1 or weights.is_complex() or weights.dtype == torch.bool:
+            raise InvalidInputError(
+                f"weights must be a 1-D tensor or list of {n_views} numbers (one per view), got a tensor of "
+                f"shape {tuple(weights.shape)} and dtype {weights.dtype}"
+            )
+        w = weights.detach().to("cpu", torch.float64).flatten()
+    else:
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            raise InvalidInputError(
+                f"weights must be a list of {n_views} numbers (one per view), got {type(weights).__name__} "
+                f"{_show(weights)}"
+            )
+        bad = [v for v in weights if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+        if bad:
+            raise InvalidInputError(
+                f"weights must be a list of {n_views} numbers (one per view), got {_show(weights)} "
+                f"(not a number: {bad[0]!r})"
+            )
+        w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
     if w.numel() != n_views:
-        raise InvalidInputError(f"weights must hold one value per view ({n_views}), got {w.numel()}")
+        raise InvalidInputError(
+            f"weights must hold one value per view ({n_views}), got {w.numel()}: {_show(weights)}"
+        )
     if not torch.isfinite(w).all() or (w < 0).any() or float(w.sum()) <= 0:
         raise InvalidInputError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
     return w
+
+
+def _show(value: object, limit: int = 80) -> str:
+    text = repr(value.tolist() if isinstance(value, torch.Tensor) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_non_negative(x: torch.Tensor, mode: str) -> None:
@@ -236,9 +392,13 @@ class Merger:
     def __init__(self, type: str = "mean", n: int = 1):  # noqa: A002 - ttach's argument name
         if type not in _TTACH_MODES:
             raise InvalidInputError(f"Not correct merge type `{type}`; expected one of {', '.join(_TTACH_MODES)}")
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise InvalidInputError(
+                f"Merger's `n` must be a positive integer, the number of outputs to merge, got {n!r}"
+            )
         self.type = type
         self.n = n
-        self._acc = MergeAccumulator(type, n_views=max(int(n), 1))
+        self._acc = MergeAccumulator(type, n_views=int(n))
 
     def append(self, x: torch.Tensor) -> None:
         # Unweighted, so the view index is irrelevant; ttach also accepts more than n appends.

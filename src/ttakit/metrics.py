@@ -38,6 +38,7 @@ __all__ = [
     "CalibrationError",
     "McNemarResult",
     "accuracy",
+    "accuracy_at_coverage",
     "brier_score",
     "expected_calibration_error",
     "mcnemar_test",
@@ -45,7 +46,11 @@ __all__ = [
     "nll",
     "paired_bootstrap",
     "reliability_bins",
+    "selective_report",
+    "set_coverage",
+    "set_size",
     "summarize",
+    "uncertainty_auroc",
 ]
 
 # McNemar switches from the exact binomial test to the chi-square approximation at this
@@ -594,3 +599,190 @@ def mean_std(values: Iterable[float] | torch.Tensor) -> tuple[float, float]:
     mean = statistics.fmean(data)
     std = statistics.stdev(data) if len(data) > 1 else 0.0
     return float(mean), float(std)
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+
+def _check_scores(scores: object, name: str = "scores") -> torch.Tensor:
+    """Validate per-sample scores ``(N,)`` (higher = less sure); return them as float64."""
+    if not isinstance(scores, torch.Tensor):
+        raise InvalidInputError(
+            f"Expected argument `{name}` to be a torch.Tensor of shape (N,), "
+            f"but got {type(scores).__name__}"
+        )
+    if scores.ndim != 1 or scores.shape[0] == 0:
+        raise InvalidInputError(
+            f"Expected argument `{name}` to have shape (N,) with N >= 1, "
+            f"but got shape {tuple(scores.shape)}"
+        )
+    s = scores.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(s).all():
+        raise InvalidInputError(f"Expected argument `{name}` to be finite, but it contains NaN or inf")
+    return s
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``values`` ``(N,)`` with ties given their average rank (float64)."""
+    order = torch.argsort(values, stable=True)
+    sorted_vals = values[order]
+    n = values.shape[0]
+    # Boundaries of runs of equal values in sorted order.
+    new_run = torch.ones(n, dtype=torch.bool)
+    new_run[1:] = sorted_vals[1:] != sorted_vals[:-1]
+    run_id = torch.cumsum(new_run.long(), 0) - 1  # (N,) run index of each sorted position
+    positions = torch.arange(1, n + 1, dtype=torch.float64)
+    n_runs = int(run_id[-1]) + 1
+    run_sum = torch.zeros(n_runs, dtype=torch.float64).index_add_(0, run_id, positions)
+    run_len = torch.zeros(n_runs, dtype=torch.float64).index_add_(0, run_id, torch.ones(n, dtype=torch.float64))
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[order] = (run_sum / run_len)[run_id]
+    return ranks
+
+
+def uncertainty_auroc(scores: torch.Tensor, errors: torch.Tensor) -> float:
+    """AUROC of an uncertainty score as a detector of errors.
+
+    The probability that a wrongly classified image scores higher (less sure) than a correctly
+    classified one, ties counting one half: the Mann-Whitney U statistic over
+    ``n_errors * n_correct``, equal to ``sklearn.metrics.roc_auc_score(errors, scores)``.
+    0.5 is a score that knows nothing; 1.0 ranks every error above every correct image.
+
+    Args:
+        scores: ``(N,)`` uncertainty per image, higher meaning less sure (e.g. ``1 - max p``,
+            predictive entropy, mutual information).
+        errors: ``(N,)`` bool, True where the prediction was wrong.
+
+    Returns:
+        The AUROC, or NaN when every image is wrong or every image is right (undefined).
+
+    Example:
+        >>> uncertainty_auroc(torch.tensor([0.1, 0.9, 0.4, 0.2]), torch.tensor([False, True, True, False]))
+        1.0
+    """
+    s = _check_scores(scores)
+    e = _check_correct(errors, "errors")
+    if e.shape[0] != s.shape[0]:
+        raise InvalidInputError(
+            f"Expected arguments `scores` and `errors` to have the same length, "
+            f"but got {s.shape[0]} and {e.shape[0]}"
+        )
+    n_pos = int(e.sum())
+    n_neg = int(e.shape[0]) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(s)
+    u = float(ranks[e].sum()) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def accuracy_at_coverage(scores: torch.Tensor, correct: torch.Tensor, coverage: float = 0.9) -> float:
+    """Accuracy on the ``coverage`` share of images a score is surest of (selective prediction).
+
+    The ``ceil(coverage * N)`` images with the lowest ``scores`` are kept (ties broken by
+    position, so the result is deterministic); the rest are abstained on.
+
+    Args:
+        scores: ``(N,)`` uncertainty per image, higher meaning less sure.
+        correct: ``(N,)`` bool, True where the prediction was right.
+        coverage: share of images answered, in ``(0, 1]``.
+
+    Example:
+        >>> accuracy_at_coverage(torch.tensor([0.1, 0.9, 0.2, 0.3]), torch.tensor([True, False, True, False]), 0.5)
+        1.0
+    """
+    if isinstance(coverage, bool) or not isinstance(coverage, numbers.Real) or not 0 < coverage <= 1:
+        raise InvalidInputError(f"Expected argument `coverage` to be a float in (0, 1], but got {coverage!r}")
+    s = _check_scores(scores)
+    c = _check_correct(correct, "correct")
+    if c.shape[0] != s.shape[0]:
+        raise InvalidInputError(
+            f"Expected arguments `scores` and `correct` to have the same length, "
+            f"but got {s.shape[0]} and {c.shape[0]}"
+        )
+    keep = max(1, math.ceil(float(coverage) * s.shape[0] - 1e-9))
+    order = torch.argsort(s, stable=True)[:keep]
+    return float(c[order].double().mean())
+
+
+def selective_report(
+    scores: dict[str, torch.Tensor], correct: torch.Tensor, coverage: float = 0.9
+) -> list[dict[str, float | str]]:
+    """One row per score: its AUROC against error and the accuracy at ``coverage``.
+
+    Args:
+        scores: name -> ``(N,)`` uncertainty (higher = less sure), in display order; put the
+            plain softmax confidence first as the baseline.
+        correct: ``(N,)`` bool per-image correctness of the prediction the scores describe.
+        coverage: share of images answered for the selective accuracy.
+
+    Returns:
+        ``[{"score": name, "auroc": float, "accuracy_at_coverage": float, "coverage": float}, ...]``
+    """
+    if not isinstance(scores, dict) or not scores:
+        raise InvalidInputError(
+            f"Expected argument `scores` to be a non-empty dict of name -> (N,) tensor, but got {scores!r}"
+        )
+    c = _check_correct(correct, "correct")
+    rows: list[dict[str, float | str]] = []
+    for name, score in scores.items():
+        rows.append(
+            {
+                "score": str(name),
+                "auroc": uncertainty_auroc(score, ~c),
+                "accuracy_at_coverage": accuracy_at_coverage(score, c, coverage),
+                "coverage": float(coverage),
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- prediction sets
+
+
+def _check_sets(sets: object) -> torch.Tensor:
+    if not isinstance(sets, torch.Tensor) or sets.ndim != 2 or sets.dtype != torch.bool:
+        shape = tuple(sets.shape) if isinstance(sets, torch.Tensor) else type(sets).__name__
+        raise InvalidInputError(
+            f"Expected argument `sets` to be a bool torch.Tensor of shape (N, C) (True = in the set), "
+            f"but got {shape}"
+        )
+    if sets.shape[0] == 0:
+        raise InvalidInputError("Expected argument `sets` to hold at least one sample, but it is empty")
+    return sets.detach().cpu()
+
+
+def set_coverage(sets: torch.Tensor, labels: torch.Tensor) -> float:
+    """Empirical coverage of prediction sets: the share of images whose label is in their set.
+
+    Args:
+        sets: ``(N, C)`` bool, True where class ``c`` is in image ``i``'s set.
+        labels: ``(N,)`` integer class indices.
+
+    Example:
+        >>> set_coverage(torch.tensor([[True, False], [True, True]]), torch.tensor([1, 1]))
+        0.5
+    """
+    m = _check_sets(sets)
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != m.shape[0]:
+        raise InvalidInputError(
+            f"Expected argument `labels` to be a (N,) tensor with N = {m.shape[0]}, but got "
+            f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+        )
+    y = labels.detach().cpu().long()
+    if int(y.min()) < 0 or int(y.max()) >= m.shape[1]:
+        raise InvalidInputError(
+            f"Expected argument `labels` to hold class indices in [0, {m.shape[1] - 1}], "
+            f"but got values in [{int(y.min())}, {int(y.max())}]"
+        )
+    return float(m.gather(1, y[:, None]).double().mean())
+
+
+def set_size(sets: torch.Tensor) -> float:
+    """Mean number of classes per prediction set ``sets: (N, C)`` bool.
+
+    Example:
+        >>> set_size(torch.tensor([[True, False], [True, True]]))
+        1.5
+    """
+    return float(_check_sets(sets).sum(dim=1).double().mean())

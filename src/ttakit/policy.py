@@ -42,6 +42,24 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _short(value: object, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_transform(value: object) -> bool:
+    """Whether ``value`` follows the transform protocol (ttach's or ours)."""
+    return not isinstance(value, type) and all(hasattr(value, a) for a in ("params", "pname", "apply_aug_image"))
+
+
+def _check_spatial(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim < 3:
+        shape = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InvalidInputError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {shape}")
+    return x
+
+
 def _targets_of(transform: Any) -> frozenset[str]:
     # Objects following ttach's protocol without our `targets` promise what ttach promises.
     return getattr(transform, "targets", _DEFAULT_TARGETS)
@@ -53,6 +71,13 @@ class Step:
 
     transform: BaseTransform
     param: Any
+
+    def __post_init__(self) -> None:
+        if not _is_transform(self.transform):
+            raise InvalidInputError(
+                f"Step transform must be a transform object (with params, pname and apply_aug_image), "
+                f"got {_short(self.transform)} ({type(self.transform).__name__})"
+            )
 
     @property
     def name(self) -> str | None:
@@ -78,19 +103,29 @@ class Step:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Step:
+        if not isinstance(data, dict) or not isinstance(data.get("transform"), str):
+            raise PolicyFormatError(
+                f'a policy step must be an object with a "transform" name, got {_short(data)}'
+            )
+        args = data.get("args")
+        if args is not None and not isinstance(args, dict):
+            raise PolicyFormatError(f'policy step {_short(data)}: "args" must be an object, got {_short(args)}')
         try:
             transform_cls = get_transform_class(data["transform"])
             param = params_from_json(data.get("param"))
-            args = dict(data.get("args") or {})
+            args = dict(args or {})
             if transform_cls.param_arg is not None:
                 args[transform_cls.param_arg] = [param]
             transform = transform_cls(**args)
+            valid = param in transform.params
         except UnknownNameError as err:
-            raise PolicyFormatError(f"policy step {data!r}: {err}") from None
-        except (KeyError, TypeError, ValueError) as err:
-            raise PolicyFormatError(f"policy step {data!r} is malformed: {err}") from None
-        if param not in transform.params:
-            raise PolicyFormatError(f"policy step {data!r}: parameter {param!r} is not valid for {data['transform']}")
+            raise PolicyFormatError(f"policy step {_short(data)}: {err}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
+            raise PolicyFormatError(f"policy step {_short(data)} is malformed: {_short(str(err), 200)}") from None
+        if not valid:
+            raise PolicyFormatError(
+                f"policy step {_short(data)}: parameter {_short(param)} is not valid for {data['transform']}"
+            )
         return cls(transform, param)
 
 
@@ -108,6 +143,7 @@ class Transformer:
 
     def augment_image(self, image: torch.Tensor) -> torch.Tensor:
         """``image: (B, C, H, W)`` -> the augmented view ``(B, C, H', W')``."""
+        _check_spatial(image, "image")
         sizes = []
         for step in self.steps:
             sizes.append((int(image.shape[-2]), int(image.shape[-1])))
@@ -117,7 +153,7 @@ class Transformer:
 
     def _deaugment(self, method: str, target: str, x):
         sizes = self.input_sizes or [None] * len(self.steps)
-        for step, size in zip(reversed(self.steps), reversed(sizes)):
+        for step, size in zip(reversed(self.steps), reversed(sizes), strict=True):
             transform = step.transform
             if target not in _targets_of(transform):
                 raise transform.refuse(target) if hasattr(transform, "refuse") else NotInvertibleError(
@@ -125,13 +161,20 @@ class Transformer:
                 )
             kwargs = {transform.pname: step.param}
             if getattr(transform, "uses_input_size", False):
+                if size is None and target != "label":
+                    # Never fall back to a transform's own guess (ttach's 1/scale): the size is recorded.
+                    raise NotInvertibleError(
+                        f"deaugment_{target} was called before augment_image, so the input size "
+                        f"{type(transform).__name__} must restore is unknown; augment the image "
+                        "through this transformer first"
+                    )
                 kwargs["input_size"] = size
             x = getattr(transform, method)(x, **kwargs)
         return x
 
     def deaugment_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """``mask: (B, C, H', W')`` predicted on the view -> ``(B, C, H, W)`` in the input's frame."""
-        return self._deaugment("apply_deaug_mask", "mask", mask)
+        return self._deaugment("apply_deaug_mask", "mask", _check_spatial(mask, "mask"))
 
     def deaugment_label(self, label: torch.Tensor) -> torch.Tensor:
         """Class scores ``(B, C)``; every transform here leaves them unchanged."""
@@ -156,7 +199,21 @@ class View:
     """
 
     def __init__(self, steps: Iterable[Step | tuple[BaseTransform, Any]] = ()):
-        self.steps = tuple(s if isinstance(s, Step) else Step(*s) for s in steps)
+        if isinstance(steps, (str, bytes, dict)) or not isinstance(steps, Iterable):
+            raise InvalidInputError(
+                f"View steps must be a list of Step or (transform, parameter) pairs, got {_short(steps)}"
+            )
+        checked = []
+        for s in steps:
+            if not isinstance(s, Step):
+                if isinstance(s, (str, bytes)) or not isinstance(s, Sequence) or len(s) != 2:
+                    raise InvalidInputError(
+                        f"View steps must be Step objects or (transform, parameter) pairs, "
+                        f"got {_short(s)} ({type(s).__name__})"
+                    )
+                s = Step(s[0], s[1])
+            checked.append(s)
+        self.steps = tuple(checked)
 
     @classmethod
     def identity(cls) -> View:
@@ -226,7 +283,7 @@ class Compose:
 
     @property
     def views(self) -> list[View]:
-        return [View(zip(self.aug_transforms, params)) for params in self.aug_transform_parameters]
+        return [View(zip(self.aug_transforms, params, strict=True)) for params in self.aug_transform_parameters]
 
     def __iter__(self) -> Iterator[Transformer]:
         for view in self.views:
@@ -269,15 +326,44 @@ class Policy:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.views = [v if isinstance(v, View) else View(v) for v in self.views]
+        if isinstance(self.views, (str, bytes, dict, View)) or not isinstance(self.views, Iterable):
+            raise InvalidInputError(
+                f"views must be a list of View objects (or lists of steps), got {_short(self.views)} "
+                f"({type(self.views).__name__})"
+            )
+        views = []
+        for v in self.views:
+            if not isinstance(v, View):
+                if isinstance(v, (str, bytes, dict, Step)) or not isinstance(v, Iterable):
+                    raise InvalidInputError(
+                        f"views must hold View objects (or lists of steps), got {_short(v)} ({type(v).__name__})"
+                    )
+                v = View(v)
+            views.append(v)
+        self.views = views
         if not self.views:
             raise InvalidInputError("a policy needs at least one view, got an empty list")
+        if not isinstance(self.name, str):
+            raise InvalidInputError(f"name must be a string, got {_short(self.name)}")
+        if not isinstance(self.merge_mode, str):
+            raise InvalidInputError(f"merge_mode must be a string such as 'mean', got {_short(self.merge_mode)}")
         check_merge_mode(self.merge_mode)
+        if self.meta is None:
+            self.meta = {}
+        if not isinstance(self.meta, dict):
+            raise InvalidInputError(f"meta must be a dict (JSON object), got {_short(self.meta)}")
         if self.weights is not None:
+            given = self.weights
+            bad = isinstance(given, (str, bytes, dict)) or not isinstance(given, Iterable)
             try:
-                self.weights = [float(w) for w in self.weights]
-            except (TypeError, ValueError):
-                raise InvalidInputError(f"weights must be a list of numbers, got {self.weights!r}") from None
+                values = [] if bad else list(given)
+                bad = bad or any(isinstance(w, (str, bytes, bool)) for w in values)
+                floats = [] if bad else [float(w) for w in values]
+            except (TypeError, ValueError, OverflowError):
+                bad = True
+            if bad:
+                raise InvalidInputError(f"weights must be a list of numbers, got {_short(given)}") from None
+            self.weights = floats
             if len(self.weights) != len(self.views):
                 raise InvalidInputError(
                     f"weights must hold one value per view ({len(self.views)}), got {len(self.weights)}"
@@ -335,27 +421,45 @@ class Policy:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "policy") -> Policy:
+        """Build a policy from :meth:`to_json`'s dict, checking every field's type.
+
+        Raises :class:`~ttakit.errors.PolicyFormatError` naming ``source``, the field and the value.
+        """
         if not isinstance(data, dict) or data.get("format") != POLICY_FORMAT:
             raise PolicyFormatError(f"{source} is not a ttakit policy (expected \"format\": \"{POLICY_FORMAT}\")")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > POLICY_FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= POLICY_FORMAT_VERSION:
             raise PolicyFormatError(
-                f"{source} has policy format version {version!r}; this ttakit reads versions up to "
-                f"{POLICY_FORMAT_VERSION}: upgrade ttakit"
+                f"{source} has policy format version {_short(version)}; this ttakit reads versions 1 to "
+                f"{POLICY_FORMAT_VERSION}" + (": upgrade ttakit" if _is_number(version) and version > 1 else "")
             )
         views = data.get("views")
         if not isinstance(views, list) or not views:
-            raise PolicyFormatError(f"{source} holds no views")
+            raise PolicyFormatError(f'{source} holds no views (expected "views": a non-empty list)')
+        expected = {
+            "name": (str, "a string"),
+            "merge_mode": (str, "a string such as \"mean\""),
+            "weights": (list, "a list of numbers or null"),
+            "temperature": ((int, float), "a positive number or null"),
+            "gate_threshold": ((int, float), "a number in [0, 1] or null"),
+            "meta": (dict, "an object or null"),
+        }
+        for key, (types, what) in expected.items():
+            value = data.get(key)
+            if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+                raise PolicyFormatError(f'{source}: field "{key}" must be {what}, got {_short(value)}')
         try:
             return cls(
                 views=[View.from_json(v) for v in views],
-                name=str(data.get("name", "custom")),
-                merge_mode=str(data.get("merge_mode", "mean")),
+                name=data.get("name") or "custom",
+                merge_mode=data.get("merge_mode") or "mean",
                 weights=data.get("weights"),
                 temperature=data.get("temperature"),
                 gate_threshold=data.get("gate_threshold"),
                 meta=dict(data.get("meta") or {}),
             )
+        except PolicyFormatError as err:
+            raise PolicyFormatError(f"{source}: {err}") from None
         except (InvalidInputError, UnknownNameError) as err:
             raise PolicyFormatError(f"{source}: {err}") from None
 
@@ -365,11 +469,21 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Policy:
-        """Read a policy written by :meth:`save`."""
+        """Read a policy written by :meth:`save`.
+
+        Raises :class:`~ttakit.errors.InvalidInputError` when ``path`` is not a path, and
+        :class:`~ttakit.errors.PolicyFormatError` for a missing, unreadable or malformed file.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"path must be a str or os.PathLike to a policy .json file, got {_short(path)}")
         try:
             data = read_json(path)
         except FileNotFoundError:
             raise PolicyFormatError(f"policy file {os.fspath(path)!r} does not exist") from None
-        except (OSError, ValueError) as err:
-            raise PolicyFormatError(f"policy file {os.fspath(path)!r} is not valid JSON: {err}") from None
+        except IsADirectoryError:
+            raise PolicyFormatError(f"policy file {os.fspath(path)!r} is a folder; expected a .json file") from None
+        except (OSError, ValueError, RecursionError) as err:
+            raise PolicyFormatError(
+                f"policy file {os.fspath(path)!r} is not valid JSON: {_short(str(err), 200)}"
+            ) from None
         return cls.from_json(data, source=f"policy file {os.fspath(path)!r}")

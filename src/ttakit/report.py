@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ._io import atomic_write, atomic_write_text
 from .errors import InvalidInputError
@@ -37,6 +38,7 @@ __all__ = [
     "format_mean_std",
     "format_table",
     "markdown_table",
+    "lift_plot_layout",
     "plot_candidate_lifts",
     "plot_policy_metrics",
     "plot_reliability_diagram",
@@ -146,15 +148,15 @@ def format_table(
     widths = [max([len(c)] + [len(r[j]) for r in text]) for j, c in enumerate(cols)]
 
     def line(cells: list[str], right: list[bool]) -> str:
-        parts = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
+        parts = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)]
         return "  ".join(parts).rstrip()
 
     out = [] if title is None else [str(title)]
     out.append(line(cols, col_numeric))
     out.append("  ".join("-" * w for w in widths))
-    for cells, num in zip(text, numeric):
+    for cells, num in zip(text, numeric, strict=True):
         out.append(
-            line(cells, [n or (c == "-" and cn) for n, c, cn in zip(num, cells, col_numeric)])
+            line(cells, [n or (c == "-" and cn) for n, c, cn in zip(num, cells, col_numeric, strict=True)])
         )
     return "\n".join(out)
 
@@ -189,11 +191,11 @@ def markdown_table(
     widths = [max([3, len(h)] + [len(r[j]) for r in body]) for j, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
-        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, col_numeric)]
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, col_numeric, strict=True)]
         return "| " + " | ".join(parts) + " |"
 
     rule = [
-        "-" * (w - 1) + ":" if num else ":" + "-" * (w - 1) for w, num in zip(widths, col_numeric)
+        "-" * (w - 1) + ":" if num else ":" + "-" * (w - 1) for w, num in zip(widths, col_numeric, strict=True)
     ]
     out = [line(header), "| " + " | ".join(rule) + " |"]
     out.extend(line(r) for r in body)
@@ -206,7 +208,7 @@ def format_mean_std(mean: float, std: float | None, fmt: str = ".2f", scale: flo
     Args:
         mean: the mean.
         std: the standard deviation; ``None`` prints the mean alone.
-        fmt: format spec for both numbers.
+        fmt: format spec for both numbers (a ``+`` flag applies to the mean only).
         scale: factor applied to both, e.g. 100 for accuracy in percent.
 
     Example:
@@ -225,7 +227,8 @@ def format_mean_std(mean: float, std: float | None, fmt: str = ".2f", scale: flo
         ) from exc
     if std is None:
         return m
-    return f"{m} ± {format(float(_scalar(std)) * scale, fmt)}"
+    # a sign flag ("+.2f") is for the mean; a spread is never signed
+    return f"{m} ± {format(float(_scalar(std)) * scale, fmt.replace('+', '', 1))}"
 
 
 # --------------------------------------------------------------------------- results files
@@ -325,11 +328,18 @@ def plot_policy_metrics(
     rows: list[dict],
     path: str | os.PathLike,
     metrics: Sequence[str] = ("accuracy", "nll"),
-    title: str = "Metrics per TTA policy",
+    title: str | None = None,
 ) -> Path:
-    """Bar chart of metrics per policy: one panel per metric, one bar per row.
+    """What TTA did per policy (and model), as a PNG.
 
-    Each row needs ``row["name"]`` and the metric values; ``row[f"{metric}_std"]`` draws an
+    When rows carry ``row["lift"]`` (accuracy minus plain inference, as a fraction; the plain
+    row has none), the figure shows what matters: the lift in points with its paired bootstrap
+    interval (``lift_ci_low``/``lift_ci_high``) and the NLL change (``lift_nll``, labelled with
+    the NLL to 4 decimals), one horizontal bar per policy, grouped and coloured by model. The
+    lift axis is zoomed so small lifts stay visible; bars beyond it are hatched and labelled
+    with their value (see :func:`lift_plot_layout`).
+
+    Otherwise: a bar chart of ``metrics``, one panel per metric, one bar per row. Each row needs ``row["name"]`` and the metric values; ``row[f"{metric}_std"]`` draws an
     error bar. When rows carry ``row["model"]``, bars are grouped by name with one colour
     per model. The y-axis is zoomed to the data (differences between policies are small),
     so read values from the axis, not from bar lengths.
@@ -349,6 +359,9 @@ def plot_policy_metrics(
         raise InvalidInputError(
             "Expected argument `rows` to hold at least one row, but it is empty"
         )
+    if any(not math.isnan(_finite_or_nan(row.get("lift"))) for row in rows) and all("name" in r for r in rows):
+        return _plot_lifts(rows, path, title or "Lift over plain inference per TTA policy")
+    title = title or "Metrics per TTA policy"
     if isinstance(metrics, str) or not metrics:
         raise InvalidInputError(
             f"Expected argument `metrics` to be a non-empty list of row keys, but got {metrics!r}"
@@ -376,7 +389,7 @@ def plot_policy_metrics(
     colors = [f"C{i % 10}" for i in range(n_models)]
     annotate = n_bars <= 16
 
-    for ax, metric in zip(axes, metrics):
+    for ax, metric in zip(axes, metrics, strict=True):
         lows, highs = [], []
         present = [_finite_or_nan(r.get(metric)) for r in rows]
         present = [v for v in present if not math.isnan(v)]
@@ -439,6 +452,134 @@ def plot_policy_metrics(
     return _save(fig, path)
 
 
+def _zoom_limit(values: Sequence[float], bounds: Sequence[float], core: float) -> float:
+    """Half-width of an axis centred on 0 that shows every value within ``core`` of 0 (and
+    its interval) at a readable size; values beyond the limit are drawn clipped."""
+    # values too small to matter do not set a zoom: the axis then shows everything
+    inside = [abs(v) for v in [*values, *bounds] if math.isfinite(v) and core * 1e-3 < abs(v) <= core]
+    every = [abs(v) for v in [*values, *bounds] if math.isfinite(v)]
+    if not every:
+        return 1.0
+    if not inside or max(every) <= core:
+        return max(max(every) * 1.12, 1e-6)
+    return max(max(inside) * 1.25, core * 0.1, 1e-6)
+
+
+def lift_plot_layout(rows: Sequence[Mapping[str, Any]], core_points: float = 2.0) -> dict[str, Any]:
+    """What :func:`plot_policy_metrics` draws for rows carrying a ``lift``: one entry per
+    non-baseline row with the lift and its interval in points, the NLL change, the value drawn
+    (clipped to the zoomed axis) and the text printed beside the bar.
+
+    The lift axis is zoomed to lifts within ``core_points`` points of zero (with their
+    intervals), so a collapse of tens of points (d4 on a model that never saw rotations) does
+    not flatten a +0.35-point lift; clipped bars are hatched and labelled with their value.
+    """
+    entries = []
+    for row in rows:
+        lift = _finite_or_nan(row.get("lift"))
+        if math.isnan(lift):
+            continue
+        low, high = _finite_or_nan(row.get("lift_ci_low")), _finite_or_nan(row.get("lift_ci_high"))
+        nll, d_nll = _finite_or_nan(row.get("nll")), _finite_or_nan(row.get("lift_nll"))
+        entry = {
+            "name": str(row["name"]),
+            "model": str(row.get("model", "")),
+            "lift_pts": 100 * lift,
+            "ci_pts": (100 * low, 100 * high) if not (math.isnan(low) or math.isnan(high)) else None,
+            "nll": nll,
+            "nll_change": d_nll,
+        }
+        ci = f" [{entry['ci_pts'][0]:+.2f}, {entry['ci_pts'][1]:+.2f}]" if entry["ci_pts"] else ""
+        entry["lift_text"] = f"{entry['lift_pts']:+.2f}{ci}"
+        change = f"{d_nll:+.4f}" if math.isnan(d_nll) or d_nll == 0 or abs(d_nll) >= 5e-5 else f"{d_nll:+.1e}"
+        entry["nll_text"] = f"{nll:.4f} ({change})" if not math.isnan(d_nll) else f"{nll:.4f}"
+        entries.append(entry)
+    lifts = [e["lift_pts"] for e in entries]
+    bounds = [b for e in entries if e["ci_pts"] for b in e["ci_pts"]]
+    lift_limit = _zoom_limit(lifts, bounds, core_points)
+    changes = [e["nll_change"] for e in entries if not math.isnan(e["nll_change"])]
+    small = sorted(abs(c) for c in changes)
+    nll_core = 5 * small[(len(small) - 1) // 2] if small else 1.0  # 5x the lower median change
+    nll_limit = _zoom_limit(changes, [], max(nll_core, 1e-4))
+    for e in entries:
+        e["lift_shown"] = max(-lift_limit, min(lift_limit, e["lift_pts"]))
+        e["lift_clipped"] = abs(e["lift_pts"]) > lift_limit
+        change = 0.0 if math.isnan(e["nll_change"]) else e["nll_change"]
+        e["nll_shown"] = max(-nll_limit, min(nll_limit, change))
+        e["nll_clipped"] = abs(change) > nll_limit
+    return {"entries": entries, "lift_limit": lift_limit, "nll_limit": nll_limit}
+
+
+def _plot_lifts(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    layout = lift_plot_layout(rows)
+    entries = layout["entries"]
+    models = list(dict.fromkeys(e["model"] for e in entries))
+    plain = {
+        str(r.get("model", "")): _finite_or_nan(r.get("accuracy"))
+        for r in rows
+        if math.isnan(_finite_or_nan(r.get("lift")))
+    }
+    ys, y, labels = [], 0.0, []
+    for model in models:  # one block of bars per model, top to bottom
+        for e in entries:
+            if e["model"] == model:
+                ys.append(y)
+                labels.append(e["name"])
+                y -= 1.0
+        y -= 0.6
+    order = [e for model in models for e in entries if e["model"] == model]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    fig = _new_figure(10.0, 2.2 + 0.62 * len(order))
+    ax_lift, ax_nll = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    panels = (
+        (ax_lift, "lift", layout["lift_limit"], "accuracy lift over plain (points), 95% paired bootstrap interval"),
+        (ax_nll, "nll", layout["nll_limit"], "NLL change over plain (lower is better); label: NLL (change)"),
+    )
+    for ax, kind, limit, xlabel in panels:
+        for e, yy in zip(order, ys, strict=True):
+            shown, clipped = e[f"{kind}_shown"], e[f"{kind}_clipped"]
+            ax.barh(
+                yy, shown, height=0.7, color=colors[e["model"]], alpha=0.55 if clipped else 1.0,
+                hatch="//" if clipped else None, edgecolor="#333333" if clipped else colors[e["model"]],
+            )
+            if kind == "lift" and e["ci_pts"]:
+                lo, hi = (max(-limit, min(limit, b)) for b in e["ci_pts"])
+                ax.plot([lo, hi], [yy, yy], color="#222222", lw=1.4, solid_capstyle="butt")
+                for b, edge in ((e["ci_pts"][0], lo), (e["ci_pts"][1], hi)):
+                    if abs(b) <= limit:
+                        ax.plot([edge, edge], [yy - 0.18, yy + 0.18], color="#222222", lw=1.4)
+            text = e["lift_text"] if kind == "lift" else e["nll_text"]
+            if clipped:
+                text += "  (off scale)"
+            ax.text(
+                1.01 if kind == "lift" else 1.01, yy, text, transform=ax.get_yaxis_transform(),
+                va="center", ha="left", fontsize=8, color="#b00020" if clipped else "#222222",
+            )
+        ax.axvline(0.0, color="#444444", lw=0.9)
+        ax.set_xlim(-limit * 1.04, limit * 1.04)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5 if kind == "lift" else 3, symmetric=True))
+        ax.tick_params(axis="x", labelsize=8)
+        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.set_xlabel(xlabel, fontsize=8)
+    ax_lift.set_yticks(ys)
+    ax_lift.set_yticklabels(labels, fontsize=9)
+    ax_lift.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
+    if len(models) > 1 or models[0]:
+        from matplotlib.patches import Patch
+
+        handles = [
+            Patch(color=colors[m], label=f"{m}" + (f" (plain {100 * plain[m]:.2f}%)" if not math.isnan(plain.get(m, math.nan)) else ""))
+            for m in models
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(models)), fontsize=8, title="model")
+    elif not math.isnan(plain.get("", math.nan)):
+        ax_lift.set_title(f"plain inference: {100 * plain['']:.2f}% accuracy", fontsize=9)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_reliability_diagram(
     curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     path: str | os.PathLike,
@@ -479,7 +620,7 @@ def plot_reliability_diagram(
     ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="#888888", lw=1, label="perfect calibration")
     edges = next(iter(stats.values()))[0]["edges"]
-    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=True)]
     n_curves = len(stats)
     step = (edges[1] - edges[0]) / (n_curves + 1)
     for i, (name, (bins, ece)) in enumerate(stats.items()):
@@ -556,7 +697,7 @@ def plot_views_curve(
 
     fig = _new_figure(6.4, 1.0 + 2.6 * len(series))
     axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
-    for i, (ax, (name, values)) in enumerate(zip(axes, series.items())):
+    for i, (ax, (name, values)) in enumerate(zip(axes, series.items(), strict=True)):
         ys = [_finite_or_nan(v) for v in values]
         ax.plot(xs, ys, marker="o", color=f"C{i % 10}", lw=1.8)
         ax.set_ylabel(str(name))
@@ -624,3 +765,159 @@ def plot_candidate_lifts(
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     return _save(fig, path)
+
+
+# =========================================================================== policy search (helper B)
+# The Markdown/JSON/PNG report of ttakit.search; duck-typed on SearchResult so that this module
+# does not import the search package when it loads.
+
+
+def _search_fmt(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def search_markdown(result: Any) -> str:
+    """The Markdown report of a search."""
+    policy = result.policy
+    lines = [
+        "# TTA policy search",
+        "",
+        f"- objective: **{result.objective}**{' (after temperature scaling)' if result.objective == 'nll' else ''}, "
+        f"budget {result.budget} views, pool of {result.pool_size} candidates, {result.n_images} validation images",
+        f"- selected ({len(policy)} views): {', '.join(f'`{n}`' for n in policy.view_names)}",
+        f"- stopped: {result.stop_reason}",
+        f"- merge: mean of probabilities{', learned weights ' + str([round(w, 3) for w in policy.weights]) if policy.weights else ''}; "
+        f"temperature {_search_fmt(policy.temperature, 3)}",
+        f"- search time (after caching): {result.search_seconds:.2f} s"
+        + (f"; caching: {result.cache_seconds:.1f} s" if result.cache_seconds is not None else ""),
+    ]
+    if result.gate is not None:
+        g = result.gate
+        lines.append(
+            f"- gate: extra views on images with plain confidence < {g.threshold:.4f} ({g.fraction_gated:.1%} of images); "
+            f"forward passes per image: plain 1, full {g.n_views}, gated {g.forward_passes_per_image:.2f}; "
+            f"keeps {g.kept_lift:.1%} of the accuracy lift"
+        )
+    lines += [f"- note: {n}" for n in result.notes]
+    lines += search_cost_lines(result.cost)
+    lines += ["", "## Validation comparison", "", markdown_table(result.rows(), floatfmt=".4f")]
+    lines += ["", "## Selection path", "", markdown_table(result.path, floatfmt=".4f")]
+    if result.aggregation is not None:
+        a = result.aggregation
+        lines += [
+            "",
+            "## Learned aggregation vs plain mean",
+            "",
+            f"2-fold cross-validated NLL: weighted {_search_fmt(a['cv_nll_weighted'])}, mean {_search_fmt(a['cv_nll_mean'])}, "
+            f"class-by-view {_search_fmt(a.get('cv_nll_class'))}"
+            f"{' (wins, but a policy stores per-view weights only)' if a.get('class_used') else ''}; "
+            f"accuracy weighted {a['accuracy_weighted']:.4f}, mean {a['accuracy_mean']:.4f}; "
+            f"weights {[round(w, 3) for w in a['weights']]} -> {'used' if a['used'] else 'not used (plain mean kept)'}",
+        ]
+    if result.copies_curve:
+        lines += [
+            "",
+            "## Random copies (mean of the first k draws)",
+            "",
+            markdown_table(result.copies_curve, floatfmt=".4f"),
+        ]
+    ranked = sorted(
+        result.candidates,
+        key=lambda r: -r["pair_nll_lift" if result.objective == "nll" else "pair_accuracy_lift"],
+    )
+    lines += [
+        "",
+        "## Candidates",
+        "",
+        "Lifts over the identity alone: `accuracy_lift`/`nll_lift` for the view alone, `pair_*` for identity + view "
+        "(NLL lifts are reductions after temperature scaling; positive is better).",
+        "",
+        markdown_table(ranked, floatfmt=".4f"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_search_report(result: Any, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``policy.json``, ``search.json``, ``search.md``, ``views_curve.png`` and
+    ``candidate_lifts.png`` (and ``copies_curve.png`` when random copies were candidates) into
+    ``out_dir``, each atomically. Returns name -> path."""
+    from .search.greedy import SearchResult  # the search package never imports this module at load
+
+    if not isinstance(result, SearchResult):
+        raise InvalidInputError(
+            f"Expected argument `result` to be a SearchResult, but got {type(result).__name__}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    result.policy.save(out / "policy.json")
+    paths["policy"] = out / "policy.json"
+    paths["json"] = atomic_write_text(out / "search.json", json.dumps(_search_finite(result.to_json()), indent=2) + "\n")
+    paths["markdown"] = atomic_write_text(out / "search.md", search_markdown(result))
+    n_views = [row["n_views"] for row in result.path]
+    paths["views_curve"] = plot_views_curve(
+        n_views,
+        {
+            "accuracy": [r["accuracy"] for r in result.path],
+            "NLL (temperature-scaled)": [r["nll_ts"] for r in result.path],
+        },
+        out / "views_curve.png",
+        title="Validation metrics along the greedy selection path",
+    )
+    key, label = (
+        (
+            "pair_nll_lift",
+            "NLL reduction of identity + view over identity (nats, temperature-scaled)",
+        )
+        if result.objective == "nll"
+        else ("pair_accuracy_lift", "accuracy lift of identity + view over identity")
+    )
+    paths["candidate_lifts"] = plot_candidate_lifts(
+        [r["view"] for r in result.candidates],
+        [r[key] for r in result.candidates],
+        out / "candidate_lifts.png",
+        xlabel=label,
+    )
+    if result.copies_curve:
+        paths["copies_curve"] = plot_views_curve(
+            [r["copies"] for r in result.copies_curve],
+            {
+                "accuracy": [r["accuracy"] for r in result.copies_curve],
+                "NLL (temperature-scaled)": [r["nll_ts"] for r in result.copies_curve],
+            },
+            out / "copies_curve.png",
+            title="Validation metrics vs number of random copies",
+        )
+    return paths
+
+
+def _search_finite(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None."""
+    if isinstance(obj, Mapping):
+        return {str(k): _search_finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_search_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+def search_cost_lines(cost: Mapping[str, Any] | None) -> list[str]:
+    """Markdown lines: forward passes spent and saved by the search's caching."""
+    if not cost:
+        return []
+    lines = [
+        "",
+        "## Cost",
+        "",
+        f"{cost['method']}: {cost['forward_passes']:,} forward passes for {cost['pool_size']} candidates "
+        f"({cost['survivors']} cached on every image), against {cost['full_caching_passes']:,} to cache every "
+        f"candidate on every image: {cost['fraction_of_full']:.1%} spent, {cost['saved_passes']:,} saved. "
+        f"Checking the saved policy through the engine: {int(cost.get('check_passes', 0)):,} more.",
+    ]
+    if cost.get("rungs"):
+        rows = [{k: (", ".join(v) if isinstance(v, list) else v) for k, v in r.items() if k != "leaders"} for r in cost["rungs"]]
+        lines += ["", markdown_table(rows)]
+    return lines
+
+
+__all__ += ["search_markdown", "write_search_report", "search_cost_lines"]

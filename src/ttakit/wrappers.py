@@ -6,17 +6,23 @@ wrappers merge *raw* model outputs by default (``activation=None``); pass
 invert the task's target fails when the wrapper is built, views share forward passes up to
 ``max_batch`` images, and the forward pass runs under ``torch.inference_mode`` unless
 ``inference_mode=False`` (pass that to backpropagate through TTA).
+
+Given a :class:`~ttakit.policy.Policy`, a wrapper runs everything it holds, exactly as
+:class:`~ttakit.engine.TTAEngine` does: views, weights, temperature and gate, and its merge mode
+unless ``merge_mode`` names another than ttach's default ``"mean"``. A ttach ``Compose`` holds
+no weights, temperature or gate, so ttach code gets ttach's numbers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .engine import TTAEngine, TTAOutput
+from .engine import FROM_POLICY, TTAEngine, TTAOutput
 from .errors import InvalidInputError, ModelOutputError
 from .policy import Compose, Policy, Transformer
 
@@ -35,33 +41,55 @@ class _TTAWrapper(nn.Module):
         *,
         activation: str | None = None,
         weights: Sequence[float] | None = None,
+        temperature: float | str | None = FROM_POLICY,
+        gate_threshold: float | str | None = FROM_POLICY,
         max_batch: int = 256,
+        pass_size: int | None = None,
+        device: torch.device | str | None = None,
         amp: bool = False,
         inference_mode: bool = True,
+        check_outputs: bool = True,
         deaugment=None,
     ):
         super().__init__()
         self.model = model
         self.transforms = transforms
-        self.merge_mode = merge_mode
         self.output_key = output_key
+        # ttach's default "mean" leaves a Policy's own merge mode in charge; any other mode wins.
+        engine_mode = None if isinstance(transforms, Policy) and merge_mode == "mean" else merge_mode
         self.engine = TTAEngine(
             model,
             transforms,
             target=self.target,
-            merge_mode=merge_mode,
+            merge_mode=engine_mode,
             weights=weights,
             activation=activation,
+            temperature=temperature,
+            gate_threshold=gate_threshold,
             max_batch=max_batch,
+            pass_size=pass_size,
             output_key=output_key,
             deaugment=deaugment,
+            device=device,
             amp=amp,
             inference_mode=inference_mode,
+            check_outputs=check_outputs,
         )
+        self.merge_mode = self.engine.merge_mode
 
-    def run(self, image: torch.Tensor, *args: Any, return_views: bool = False) -> TTAOutput:
-        """Like ``forward`` but returns a :class:`TTAOutput` (optionally with per-view outputs)."""
-        return self.engine.run(image, *args, return_views=return_views)
+    def run(
+        self,
+        image: torch.Tensor,
+        *args: Any,
+        return_views: bool = False,
+        return_uncertainty: bool = False,
+        progress=None,
+    ) -> TTAOutput:
+        """Like ``forward`` but returns a :class:`TTAOutput` (optionally with per-view outputs and
+        uncertainty): see :meth:`TTAEngine.run`."""
+        return self.engine.run(
+            image, *args, return_views=return_views, return_uncertainty=return_uncertainty, progress=progress
+        )
 
     def forward(self, image: torch.Tensor, *args: Any) -> torch.Tensor | Mapping[str, torch.Tensor]:
         result = self.engine(image, *args)
@@ -163,13 +191,17 @@ class KeypointsTTAWrapper(_TTAWrapper):
             points = points * points.new_tensor([width, height])
         return points.reshape(*points.shape[:-2], -1)
 
-    def run(self, image: torch.Tensor, *args: Any, return_views: bool = False) -> TTAOutput:
+    def run(
+        self, image: torch.Tensor, *args: Any, return_views: bool = False, progress=None, **unused: Any
+    ) -> TTAOutput:
         """Like ``forward`` but returns a :class:`TTAOutput`: ``merged`` is ``(B, 2N)`` and
         ``views`` ``(K, B, 2N)``, in the same units as ``forward`` (pixels unless ``scaled``)."""
-        out = self.engine.run(image, *args, return_views=return_views)
+        if unused.get("return_uncertainty"):
+            raise InvalidInputError("return_uncertainty needs class scores; keypoint outputs have none")
+        out = self.engine.run(image, *args, return_views=return_views, progress=progress)
         size = (int(image.shape[-2]), int(image.shape[-1]))
         views = self._to_output(out.views, size) if out.views is not None else None
-        return TTAOutput(self._to_output(out.merged, size), views, out.view_names)
+        return replace(out, merged=self._to_output(out.merged, size), views=views)
 
     def forward(self, image: torch.Tensor, *args: Any) -> torch.Tensor | Mapping[str, torch.Tensor]:
         result = self.run(image, *args).merged

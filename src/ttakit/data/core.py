@@ -20,6 +20,7 @@ class ImageDataset:
         classes: class names, ``len(classes) == num_classes``.
         name: where the data came from, e.g. ``"fashion-mnist/test"``.
         skipped: files a loader could not read, as ``"path: reason"`` lines (never silent).
+        files: the file each row came from (image folders: relative to the folder), or None.
 
     Example:
         >>> ds = ImageDataset(torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]), ["a", "b"])
@@ -32,6 +33,7 @@ class ImageDataset:
     classes: list[str]
     name: str = ""
     skipped: list[str] = field(default_factory=list)
+    files: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, torch.Tensor) or self.images.ndim != 4:
@@ -48,6 +50,10 @@ class ImageDataset:
             raise DataError(
                 f"labels must lie in [0, {len(self.classes) - 1}] for {len(self.classes)} classes, "
                 f"got range [{int(self.labels.min())}, {int(self.labels.max())}]"
+            )
+        if self.files is not None and len(self.files) != len(self.labels):
+            raise InvalidInputError(
+                f"files must name one file per image: {len(self.files)} files for {len(self.labels)} images"
             )
 
     def __len__(self) -> int:
@@ -68,7 +74,8 @@ class ImageDataset:
     def subset(self, indices: torch.Tensor | Sequence[int], name: str | None = None) -> ImageDataset:
         """A new data set holding the rows at ``indices`` (in that order)."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        return ImageDataset(self.images[index], self.labels[index], list(self.classes), name or self.name)
+        files = [self.files[i] for i in index.tolist()] if self.files is not None else None
+        return ImageDataset(self.images[index], self.labels[index], list(self.classes), name or self.name, files=files)
 
     def head(self, n: int | None) -> ImageDataset:
         """The first ``n`` rows (all rows when ``n`` is None or larger than the data set)."""
@@ -76,7 +83,8 @@ class ImageDataset:
             return self
         if n < 1:
             raise InvalidInputError(f"limit must be a positive number of images, got {n}")
-        return ImageDataset(self.images[:n], self.labels[:n], list(self.classes), self.name)
+        files = self.files[:n] if self.files is not None else None
+        return ImageDataset(self.images[:n], self.labels[:n], list(self.classes), self.name, files=files)
 
 
 def train_val_split(
@@ -89,25 +97,38 @@ def train_val_split(
     """
     if not 0.0 < val_fraction < 1.0:
         raise InvalidInputError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
-    n = len(dataset)
-    generator = torch.Generator().manual_seed(seed)
-    if stratified:
-        val_parts = []
-        for cls in torch.unique(dataset.labels):
-            members = torch.nonzero(dataset.labels == cls).flatten()
-            members = members[torch.randperm(len(members), generator=generator)]
-            val_parts.append(members[: int(round(len(members) * val_fraction))])
-        val_index = torch.cat(val_parts)
-    else:
-        val_index = torch.randperm(n, generator=generator)[: int(round(n * val_fraction))]
-    if len(val_index) == 0 or len(val_index) == n:
-        raise DataError(f"val_fraction={val_fraction} of {n} images leaves an empty train or validation split")
-    is_val = torch.zeros(n, dtype=torch.bool)
-    is_val[val_index] = True
-    val_index = torch.nonzero(is_val).flatten()
-    train_index = torch.nonzero(~is_val).flatten()
+    train_index, val_index = stratified_indices(dataset.labels, val_fraction, seed, stratified, "val_fraction")
     base = dataset.name or "data"
     return dataset.subset(train_index, f"{base}[train]"), dataset.subset(val_index, f"{base}[val]")
+
+
+def stratified_indices(
+    labels: torch.Tensor, fraction: float, seed: int = 0, stratified: bool = True, name: str = "fraction"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of the rows of ``labels`` ``(N,)`` into ``(keep, held)`` sorted index tensors.
+
+    ``held`` holds ``round(fraction * n_c)`` rows of each class ``c`` (stratified) or
+    ``round(fraction * N)`` rows overall; the two are disjoint and together hold every row.
+    The same labels, fraction and seed always give the same split.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise InvalidInputError(f"{name} must lie strictly between 0 and 1, got {fraction!r}")
+    n = len(labels)
+    generator = torch.Generator().manual_seed(seed)
+    if stratified:
+        held_parts = []
+        for cls in torch.unique(labels):
+            members = torch.nonzero(labels == cls).flatten()
+            members = members[torch.randperm(len(members), generator=generator)]
+            held_parts.append(members[: int(round(len(members) * fraction))])
+        held_index = torch.cat(held_parts) if held_parts else torch.zeros(0, dtype=torch.long)
+    else:
+        held_index = torch.randperm(n, generator=generator)[: int(round(n * fraction))]
+    if len(held_index) == 0 or len(held_index) == n:
+        raise DataError(f"{name}={fraction} of {n} images leaves an empty split; use more images or another fraction")
+    is_held = torch.zeros(n, dtype=torch.bool)
+    is_held[held_index] = True
+    return torch.nonzero(~is_held).flatten(), torch.nonzero(is_held).flatten()
 
 
 def normalization_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import http.client
 import os
 import urllib.error
@@ -43,6 +44,24 @@ ENV_VAR = "TTAKIT_FASHION_MNIST_DIR"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DOWNLOAD_TIMEOUT_S = 15.0
+
+# The official .gz files, checked before a download lands on disk. MD5: as published in the
+# zalandoresearch/fashion-mnist README ("Get the Data"). SHA-256: of those same files, as
+# recorded by many independent projects beside the official MD5s (the README lists MD5 only).
+# Debian's dataset-fashion-mnist ships re-compressed .gz files (other bytes, same IDX content),
+# which apt verifies; these hashes apply to the download only.
+OFFICIAL_SHA256: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+}
+OFFICIAL_MD5: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
@@ -101,7 +120,9 @@ def ensure_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bo
         data_dir: the one folder to use; None searches ``$TTAKIT_FASHION_MNIST_DIR``,
             ``/usr/share/datasets/fashion-mnist`` and ``~/.cache/ttakit/fashion-mnist``.
         download: when no folder holds the files, fetch the four ``.gz`` files from the
-            official source into ``data_dir`` (or the cache folder), written atomically.
+            official source into ``data_dir`` (or the cache folder); each is checked against
+            the official SHA-256 and MD5 (:data:`OFFICIAL_SHA256`) before it is written,
+            atomically.
 
     Raises:
         DataNotFoundError: the files are nowhere and could not (or may not) be downloaded;
@@ -133,11 +154,30 @@ def _download_all(target: Path) -> None:
         url = f"{BASE_URL}{stem}.gz"
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             payload = response.read()
+        verify_download(f"{stem}.gz", payload, url)
         # check the payload is the gzipped IDX file we asked for before it lands on disk
         _parse_idx(
             _decompress(payload, url), url, LABELS_MAGIC if "labels" in stem else IMAGES_MAGIC
         )
         atomic_write_bytes(target / f"{stem}.gz", payload)
+
+
+def verify_download(name: str, payload: bytes, source: str) -> None:
+    """Refuse a downloaded ``name`` whose SHA-256 (and MD5) differ from the official file's.
+
+    Raises:
+        DataError: naming the file, where it came from, and the expected and found SHA-256.
+    """
+    expected = OFFICIAL_SHA256.get(name)
+    if expected is None:
+        raise DataError(f"no official checksum is known for {name}; refusing to use the download from {source}")
+    found = hashlib.sha256(payload).hexdigest()
+    md5 = hashlib.md5(payload, usedforsecurity=False).hexdigest()
+    if found != expected or md5 != OFFICIAL_MD5.get(name, md5):
+        raise DataError(
+            f"{source} is not the official {name}: SHA-256 {found}, expected {expected} "
+            f"({len(payload)} bytes); the download was damaged or tampered with, so it was not saved"
+        )
 
 
 def _decompress(raw: bytes, source: str) -> bytes:

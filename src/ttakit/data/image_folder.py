@@ -218,7 +218,7 @@ def load_image_folder(
         labels += [index] * len(members)
     images, loaded, skipped = load_images(files, image_size, channels)
 
-    label_of = dict(zip(files, labels))
+    label_of = dict(zip(files, labels, strict=True))
     found = Counter(label_of[p] for p in loaded)
     for index, name in enumerate(classes):
         if found[index] == 0:
@@ -233,4 +233,5 @@ def load_image_folder(
         classes,
         name=str(root),
         skipped=skipped,
+        files=[p.relative_to(root).as_posix() for p in loaded],
     )

@@ -89,6 +89,7 @@ def resize_dataset(dataset: ImageDataset, image_size: tuple[int, int] | int | No
         list(dataset.classes),
         dataset.name,
         list(dataset.skipped),
+        files=dataset.files,
     )
 
 
@@ -147,6 +148,10 @@ def load_dataset(
     path = Path(text).expanduser()
     if path.is_file() and path.suffix.lower() == ".npz":
         return resize_dataset(load_npz(path), image_size)
+    if path.is_file() and path.suffix.lower() == ".txt":  # a labelled file list (ttakit audit --write-clean)
+        from .file_list import load_file_list
+
+        return resize_dataset(load_file_list(path), image_size)
     if path.is_dir():
         return load_image_folder(_folder_for_split(path, split), image_size=image_size)
     if path.suffix.lower() == ".npz" or os.sep in text or path.exists():

@@ -1,9 +1,15 @@
 """Checkpoints: a directory holding ``model.safetensors`` (weights) and ``checkpoint.json``.
 
 The JSON metadata describes the checkpoint fully (architecture and its options, classes,
-input shape, normalization, training augmentations, data set, seed, metrics), so a model is
-rebuilt from the registry and its weights loaded with safetensors. Nothing is ever
-unpickled.
+input shape, normalization, training augmentations, data set and its split recipe, seed,
+metrics, and the SHA-256 of the weights file), so a model is rebuilt from the registry and its
+weights loaded with safetensors. Nothing is ever unpickled.
+
+A checkpoint is written as one unit: both files go into a temporary folder beside the target,
+which is then renamed into place. When the target folder already exists (it may hold results
+such as ``eval/``), the two files are moved in one after the other, weights first; the
+metadata records the weights' hash, so a crash between the two moves leaves a pair that
+:func:`load_checkpoint` refuses rather than one that silently mixes two trainings.
 
 Layout::
 
@@ -14,8 +20,12 @@ Layout::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import secrets
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,14 +35,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._io import atomic_write, atomic_write_json
-from ..errors import CheckpointError, InvalidInputError
+from .._io import _fsync_dir, atomic_write_json
+from ..errors import CheckpointError, InvalidInputError, TTAKitError
 from .registry import create_model, list_models
 
 FORMAT = "ttakit-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
+MAX_IMAGE_SIDE = 16384  # metadata asking for more is refused before a model is built
+MAX_CHANNELS = 64
 
 
 def _now() -> str:
@@ -67,6 +79,7 @@ class CheckpointMeta:
     created: str = field(default_factory=_now)
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None
     source: str = field(default="", repr=False, compare=False)
 
     @property
@@ -119,24 +132,28 @@ class CheckpointMeta:
             or not all(isinstance(c, str) for c in classes)
         ):
             raise bad("classes", "a non-empty list of class names")
+        if len(set(classes)) != len(classes):
+            raise bad("classes", "a list of distinct class names")
         in_channels = data.get("in_channels")
-        if not is_int(in_channels) or in_channels < 1:
-            raise bad("in_channels", "a positive integer")
+        if not is_int(in_channels) or not 1 <= in_channels <= MAX_CHANNELS:
+            raise bad("in_channels", f"an integer from 1 to {MAX_CHANNELS}")
         size = data.get("image_size")
         if (
             not isinstance(size, list)
             or len(size) != 2
-            or not all(is_int(s) and s >= 1 for s in size)
+            or not all(is_int(s) and 1 <= s <= MAX_IMAGE_SIDE for s in size)
         ):
-            raise bad("image_size", "[H, W] positive integers")
+            raise bad("image_size", f"[H, W], integers from 1 to {MAX_IMAGE_SIDE}")
         for name in ("mean", "std"):
             value = data.get(name)
             if value is not None and (
                 not isinstance(value, list)
                 or len(value) != in_channels
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+                or (name == "std" and not all(v > 0 for v in value))
             ):
-                raise bad(name, f"null or a list of {in_channels} numbers (one per channel)")
+                extra = ", all positive" if name == "std" else ""
+                raise bad(name, f"null or a list of {in_channels} finite numbers (one per channel{extra})")
         if (data.get("mean") is None) != (data.get("std") is None):
             raise CheckpointError(f"{source}: {META_FILE} must give both mean and std, or neither")
         for name in ("arch_kwargs", "metrics", "extra"):
@@ -149,6 +166,18 @@ class CheckpointMeta:
             raise bad("dataset", "a string")
         if not is_int(data.get("seed", 0)):
             raise bad("seed", "an integer")
+        if not isinstance(data.get("created", ""), str):
+            raise bad("created", "an ISO date string")
+        digest = data.get("weights_sha256")
+        if digest is not None and (
+            not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)
+        ):
+            raise bad("weights_sha256", "null or 64 lowercase hex digits")
+        for name in ("arch_kwargs", "metrics", "extra"):
+            try:
+                json.dumps(data.get(name, {}), allow_nan=True)
+            except (TypeError, ValueError, RecursionError):
+                raise bad(name, "plain JSON") from None
         known = {f.name for f in fields(cls)} - {"source"}
         kwargs = {k: v for k, v in data.items() if k in known}  # unknown keys: ignored
         kwargs["format_version"] = FORMAT_VERSION
@@ -158,8 +187,9 @@ class CheckpointMeta:
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: CheckpointMeta) -> Path:
     """Write ``model``'s weights and ``meta`` into the checkpoint directory ``directory``.
 
-    Both files are written atomically (weights first, so a ``checkpoint.json`` only ever sits
-    beside complete weights). Returns the directory.
+    Written as one unit (see the module docstring): a new folder appears whole; an existing
+    one gets the weights, then the metadata recording their SHA-256 (``meta.weights_sha256``
+    is set). Returns the directory.
 
     Example:
         >>> model = create_model("seed-cnn", in_channels=1, num_classes=2, image_size=(8, 8))
@@ -173,14 +203,57 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: Checkp
         raise CheckpointError(
             f"cannot save a checkpoint to {directory}: it exists and is not a directory"
         )
-    directory.mkdir(parents=True, exist_ok=True)
-    # clone: safetensors refuses tensors that share storage or are not contiguous
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write(
-        directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})
-    )
-    atomic_write_json(directory / META_FILE, meta.to_dict())
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.parent / f".{directory.name}.{secrets.token_hex(6)}.tmp"
+        os.mkdir(tmp, 0o777)  # the umask applies, as for any folder the user makes
+    except OSError as exc:
+        raise CheckpointError(f"cannot write a checkpoint to {directory}: {exc.strerror or exc}") from exc
+    try:
+        # clone: safetensors refuses tensors that share storage or are not contiguous
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _fsync_file(tmp / WEIGHTS_FILE)
+        meta.weights_sha256 = _file_sha256(tmp / WEIGHTS_FILE)
+        atomic_write_json(tmp / META_FILE, meta.to_dict())
+        if not directory.exists():
+            os.rename(tmp, directory)  # the whole checkpoint appears at once
+        else:  # keep what else the folder holds (eval/, policy.json): weights, then metadata
+            os.replace(tmp / WEIGHTS_FILE, directory / WEIGHTS_FILE)
+            os.replace(tmp / META_FILE, directory / META_FILE)
+        _fsync_dir(directory)
+        _fsync_dir(directory.parent)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write a checkpoint to {directory}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of the weights file of the checkpoint at ``path`` (its content, not its name)."""
+    directory = _checkpoint_dir(path)
+    try:
+        return _file_sha256(directory / WEIGHTS_FILE)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {directory / WEIGHTS_FILE}: {exc.strerror or exc}") from exc
 
 
 def _checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -207,9 +280,12 @@ def read_checkpoint_meta(path: str | os.PathLike) -> CheckpointMeta:
     directory = _checkpoint_dir(path)
     try:
         data = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # JSONDecodeError is a ValueError: truncated, empty or malformed metadata
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise CheckpointError(
-            f"{directory} is not a ttakit checkpoint: {META_FILE} is not readable JSON ({exc})"
+            f"{directory} is not a usable ttakit checkpoint: {META_FILE} is not readable JSON ({reason}); "
+            "it may be truncated: retrain or restore it"
         ) from exc
     return CheckpointMeta.from_dict(data, source=str(directory))
 
@@ -269,10 +345,17 @@ def load_checkpoint(
             std=meta.std,
             **meta.arch_kwargs,
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError, MemoryError, OverflowError, TTAKitError) as exc:
         raise CheckpointError(
-            f"checkpoint {directory}: cannot build {meta.arch!r} from its metadata ({exc})"
+            f"checkpoint {directory}: cannot build {meta.arch!r} from its metadata ({' '.join(str(exc).split())[:200]})"
         ) from exc
+    if meta.weights_sha256 is not None:
+        found = weights_sha256(directory)
+        if found != meta.weights_sha256:
+            raise CheckpointError(
+                f"{directory / WEIGHTS_FILE} is not the weights {META_FILE} was saved with (sha256 {found[:12]}..., "
+                f"recorded {meta.weights_sha256[:12]}...); the checkpoint was interrupted while saved or mixed: retrain it"
+            )
     device = torch.device(map_location)
     try:
         state = load_file(str(directory / WEIGHTS_FILE), device=str(device))

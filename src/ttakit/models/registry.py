@@ -17,6 +17,7 @@ from ..errors import InvalidInputError, unknown_name
 ModelFactory = Callable[..., nn.Module]
 
 _MODELS: dict[str, ModelFactory] = {}
+_FIXED_SIZE: set[str] = set()
 
 
 class Normalize(nn.Module):
@@ -72,20 +73,62 @@ class Normalize(nn.Module):
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+def register_model(name: str, *, fixed_size: bool = False) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator that registers a model factory under ``name``.
 
     The factory is called as ``factory(in_channels=, num_classes=, image_size=, mean=, std=,
     **kwargs)`` and must return an ``nn.Module`` whose first stage is a :class:`Normalize`.
+    ``fixed_size=True`` marks an architecture that only takes the image size it was built for
+    (a dense layer after the convolutions); progressive resizing refuses those.
     """
 
     def decorate(factory: ModelFactory) -> ModelFactory:
         if name in _MODELS:
             raise InvalidInputError(f"model name {name!r} is already registered")
         _MODELS[name] = factory
+        if fixed_size:
+            _FIXED_SIZE.add(name)
         return factory
 
     return decorate
+
+
+def is_fixed_size(name: str) -> bool:
+    """Whether the registered architecture ``name`` only takes the image size it was built for."""
+    if name not in _MODELS:
+        raise unknown_name("architecture", name, list_models())
+    return name in _FIXED_SIZE
+
+
+def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """The model's parameters split into layer groups, from the input side to the head.
+
+    Uses ``model.layer_groups()`` (a list of module lists) when the architecture defines it;
+    otherwise every top-level child holding parameters is one group. The last group is the
+    head: what ``--freeze-epochs`` trains alone and what gets the highest rate of ``--lr-slice``.
+    Groups hold no parameter twice and every trainable parameter once.
+    """
+    if hasattr(model, "layer_groups"):
+        module_groups = model.layer_groups()
+    else:
+        module_groups = [[child] for child in model.children() if any(True for _ in child.parameters())]
+        if not module_groups:
+            module_groups = [[model]]
+    seen: set[int] = set()
+    groups: list[list[nn.Parameter]] = []
+    for modules in module_groups:
+        params = []
+        for module in modules:
+            for param in module.parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    params.append(param)
+        if params:
+            groups.append(params)
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    if rest:  # parameters outside every named group join the first (body) group
+        groups[0].extend(rest)
+    return groups
 
 
 def list_models() -> list[str]:

@@ -53,8 +53,14 @@ class SeedCNN(nn.Sequential):
             nn.Linear(hidden, num_classes),
         )
 
+    def layer_groups(self) -> list[list[nn.Module]]:
+        """Conv block 1, conv block 2, and the head: the dense layers after the convolutions
+        (Dense128 + its BatchNorm + the classifier), which transfer starts afresh when the
+        classes change, as fastai cuts a body from its head at the pooling."""
+        return [[self[1]], [self[2]], [self[4], self[6], self[7]]]
 
-@register_model("seed-cnn")
+
+@register_model("seed-cnn", fixed_size=True)
 def seed_cnn(
     *,
     in_channels: int,

@@ -1,0 +1,455 @@
+"""Split-conformal prediction sets over class probabilities (plain or TTA).
+
+A calibration split held out from training (ttakit's validation split) gives each image a
+nonconformity score for its true label; the ``ceil((n + 1)(1 - alpha)) / n`` empirical
+quantile of those scores, ``qhat``, turns any later prediction into a set of classes that
+holds the true label with probability at least ``1 - alpha`` (Vovk et al. 2005; Angelopoulos &
+Bates 2021, "A gentle introduction to conformal prediction"), provided calibration and test
+images are exchangeable. Two scores:
+
+* ``"lac"`` (least ambiguous set-valued classifier, Sadinle et al. 2019): ``1 - p[y]``; the set
+  is every class with ``p >= 1 - qhat``. Smallest sets on average.
+* ``"aps"`` (adaptive prediction sets, Romano et al. 2020): the probability mass of the classes
+  ranked at or above ``y``; the set grows with the image's own uncertainty. Randomized by a
+  seeded uniform draw by default (exact coverage, not over-coverage).
+
+Sets are ``(N, C)`` bool masks; :func:`ttakit.metrics.set_coverage` and
+:func:`ttakit.metrics.set_size` score them.
+
+Example:
+    >>> g = torch.Generator().manual_seed(0)
+    >>> probs = torch.softmax(3 * torch.randn(200, 4, generator=g), 1)
+    >>> labels = probs.argmax(1)
+    >>> cal = calibrate(probs[:100], labels[:100], alpha=0.1)
+    >>> cal.predict_sets(probs[100:]).shape
+    torch.Size([100, 4])
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from .errors import InvalidInputError, unknown_name
+from .metrics import _check_probs_labels, set_coverage, set_size
+
+__all__ = [
+    "ConformalCalibration",
+    "METHODS",
+    "calibrate",
+    "calibrate_predictor",
+    "check_alpha",
+    "conformal_quantile",
+    "conformal_report",
+    "conformal_split",
+    "evaluate_extras",
+    "format_set",
+    "min_calibration_size",
+    "nonconformity_scores",
+]
+
+METHODS = ("lac", "aps")
+Method = Literal["lac", "aps"]
+
+
+def check_alpha(alpha: object) -> float:
+    """``alpha`` as a float in ``(0, 1)``, or :class:`InvalidInputError` naming it."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < float(alpha) < 1:
+        raise InvalidInputError(
+            f"Expected argument `alpha` (the miscoverage rate, sets cover 1 - alpha) to be a number "
+            f"strictly between 0 and 1, such as 0.1, but got {alpha!r}"
+        )
+    return float(alpha)
+
+
+def _check_method(method: object) -> str:
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise unknown_name("conformal method", method, METHODS)
+    return method.lower()
+
+
+def min_calibration_size(alpha: float) -> int:
+    """The fewest calibration images for which the conformal quantile at ``alpha`` exists:
+    ``ceil(1 / alpha - 1)`` (so that ``ceil((n + 1)(1 - alpha)) <= n``)."""
+    alpha = check_alpha(alpha)
+    return max(1, math.ceil(1.0 / alpha - 1.0 - 1e-9))
+
+
+def _quantile_rank(n: int, alpha: float) -> int:
+    # ceil((n + 1)(1 - alpha)) with a tolerance, so 0.9 * 10 is 9 and not 9.000000000000002 -> 10.
+    return math.ceil((n + 1) * (1.0 - alpha) - 1e-9)
+
+
+def conformal_quantile(scores: torch.Tensor, alpha: float) -> float:
+    """The finite-sample conformal quantile of calibration ``scores`` ``(n,)``: the
+    ``k``-th smallest score with ``k = ceil((n + 1)(1 - alpha))``.
+
+    Raises:
+        InvalidInputError: ``alpha`` outside ``(0, 1)``, or ``n`` too small for it
+            (``k > n``: the quantile is undefined and no finite threshold guarantees coverage).
+
+    Example:
+        >>> conformal_quantile(torch.arange(1.0, 20.0), 0.1)  # n = 19, k = 18
+        18.0
+    """
+    alpha = check_alpha(alpha)
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 1:
+        raise InvalidInputError(
+            f"Expected argument `scores` to be a (n,) tensor, but got "
+            f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}"
+        )
+    n = int(scores.shape[0])
+    k = _quantile_rank(n, alpha)
+    if k > n:
+        raise InvalidInputError(
+            f"the calibration (validation) split has {n} images, too few for alpha={alpha:g}: "
+            f"split conformal needs at least {min_calibration_size(alpha)} (n >= 1/alpha - 1); "
+            "use a larger --val-fraction when training, or a larger alpha"
+        )
+    return float(torch.sort(scores.double()).values[k - 1])
+
+
+def _uniform(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+
+
+def _aps_cumulative(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and class, the mass of the classes ranked at or above it: ``(N, C)``, and the
+    class order used (descending probability, ties by index)."""
+    order = torch.argsort(-p, dim=1, stable=True)
+    cum_sorted = torch.cumsum(p.gather(1, order), dim=1)
+    cum = torch.empty_like(p).scatter_(1, order, cum_sorted)
+    return cum, order
+
+
+def nonconformity_scores(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    method: Method = "lac",
+    *,
+    randomized: bool = True,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The score of each image's true label: ``(N,)`` float64, higher = less conforming.
+
+    Args:
+        probs: ``(N, C)`` class probabilities.
+        labels: ``(N,)`` true class indices.
+        method: ``"lac"`` (``1 - p[y]``) or ``"aps"`` (mass ranked at or above ``y``, minus
+            ``u * p[y]`` with ``u ~ U(0, 1)`` seeded when ``randomized``).
+    """
+    method = _check_method(method)
+    p, y = _check_probs_labels(probs, labels)
+    if method == "lac":
+        return 1.0 - p.gather(1, y[:, None]).squeeze(1)
+    cum, _ = _aps_cumulative(p)
+    score = cum.gather(1, y[:, None]).squeeze(1)
+    if randomized:
+        score = score - _uniform(p.shape[0], seed) * p.gather(1, y[:, None]).squeeze(1)
+    return score
+
+
+@dataclass(frozen=True)
+class ConformalCalibration:
+    """A calibrated split-conformal set predictor.
+
+    Attributes:
+        method: ``"lac"`` or ``"aps"``.
+        alpha: target miscoverage; sets hold the label with probability >= ``1 - alpha``.
+        qhat: the calibrated score threshold.
+        n_calibration: images it was calibrated on.
+        randomized: APS only: whether sets use the seeded uniform tie-breaking draw.
+        seed: seed of that draw (test images get their own stream: ``seed + 1``).
+    """
+
+    method: str
+    alpha: float
+    qhat: float
+    n_calibration: int
+    randomized: bool = True
+    seed: int = 0
+
+    def predict_sets(self, probs: torch.Tensor) -> torch.Tensor:
+        """Prediction sets ``(N, C)`` bool for probabilities ``probs`` ``(N, C)``.
+
+        LAC: ``{c : 1 - p[c] <= qhat}``. APS: ``{c : mass ranked at or above c - u * p[c] <= qhat}``
+        (``u = 0`` unless randomized). A set may be empty when ``qhat`` is small (the image
+        is unlike anything in calibration at this ``alpha``); that counts as a miss.
+        """
+        if not isinstance(probs, torch.Tensor) or probs.ndim != 2:
+            raise InvalidInputError(
+                f"Expected argument `probs` to be a (N, C) tensor, but got "
+                f"{tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__}"
+            )
+        dummy = torch.zeros(probs.shape[0], dtype=torch.long)
+        p, _ = _check_probs_labels(probs, dummy)
+        # A float tolerance keeps a calibration image's own score inside its set.
+        q = self.qhat + 1e-12
+        if self.method == "lac":
+            return (1.0 - p) <= q
+        cum, _ = _aps_cumulative(p)
+        if self.randomized:
+            cum = cum - _uniform(p.shape[0], self.seed + 1)[:, None] * p
+        return cum <= q
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibrate(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    method: Method = "lac",
+    *,
+    randomized: bool = True,
+    seed: int = 0,
+) -> ConformalCalibration:
+    """Calibrate split-conformal sets on held-out ``probs`` ``(n, C)`` and ``labels`` ``(n,)``.
+
+    Raises:
+        InvalidInputError: ``alpha`` outside ``(0, 1)``; fewer than ``1/alpha - 1`` images;
+            an unknown ``method`` (``lac``, ``aps``); malformed probabilities or labels.
+    """
+    alpha = check_alpha(alpha)
+    method = _check_method(method)
+    scores = nonconformity_scores(probs, labels, method, randomized=randomized, seed=seed)
+    qhat = conformal_quantile(scores, alpha)
+    return ConformalCalibration(method, alpha, qhat, int(scores.shape[0]), bool(randomized), int(seed))
+
+
+def conformal_report(
+    cal: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    test: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    alpha: float,
+    method: Method = "lac",
+    *,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Calibrate each predictor on its calibration probabilities and score its sets on test.
+
+    Args:
+        cal: name -> ``(probs (n, C), labels (n,))`` on the calibration (validation) split,
+            e.g. ``{"none": plain, "hflip": tta}``.
+        test: the same names -> ``(probs (N, C), labels (N,))`` on the test split.
+        alpha: target miscoverage.
+        method: ``"lac"`` or ``"aps"``.
+
+    Returns:
+        One row per name: ``policy``, ``method``, ``alpha``, ``target_coverage``, ``coverage``
+        (empirical, on test), ``mean_set_size``, ``singletons`` (share of sets of size 1),
+        ``empty`` (share of empty sets), ``qhat``, ``n_calibration``, ``n_test``.
+    """
+    alpha = check_alpha(alpha)
+    method = _check_method(method)
+    missing = [name for name in cal if name not in test]
+    if missing:
+        raise InvalidInputError(f"conformal_report: no test probabilities for {missing}")
+    rows = []
+    for name, (cal_probs, cal_labels) in cal.items():
+        calibration = calibrate(cal_probs, cal_labels, alpha, method, seed=seed)
+        test_probs, test_labels = test[name]
+        sets = calibration.predict_sets(test_probs)
+        sizes = sets.sum(dim=1)
+        rows.append(
+            {
+                "policy": name,
+                "method": method,
+                "alpha": alpha,
+                "target_coverage": 1.0 - alpha,
+                "coverage": set_coverage(sets, test_labels),
+                "mean_set_size": set_size(sets),
+                "singletons": float((sizes == 1).double().mean()),
+                "empty": float((sizes == 0).double().mean()),
+                "qhat": calibration.qhat,
+                "n_calibration": calibration.n_calibration,
+                "n_test": int(sets.shape[0]),
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- in `ttakit evaluate`
+
+
+def conformal_split(meta: Any, data: str | None, data_dir: str | None, alpha: float | None) -> Any:
+    """The calibration data for ``evaluate --conformal ALPHA``: the checkpoint's validation split,
+    checked up front (``alpha`` in ``(0, 1)``, enough images for it). None when ``alpha`` is None."""
+    if alpha is None:
+        return None
+    alpha = check_alpha(alpha)
+    from .experiment import load_eval_data
+
+    try:
+        val = load_eval_data(meta, data, "val", data_dir)
+    except InvalidInputError as err:
+        raise InvalidInputError(
+            f"--conformal {alpha:g} calibrates on the validation split held out at training time: {err}"
+        ) from None
+    need = min_calibration_size(alpha)
+    if len(val) < need:
+        raise InvalidInputError(
+            f"--conformal {alpha:g}: the validation split has {len(val)} images, too few for alpha={alpha:g} "
+            f"(split conformal needs at least {need}: n >= 1/alpha - 1); use a larger alpha or retrain with a "
+            "larger --val-fraction"
+        )
+    return val
+
+
+def _uncertainty_scores(out: Any) -> dict[str, torch.Tensor]:
+    u = out.uncertainty or {}
+    merged = out.merged.float().cpu()
+    top = merged.argmax(1)
+    scores = {"softmax 1 - max p": 1 - merged.max(1).values}
+    names = {
+        "predictive_entropy": "predictive entropy",
+        "expected_entropy": "expected entropy",
+        "mutual_information": "mutual information",
+        "disagreement": "view disagreement",
+    }
+    for key, label in names.items():
+        if key in u:
+            scores[label] = u[key].float().cpu()
+    if "std" in u:
+        scores["std of top class"] = u["std"].float().cpu().gather(1, top[:, None]).squeeze(1)
+    return scores
+
+
+def evaluate_extras(
+    model: Any,
+    dataset: Any,
+    policies: Sequence[Any],
+    *,
+    val: Any = None,
+    alpha: float | None = None,
+    method: str = "lac",
+    uncertainty: bool = True,
+    coverage: float = 0.9,
+    max_batch: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Uncertainty and conformal reporting for ``ttakit evaluate``.
+
+    For each policy, one engine run over ``dataset`` with ``return_uncertainty=True`` gives its
+    predictions and per-image scores; :func:`ttakit.metrics.selective_report` rates each score
+    as an error detector (AUROC against error, accuracy at ``coverage``), the plain softmax
+    confidence first as the baseline. With ``alpha``, each policy's split-conformal sets are
+    calibrated on ``val`` (from :func:`conformal_split`) and scored on ``dataset``.
+
+    Returns:
+        ``{"uncertainty": rows, "conformal": rows, "table": str, "markdown": str}``.
+    """
+    from .engine import TTAEngine
+    from .metrics import selective_report
+    from .report import format_table, markdown_table
+
+    if alpha is not None:
+        alpha = check_alpha(alpha)
+        method = _check_method(method)
+    labels = dataset.labels
+    unc_rows: list[dict[str, Any]] = []
+    test_probs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for policy in policies:
+        engine = TTAEngine(model, policy, max_batch=max_batch)
+        out = engine.run(dataset.images, return_uncertainty=uncertainty and len(policy) > 1)
+        probs = out.merged.float().cpu()
+        test_probs[policy.name] = (probs, labels)
+        if not uncertainty:
+            continue
+        correct = probs.argmax(1) == labels
+        scores = _uncertainty_scores(out)
+        if len(policy) == 1:  # plain inference: only the softmax confidence (the baseline)
+            scores = {"softmax 1 - max p (baseline)": scores["softmax 1 - max p"]}
+        for row in selective_report(scores, correct, coverage):
+            unc_rows.append({"policy": policy.name, **row})
+    cp_rows: list[dict[str, Any]] = []
+    if alpha is not None:
+        if val is None:
+            raise InvalidInputError("conformal reporting needs the validation split (see conformal_split)")
+        cal = {}
+        for policy in policies:
+            probs = TTAEngine(model, policy, max_batch=max_batch).run(val.images).merged.float().cpu()
+            cal[policy.name] = (probs, val.labels)
+        cp_rows = conformal_report(cal, test_probs, alpha, method)
+        plain = next((r for r in cp_rows if r["policy"] == "none"), None)
+        for row in cp_rows:
+            if plain is not None and row is not plain and plain["mean_set_size"] > 0:
+                row["size_vs_plain"] = row["mean_set_size"] / plain["mean_set_size"]
+
+    unc_show = [
+        {
+            "policy": r["policy"],
+            "score (higher = less sure)": r["score"],
+            "AUROC vs error": "-" if r["auroc"] != r["auroc"] else f"{r['auroc']:.3f}",
+            f"accuracy at {coverage:.0%} coverage %": f"{100 * r['accuracy_at_coverage']:.2f}",
+        }
+        for r in unc_rows
+    ]
+    cp_show = [
+        {
+            "policy": r["policy"],
+            "method": r["method"].upper(),
+            "target %": f"{100 * r['target_coverage']:.1f}",
+            "coverage %": f"{100 * r['coverage']:.2f}",
+            "mean set size": f"{r['mean_set_size']:.3f}",
+            "vs plain": f"{r['size_vs_plain']:.3f}" if "size_vs_plain" in r else "",
+            "singletons %": f"{100 * r['singletons']:.1f}",
+        }
+        for r in cp_rows
+    ]
+    tables, markdown = [], []
+    if unc_show:
+        title = "uncertainty: how well each score flags errors (AUROC; accuracy when abstaining on the least sure)"
+        tables.append(format_table(unc_show, title=title))
+        markdown += ["## Uncertainty", "", title + ".", "", markdown_table(unc_show), ""]
+    if cp_show:
+        title = (f"conformal sets ({method.upper()}, alpha={alpha:g}), calibrated on {len(val)} validation images, "
+                 f"scored on {len(dataset)}")
+        tables.append(format_table(cp_show, title=title))
+        markdown += ["## Conformal prediction sets", "", title + ".", "", markdown_table(cp_show), ""]
+    return {"uncertainty": unc_rows, "conformal": cp_rows, "table": "\n\n".join(tables), "markdown": "\n".join(markdown)}
+
+
+def calibrate_predictor(
+    predictor: Any,
+    policy: Any,
+    alpha: float,
+    method: str = "lac",
+    *,
+    data: str | None = None,
+    data_dir: str | None = None,
+    max_batch: int = 256,
+    device: Any = None,
+    amp: bool = False,
+) -> ConformalCalibration:
+    """``predict --conformal ALPHA``: calibrate sets for ``predictor`` under ``policy`` on the
+    validation split its checkpoint held out (``predictor.meta``, a ttakit checkpoint).
+
+    Raises:
+        InvalidInputError: ``alpha`` outside ``(0, 1)``; a model that is not a ttakit checkpoint
+            (it records no validation split); a validation split too small for ``alpha``.
+    """
+    from .engine import TTAEngine
+
+    alpha = check_alpha(alpha)
+    method = _check_method(method)
+    meta = getattr(predictor, "meta", None)
+    if meta is None:
+        raise InvalidInputError(
+            f"--conformal {alpha:g} calibrates on the validation split a ttakit checkpoint records, but "
+            f"{getattr(predictor, 'source', 'this model')} is not a ttakit checkpoint"
+        )
+    val = conformal_split(meta, data, data_dir, alpha)
+    engine = TTAEngine(predictor, policy, max_batch=max_batch, device=device, amp=amp)
+    probs = engine.run(val.images).merged.float().cpu()
+    return calibrate(probs, val.labels, alpha, method)
+
+
+def format_set(mask: torch.Tensor, classes: Sequence[str]) -> str:
+    """One image's set ``mask: (C,)`` bool as class names joined by ``|`` (empty set: ``""``)."""
+    return "|".join(classes[c] for c in torch.nonzero(mask).flatten().tolist())

@@ -1,0 +1,402 @@
+"""``ttakit predict``: TTA predictions for a folder of image files, from any model.
+
+Files are decoded in DataLoader worker processes (so decoding overlaps inference), each batch
+goes through :class:`ttakit.engine.TTAEngine` once, and its rows are written and flushed at
+once: one row per image with the top-k classes and probabilities, the predictive entropy, the
+fraction of views that disagree with the merged class, and the forward passes spent (a gated
+policy spends one on confident images).
+
+Crash safety: each batch's rows are written with one write and flushed, so a killed run leaves
+whole rows (a torn last line, possible only if the kill lands inside that write, is dropped by
+``resume``); ``resume=True`` keeps the rows already there and predicts only the missing files,
+so the output ends with exactly one row per image. Files that cannot be decoded are listed with
+the reason in ``<out>.errors.csv`` and the run goes on.
+
+Example:
+    >>> summary = predict_images("runs/cnn", "photos/", out="preds.csv", policy="hflip")  # doctest: +SKIP
+    >>> summary["n_predicted"]
+    120
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.decode import ImageFiles, check_channels, collate_decoded, list_images
+from .engine import TTAEngine
+from .errors import InvalidInputError
+from .policy import Policy
+from .predictors import Predictor, load
+
+__all__ = ["predict_images", "errors_path", "read_done", "default_workers", "output_columns"]
+
+ERROR_COLUMNS = ["path", "reason"]
+
+
+def errors_path(out: str | os.PathLike) -> Path:
+    """Where unreadable files are listed: ``<out>.errors.csv``."""
+    out = Path(out)
+    return out.with_name(out.name + ".errors.csv")
+
+
+def output_columns(top_k: int, conformal: bool = False) -> list[str]:
+    """CSV header: path, class_1, prob_1, ..., class_k, prob_k, entropy, disagreement, forward_passes
+    (and ``set``, the conformal prediction set, with ``conformal``)."""
+    ranked = [name for i in range(1, top_k + 1) for name in (f"class_{i}", f"prob_{i}")]
+    return ["path", *ranked, "entropy", "disagreement", "forward_passes", *(["set"] if conformal else [])]
+
+
+def default_workers() -> int:
+    """Decoding workers: 1 on machines with up to 4 cores (inference needs the rest), else 2-4."""
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 4 else min(4, cores // 4)
+
+
+def _check_out(out: str | os.PathLike) -> Path:
+    path = Path(out)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InvalidInputError(f"--out {path} is a folder; give a file path like {path / 'preds.csv'}")
+    if not parent.is_dir():
+        raise InvalidInputError(f"--out {path}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InvalidInputError(f"--out {path}: cannot write there (permission denied)")
+    return path
+
+
+def _output_format(out: Path, format: str | None) -> str:
+    if format is None:
+        return "jsonl" if out.suffix.lower() in (".jsonl", ".ndjson") else "csv"
+    if format not in ("csv", "jsonl"):
+        raise InvalidInputError(f"format must be 'csv' or 'jsonl', got {format!r}")
+    return format
+
+
+def _resolve_policy(spec: str | Policy, predictor: Predictor) -> Policy:
+    from .aliases import policy_from_augmentations
+    from .evaluate import resolve_policy
+
+    if isinstance(spec, str) and spec == "train-aug":
+        if not predictor.train_augmentations and predictor.kind not in ("checkpoint",):
+            raise InvalidInputError(
+                f"policy 'train-aug' needs a model that records its training augmentations (a ttakit checkpoint "
+                f"or export); {predictor.source} does not"
+            )
+        return policy_from_augmentations(predictor.train_augmentations)
+    return resolve_policy(spec)
+
+
+# --------------------------------------------------------------------------- reading what exists
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a write cut short by a kill)."""
+    with open(path, "rb+") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size == 0:
+            return
+        back = min(size, 1 << 20)
+        while True:
+            handle.seek(size - back)
+            tail = handle.read(back)
+            cut = tail.rfind(b"\n")
+            if cut >= 0 or back == size:
+                break
+            back = min(size, back * 2)
+        keep = size - back + cut + 1 if cut >= 0 else 0
+        if keep != size:
+            handle.truncate(keep)
+
+
+def read_done(out: str | os.PathLike, format: str, columns: list[str] | None = None) -> set[str]:
+    """Paths already in ``out`` (a torn last line is removed first).
+
+    Raises:
+        InvalidInputError: the file was written with other columns (another ``--top-k``) or is
+            not a ttakit predictions file.
+    """
+    path = Path(out)
+    if not path.exists():
+        return set()
+    _truncate_torn_tail(path)
+    done: set[str] = set()
+    with open(path, encoding="utf-8", newline="") as handle:
+        if format == "jsonl":
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    done.add(json.loads(line)["path"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise InvalidInputError(
+                        f"--resume: line {number} of {path} is not a ttakit prediction row; use another --out"
+                    ) from None
+            return done
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return done
+        if columns is not None and header != columns:
+            raise InvalidInputError(
+                f"--resume: {path} has columns {','.join(header[:4])}... but this run writes "
+                f"{','.join(columns[:4])}... ({(len(columns) - 4) // 2} classes); use the same --top-k or another --out"
+            )
+        for row in reader:
+            if len(row) == len(header):
+                done.add(row[0])
+    return done
+
+
+def _read_error_paths(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    _truncate_torn_tail(path)
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)
+        return {row[0] for row in reader if row}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _format_rows(
+    paths: Sequence[str],
+    probs: torch.Tensor,
+    entropy: torch.Tensor,
+    disagreement: torch.Tensor,
+    passes: torch.Tensor,
+    classes: Sequence[str],
+    top_k: int,
+    format: str,
+    sets: torch.Tensor | None = None,
+) -> str:
+    values, indices = probs.topk(top_k, dim=1)
+    values, indices = values.tolist(), indices.tolist()
+    entropy, disagreement, passes = entropy.tolist(), disagreement.tolist(), passes.tolist()
+    if format == "jsonl":
+        lines = []
+        for i, path in enumerate(paths):
+            row = {
+                "path": path,
+                "top_k": [{"class": classes[c], "prob": round(p, 6)} for c, p in zip(indices[i], values[i], strict=True)],
+                "entropy": round(entropy[i], 6),
+                "disagreement": round(disagreement[i], 6),
+                "forward_passes": int(passes[i]),
+            }
+            if sets is not None:
+                row["set"] = [classes[c] for c in torch.nonzero(sets[i]).flatten().tolist()]
+            lines.append(json.dumps(row) + "\n")
+        return "".join(lines)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    for i, path in enumerate(paths):
+        ranked = [item for c, p in zip(indices[i], values[i], strict=True) for item in (classes[c], f"{p:.6f}")]
+        extra = ["|".join(classes[c] for c in torch.nonzero(sets[i]).flatten().tolist())] if sets is not None else []
+        writer.writerow([path, *ranked, f"{entropy[i]:.6f}", f"{disagreement[i]:.6f}", int(passes[i]), *extra])
+    return buffer.getvalue()
+
+
+def _csv_line(values: Sequence[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def predict_images(
+    model: Any,
+    images: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    out: str | os.PathLike,
+    policy: str | Policy = "none",
+    top_k: int = 5,
+    workers: int | None = None,
+    batch_size: int | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    max_batch: int = 256,
+    format: str | None = None,
+    progress: bool = True,
+    model_options: dict[str, Any] | None = None,
+    conformal: float | None = None,
+    conformal_method: str = "lac",
+) -> dict[str, Any]:
+    """Predict every image ``images`` names with ``policy`` and write one row per image to ``out``.
+
+    Args:
+        model: anything :func:`ttakit.predictors.load` takes (a checkpoint folder, a model
+            file, an ``nn.Module``, a NumPy callable) or a :class:`Predictor`.
+        images: a folder (recursive), a glob, a text file listing paths, or a list of paths.
+        out: the CSV (default) or ``.jsonl`` file to write.
+        policy: a policy name, ``train-aug``, a policy JSON file or a :class:`Policy`.
+        top_k: classes (with probabilities) per row.
+        workers: decoding worker processes (0 decodes in this process); default
+            :func:`default_workers`.
+        batch_size: images decoded and predicted per step (rows are flushed per step);
+            default ``max_batch``.
+        resume: keep the rows already in ``out`` and predict only the missing files.
+        device, amp, max_batch: passed to :class:`TTAEngine`.
+        format: ``"csv"`` or ``"jsonl"``; default from the suffix of ``out``.
+        model_options: options for :func:`ttakit.predictors.load` (layout, input_size, ...).
+        conformal: ``ALPHA``: add each image's split-conformal prediction set (covering
+            ``1 - ALPHA``), calibrated with the same policy on the validation split a ttakit
+            checkpoint held out (:func:`ttakit.conformal.calibrate_predictor`).
+        conformal_method: ``"lac"`` (smallest sets) or ``"aps"``.
+
+    Returns:
+        A summary dict: counts (images, predicted, skipped as done, errors), seconds, images/s,
+        forward passes per image, the policy's views, and the output and errors paths.
+
+    Raises:
+        DataError: no images found. InvalidInputError: a bad output path, option or model
+        that images cannot be fed to.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
+    out = _check_out(out)
+    fmt = _output_format(out, format)
+    predictor = load(model, **(model_options or {}))
+    channels = check_channels(predictor.channels, f"model {predictor.source}")
+    if predictor.input_size is None:
+        raise InvalidInputError(
+            f"model {predictor.source} does not say what image size it takes; pass input_size (--input-size HxW)"
+        )
+    resolved = _resolve_policy(policy, predictor)
+    engine = TTAEngine(predictor, resolved, max_batch=max_batch, device=device, amp=amp)
+    if device is not None:
+        predictor.to(device)
+    paths = list_images(images)
+    calibration = None
+    if conformal is not None:
+        from .conformal import calibrate_predictor
+
+        calibration = calibrate_predictor(
+            predictor, resolved, conformal, conformal_method, max_batch=max_batch, device=device, amp=amp
+        )
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise InvalidInputError(f"workers must be 0 or a positive integer, got {workers!r}")
+    batch_size = batch_size or max_batch
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+    errors_file = errors_path(out)
+    names = [str(p) for p in paths]
+    if len(set(names)) != len(names):
+        names = list(dict.fromkeys(names))  # a list file naming a file twice: predict it once
+    classes = predictor.classes
+    width_known = classes is not None
+    with_sets = calibration is not None
+    columns = output_columns(min(top_k, len(classes)), with_sets) if width_known else None
+    done: set[str] = set()
+    if resume and out.exists():
+        done = read_done(out, fmt, columns)
+        done |= _read_error_paths(errors_file)
+    # Compare absolute paths: a resumed run may name the same folder another way (./imgs, imgs/).
+    done_abs = {os.path.abspath(p) for p in done}
+    todo = [n for n in names if os.path.abspath(n) not in done_abs]
+
+    started = time.perf_counter()
+    n_predicted = n_errors = 0
+    passes_total = 0.0
+    opened_mode = "a" if resume and out.exists() else "w"
+    output = open(out, opened_mode, encoding="utf-8", newline="")
+    error_output = open(errors_file, "a" if resume and errors_file.exists() else "w", encoding="utf-8", newline="")
+    try:
+        if error_output.tell() == 0:
+            error_output.write(_csv_line(ERROR_COLUMNS))
+            error_output.flush()
+        loader = [] if not todo else torch.utils.data.DataLoader(
+            ImageFiles(todo, channels, predictor.input_size),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=collate_decoded,
+            pin_memory=engine.device is not None and engine.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )  # nothing to do (a finished run resumed): no worker processes to start
+        from .progress import progress as progress_bar
+
+        with progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress) as bar:
+            for indices, batch, failures in loader:
+                if failures:
+                    error_output.write("".join(_csv_line([todo[i], reason]) for i, reason in failures))
+                    error_output.flush()
+                    n_errors += len(failures)
+                if batch is not None:
+                    result = engine.run(batch.float().div_(255.0), return_uncertainty=True)
+                    probs = result.merged.float().cpu()
+                    if classes is None:
+                        classes = [str(c) for c in range(probs.shape[1])]
+                    k = min(top_k, probs.shape[1])
+                    if columns is None:
+                        columns = output_columns(k, with_sets)
+                        if resume and fmt == "csv" and out.stat().st_size:
+                            read_done(out, fmt, columns)  # the header must match before appending
+                    if fmt == "csv" and output.tell() == 0:
+                        output.write(_csv_line(columns))
+                    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=1)
+                    disagreement = result.uncertainty["disagreement"].float().cpu()
+                    passes = _passes_per_row(result, len(resolved), probs.shape[0])
+                    sets = calibration.predict_sets(probs) if calibration is not None else None
+                    output.write(
+                        _format_rows(
+                            [todo[i] for i in indices], probs, entropy, disagreement, passes, classes, k, fmt, sets
+                        )
+                    )
+                    output.flush()
+                    n_predicted += len(indices)
+                    passes_total += float(passes.sum())
+                bar.update(len(indices) + len(failures))
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(img_s=f"{(n_predicted + n_errors) / max(elapsed, 1e-9):.0f}", errors=n_errors)
+        if fmt == "csv" and output.tell() == 0 and columns is not None:
+            output.write(_csv_line(columns))  # nothing left to predict: still a valid file
+    finally:
+        output.close()
+        error_output.close()
+    seconds = time.perf_counter() - started
+    if n_errors == 0 and errors_file.exists() and errors_file.stat().st_size <= len(_csv_line(ERROR_COLUMNS)):
+        errors_file.unlink()  # no errors ever: no errors file
+    return {
+        "out": str(out),
+        "errors": str(errors_file) if errors_file.exists() else None,
+        "format": fmt,
+        "n_images": len(names),
+        "n_done_before": len(names) - len(todo),
+        "n_predicted": n_predicted,
+        "n_errors": n_errors,
+        "seconds": seconds,
+        "images_per_second": n_predicted / seconds if seconds > 0 else math.inf,
+        "passes_per_image": passes_total / n_predicted if n_predicted else 0.0,
+        "policy": resolved.name,
+        "views": resolved.view_names,
+        "model": predictor.describe(),
+        "workers": workers,
+        "batch_size": batch_size,
+        "conformal": calibration.to_json() if calibration is not None else None,
+    }
+
+
+def _passes_per_row(result: Any, n_views: int, rows: int) -> torch.Tensor:
+    """Forward passes each image got: every view, or under the gate 1 for images kept plain."""
+    gated = getattr(result, "gated", None)
+    if gated is None:
+        return torch.full((rows,), float(n_views))
+    return torch.where(gated.cpu(), float(n_views), 1.0)
+

@@ -1,0 +1,70 @@
+"""Policy search on held-out data, one module per job:
+
+=================  ==========================================================================
+``pool``           the candidate views (:func:`default_pool`), Keras random copies, fastai TTA
+``cache``          the view cache ``(V, N, C)`` and its file format (:class:`ViewCache`)
+``halving``        successive halving: score on a growing subset, cache only the survivors
+``calibration``    the temperature: fit (:func:`fit_temperature`) and apply, in one place
+``weights``        learned aggregation: per-view and class-by-view weights, cross-validated
+``greedy``         greedy selection (:func:`greedy_search`) and the never-worse check
+``gate``           gate tuning (:func:`tune_gate_threshold`) and gated outputs from a cache
+``run``            the orchestration ``ttakit search`` calls (:func:`search_policy`)
+=================  ==========================================================================
+
+Search takes tensors (a model, validation images and labels) or a cache, never datasets; the
+Markdown/PNG report is :func:`ttakit.report.write_search_report`. Names load on first use, so
+importing one module (``ttakit.search.gate``) does not import the rest.
+
+Example:
+    >>> from ttakit.search import default_pool
+    >>> default_pool((28, 28))[0].name
+    'identity'
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "OBJECTIVES": "greedy",
+    "SearchResult": "greedy",
+    "greedy_search": "greedy",
+    "never_worse": "greedy",
+    "ViewCache": "cache",
+    "cache_views": "cache",
+    "default_pool": "pool",
+    "random_copy_views": "pool",
+    "random_copy_policy": "pool",
+    "fastai_policy": "pool",
+    "fastai_merge": "pool",
+    "fit_temperature": "calibration",
+    "apply_temperature": "calibration",
+    "fit_view_weights": "weights",
+    "fit_class_view_weights": "weights",
+    "GateTuning": "gate",
+    "tune_gate_threshold": "gate",
+    "evaluate_gated_on_cache": "gate",
+    "forward_passes": "gate",
+    "successive_halving": "halving",
+    "HalvingResult": "halving",
+    "search_policy": "run",
+}
+_REPORTS = ("search_markdown", "write_search_report")
+
+__all__ = sorted([*_EXPORTS, *_REPORTS])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    elif name in _REPORTS:  # the report lives with the other reports
+        value = getattr(importlib.import_module("ttakit.report"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,182 @@
+"""Temperature scaling, fitted and applied in one place.
+
+A policy's merged output is a probability vector; its log is a logit vector up to a constant,
+so calibrating it is ordinary temperature scaling: ``softmax(log(p) / T)``
+(:func:`apply_temperature`, the one implementation, which the engine applies to a policy's
+merged output). :func:`fit_temperature` finds the ``T`` minimising the NLL on
+validation data. The search fits many temperatures at once (one per candidate merge) with the
+vectorised internals below, which hold probabilities class-major ``(V, C, N)``.
+
+Example:
+    >>> apply_temperature(torch.tensor([[0.8, 0.2]]), 2.0)
+    tensor([[0.6667, 0.3333]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..errors import InvalidInputError
+from ..merge import PROB_FLOOR, apply_temperature  # applying lives with merging; re-exported here
+from ._util import SCORE_CHUNK, SingleThread, cm, gather_cm
+
+__all__ = ["PROB_FLOOR", "apply_temperature", "fit_temperature"]
+
+# Per-image NLL is capped where ttakit.metrics.nll clamps probabilities (eps=1e-12), so the
+# search optimises the number the reports show, and a few confident mistakes cannot dominate.
+NLL_CAP = -math.log(1e-12)
+BETA_RANGE = (1e-2, 1e2)  # inverse temperatures searched: T in [0.01, 100]
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature ``T`` minimising the NLL of ``softmax(logits / T)``.
+
+    The NLL is :func:`ttakit.metrics.nll`'s (probabilities floored at 1e-12). For merged
+    probabilities pass ``log(probs)``. Safeguarded Newton on ``1 / T`` (the uncapped NLL is
+    convex in it); the result lies in ``[0.01, 100]``.
+
+    Args:
+        logits: ``(N, C)``.
+        labels: ``(N,)`` class indices.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> z = torch.randn(4000, 5) * 3
+        >>> y = torch.distributions.Categorical(logits=z / 2).sample()
+        >>> round(fit_temperature(z, y), 1)
+        2.0
+    """
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] == 0:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise InvalidInputError(f"Expected argument `logits` to be a non-empty (N, C) tensor, but got {shape}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:1]:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise InvalidInputError(f"Expected argument `labels` to be a ({logits.shape[0]},) tensor, but got {got}")
+    if not torch.isfinite(logits).all():
+        raise InvalidInputError("Expected argument `logits` to be finite, but it holds NaN/inf")
+    with SingleThread():
+        beta, _ = fit_beta_cm(*shifted_logits(cm(logits.detach())[None], labels.long()))
+    return float(1.0 / beta[0])
+
+
+# --------------------------------------------------------------------------- vectorised internals
+
+
+def shifted_log(probs_cm: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d = log(p / max_c p)`` (``<= 0``, ``(V, C, N)``) and ``d[y]`` ``(V, N)`` of probabilities."""
+    top = probs_cm.amax(1, keepdim=True).clamp_min(PROB_FLOOR)
+    d = (probs_cm / top).clamp_min_(PROB_FLOOR).log_()
+    return d, gather_cm(d, y)
+
+
+def shifted_logits(logits_cm: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same for logits: ``d = z - max_c z``."""
+    d = logits_cm - logits_cm.amax(1, keepdim=True)
+    return d, gather_cm(d, y)
+
+
+def moments(d: torch.Tensor, dy: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """NLL of ``softmax(beta * d)`` over classes and its first two derivatives in beta, per row.
+
+    ``d``: ``(V, C, N)`` log-probabilities shifted so the top class is 0; ``dy``: ``(V, N)``;
+    ``beta``: ``(V,)``. Each image's loss is capped at ``-log(1e-12)`` as in
+    :func:`ttakit.metrics.nll` (a capped image has zero derivatives). Returns three ``(V,)``
+    float64 tensors.
+    """
+    b = beta.float()
+    e = torch.exp(d * b[:, None, None])
+    s = e.sum(1)  # (V, N)
+    e.mul_(d)
+    ed = e.sum(1)
+    ed2 = e.mul_(d).sum(1)
+    mean_d = ed / s
+    var = (ed2 / s - mean_d * mean_d).clamp_min_(0)
+    loss = s.log_().sub_(b[:, None] * dy)
+    capped = loss > NLL_CAP
+    zero = torch.zeros((), dtype=loss.dtype)
+    grad = torch.where(capped, zero, mean_d - dy)
+    hess = torch.where(capped, zero, var)
+    nll = loss.clamp_max_(NLL_CAP).double().mean(1)
+    return nll, grad.double().mean(1), hess.double().mean(1)
+
+
+def per_image_nll(d: torch.Tensor, dy: torch.Tensor, beta: float) -> torch.Tensor:
+    """``(V, N)`` capped NLL of ``softmax(beta * d)`` per image (for confidence bounds)."""
+    e = torch.exp(d * float(beta)).sum(1)
+    return e.log_().sub_(float(beta) * dy).clamp_max_(NLL_CAP)
+
+
+def fit_beta_cm(
+    d: torch.Tensor,
+    dy: torch.Tensor,
+    beta0: torch.Tensor | float | None = None,
+    iters: int = 40,
+    rtol: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse temperatures minimising the NLL of ``softmax(beta * d[v])``, for every row v at once.
+
+    The uncapped NLL is convex in beta (capping only flattens a few confident mistakes), so a
+    safeguarded Newton iteration (bisection inside a bracket kept by the sign of the gradient)
+    converges from any start. Returns ``(beta, nll)``, ``(V,)`` float64, beta in ``[0.01, 100]``.
+    """
+    rows = d.shape[0]
+    lo = torch.full((rows,), BETA_RANGE[0], dtype=torch.float64)
+    hi = torch.full((rows,), BETA_RANGE[1], dtype=torch.float64)
+    if beta0 is None:
+        beta = torch.ones(rows, dtype=torch.float64)
+    else:
+        beta = torch.as_tensor(beta0, dtype=torch.float64).expand(rows).clone()
+    beta = beta.clamp(BETA_RANGE[0] * 1.001, BETA_RANGE[1] * 0.999)
+    for _ in range(iters):
+        nll, grad, hess = moments(d, dy, beta)
+        rising = grad > 0
+        hi = torch.where(rising, beta, hi)
+        lo = torch.where(rising, lo, beta)
+        newton = beta - grad / hess.clamp_min(1e-12)
+        bad = (hess <= 1e-12) | ~torch.isfinite(newton) | (newton <= lo) | (newton >= hi)
+        new = torch.where(bad, torch.sqrt(lo * hi), newton)
+        if bool(((new - beta).abs() <= rtol * beta).all()):
+            return beta, nll  # converged: the beta the NLL was evaluated at
+        beta = new
+    return beta, moments(d, dy, beta)[0]
+
+
+def fit_chunked(
+    make: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+    rows: int,
+    beta0: float | None = None,
+    rtol: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fit_beta_cm` over ``rows`` rows, ``make(start, stop) -> (d, dy)`` built per chunk."""
+    betas, nlls = [], []
+    for start in range(0, rows, SCORE_CHUNK):
+        d, dy = make(start, min(start + SCORE_CHUNK, rows))
+        beta, nll = fit_beta_cm(d, dy, beta0, rtol=rtol)
+        betas.append(beta)
+        nlls.append(nll)
+    return torch.cat(betas), torch.cat(nlls)
+
+
+def scores(probs: torch.Tensor, y: torch.Tensor, beta0: float | None = None) -> dict[str, float]:
+    """accuracy, raw NLL and temperature-scaled NLL (and the temperature) of merged probabilities
+    ``(N, C)``. Probabilities are renormalised first (a ``max`` merge does not sum to 1)."""
+    p = probs.float()
+    p = p / p.sum(1, keepdim=True).clamp_min(PROB_FLOOR)
+    beta, nll_ts = fit_beta_cm(*shifted_log(cm(p)[None], y), beta0)
+    picked = p.gather(1, y[:, None]).squeeze(1)
+    return {
+        "accuracy": float((p.argmax(1) == y).double().mean()),
+        "nll": float(-picked.clamp_min(1e-12).log().double().mean()),
+        "nll_ts": float(nll_ts[0]),
+        "temperature": float(1.0 / beta[0]),
+    }
+
+
+def held_out_nll(probs: torch.Tensor, y: torch.Tensor, fit: torch.Tensor, held: torch.Tensor) -> float:
+    """NLL on ``held`` of ``probs (N, C)`` temperature-scaled with a temperature fitted on ``fit``."""
+    beta, _ = fit_beta_cm(*shifted_log(cm(probs[fit])[None], y[fit]))
+    d, dy = shifted_log(cm(probs[held])[None], y[held])
+    return float(moments(d, dy, beta)[0][0])

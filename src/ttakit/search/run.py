@@ -1,0 +1,215 @@
+"""The orchestration behind ``ttakit search``: pool -> view cache (successive halving) -> greedy
+selection, weights, gate and temperature -> the saved policy checked through the engine.
+
+:func:`search_policy` takes a model and validation tensors (loading data is the caller's job:
+:func:`ttakit.experiment.search_checkpoint`) and returns a :class:`SearchResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from ..augmentations import geometry, parse_augmentations
+from ..engine import TTAEngine
+from ..policy import Policy, View
+from ._util import EvalMode, check_count, check_fraction, check_images_labels, check_views, dedupe
+from .cache import cache_views
+from .greedy import (
+    Objective,
+    SearchResult,
+    _check_budget,
+    _check_objective,
+    greedy_search,
+    never_worse,
+)
+from .halving import successive_halving
+from .pool import baseline_policies, pool_with_sources, random_copy_views
+
+__all__ = ["search_policy"]
+
+
+def _accepts_other_sizes(model: Any, images: torch.Tensor) -> bool:
+    """Whether ``model`` runs on images 10% smaller than ``images`` (a fully convolutional net)."""
+    height, width = images.shape[-2:]
+    small = torch.nn.functional.interpolate(images[:2], size=(max(1, int(height * 0.9)), max(1, int(width * 0.9))))
+    try:
+        with torch.inference_mode(), EvalMode(model):
+            out = model(small)
+    except Exception:  # any failure means: feed this model its own size only
+        return False
+    return isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == small.shape[0]
+
+
+def engine_output(model: Any, images: torch.Tensor, policy: Policy, max_batch: int = 256) -> tuple[torch.Tensor, float]:
+    """``(N, C)`` probabilities of ``policy`` on ``images`` as inference produces them (views,
+    weights, gate and temperature, through :class:`TTAEngine`) and the passes per image spent."""
+    with EvalMode(model):
+        out = TTAEngine(model, policy, activation="softmax", max_batch=max_batch).run(images)
+    passes = getattr(out, "passes_per_image", None)
+    return out.merged.float().cpu(), float(passes if passes else len(policy))
+
+
+def search_policy(
+    model: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    pool: Sequence[View] | None = None,
+    train_augmentations: Sequence[dict | str] = (),
+    budget: int = 8,
+    objective: Objective = "nll",
+    learn_weights: bool = True,
+    class_weights: bool = True,
+    gate: bool = True,
+    keep: float = 0.95,
+    gate_confidence: float = 0.9,
+    gate_max_cost: float | None = 0.3,
+    n_random: int = 8,
+    fixed_size: bool | None = None,
+    halving: bool = True,
+    first_rung: int | None = None,
+    eta: float = 2.0,
+    survivors: int | None = None,
+    max_batch: int = 256,
+    progress: bool = True,
+    seed: int = 0,
+    name: str = "searched",
+) -> SearchResult:
+    """Search a TTA policy for ``model`` on labelled validation images.
+
+    Candidates come from :func:`~ttakit.search.default_pool` (or ``pool``); successive halving
+    (:func:`~ttakit.search.successive_halving`) runs them on a growing subset of the images and
+    caches in full only the survivors (``halving=False``: every candidate on every image);
+    :func:`~ttakit.search.greedy_search` selects views, weights, a gate and a temperature; last,
+    the policy as saved runs through :class:`TTAEngine` on the same images and is kept only if it
+    is not worse than the identity alone (else the ungated policy, else the identity).
+
+    Args:
+        model: a classifier returning ``(B, C)`` logits for raw images in ``[0, 1]``.
+        images: ``(N, C, H, W)`` the labelled validation images (never the test split).
+        labels: ``(N,)`` class indices.
+        pool: candidate views; the identity is added if missing.
+        train_augmentations: a checkpoint's ``meta.train_augmentations``.
+        budget, objective, learn_weights, class_weights, gate, keep, gate_confidence,
+            gate_max_cost: see :func:`~ttakit.search.greedy_search`.
+        fixed_size: whether the model only takes its training size (crops are resized back);
+            None probes the model with a smaller image.
+        halving, first_rung, eta, survivors: successive halving and its schedule
+            (:func:`~ttakit.search.successive_halving`'s ``first``, ``eta`` and ``keep``).
+        max_batch: most images per forward pass.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+        >>> images, labels = torch.rand(40, 1, 8, 8), torch.arange(40) % 2
+        >>> result = search_policy(model, images, labels, budget=3, progress=False)
+        >>> result.policy.view_names[0], len(result.policy) <= 3
+        ('identity', True)
+    """
+    images, labels = check_images_labels(images, labels)
+    budget = _check_budget(budget)
+    objective = _check_objective(objective)
+    check_fraction("keep", keep)
+    n_random = check_count("n_random", n_random, minimum=0)
+    augs = parse_augmentations(train_augmentations)
+    if pool is None:
+        if fixed_size is None:
+            fixed_size = not _accepts_other_sizes(model, images[:2])
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        views, sources = pool_with_sources(size, augs, fixed_size=fixed_size, n_random=n_random, seed=seed)
+    else:
+        views = check_views(pool, "pool")
+        sources = ["user"] * len(views)
+        views, sources = dedupe([View.identity(), *views], ["identity", *sources])
+    if not views[0].is_identity:  # the identity leads: halving always keeps row 0
+        k = next(i for i, v in enumerate(views) if v.is_identity)
+        views.insert(0, views.pop(k))
+        sources.insert(0, sources.pop(k))
+    Policy(views).check_targets("label")  # NotInvertibleError naming the view, before any work
+    geo = geometry(augs)
+    copies = None
+    if n_random >= 2 and (geo.flip_p > 0 or geo.max_shift > 0):
+        copies = [v.name for v in random_copy_views(augs, n_random, seed)]
+
+    started = time.perf_counter()
+    n = int(images.shape[0])
+    if halving:
+        halved = successive_halving(
+            model, images, labels, views, sources, budget=budget, keep=survivors, first=first_rung, eta=eta,
+            max_batch=max_batch, progress=progress, seed=seed,
+        )
+        cache, cost = halved.cache, halved.cost()
+    else:
+        cache = cache_views(model, images, labels, views, max_batch=max_batch, progress=progress, sources=sources)
+        cost = {
+            "method": "full caching",
+            "pool_size": len(views),
+            "survivors": len(views),
+            "forward_passes": len(views) * n,
+            "full_caching_passes": len(views) * n,
+            "saved_passes": 0,
+            "fraction_of_full": 1.0,
+            "rungs": [],
+        }
+    cache_seconds = time.perf_counter() - started
+    result = greedy_search(
+        cache,
+        budget,
+        objective,
+        learn_weights=learn_weights,
+        class_weights=class_weights,
+        gate=gate,
+        keep=keep,
+        gate_confidence=gate_confidence,
+        gate_max_cost=gate_max_cost,
+        baselines=baseline_policies(augs, n_random, seed),
+        random_copies=copies,
+        seed=seed,
+        name=name,
+    )
+
+    # The policy as saved, through the engine, against the identity alone (the cache's check
+    # used the same numbers computed another way; this one is what inference will do).
+    checked = time.perf_counter()
+    policy = result.policy
+    identity = cache.index("identity")
+    base = result.comparison[0]
+    check_passes = 0.0
+    if len(policy) > 1:
+        candidates = [policy] + ([replace(policy, gate_threshold=None)] if policy.gate_threshold is not None else [])
+        fallback = Policy([cache.views[identity]], name=name, temperature=base["temperature"], meta=dict(policy.meta))
+        spent: list[float] = []
+
+        def output(p: Policy) -> tuple[torch.Tensor, float]:
+            probs, passes = engine_output(model, images, p, max_batch)
+            spent.append(passes)
+            return probs, passes
+
+        final, saved, notes = never_worse(candidates, fallback, base, output, labels)
+        check_passes = sum(spent) * n
+        result.notes += notes
+        if final is not policy:
+            final.meta = dict(policy.meta)
+            result.gate = None if final.gate_threshold is None else result.gate
+        final.meta.setdefault("validation", {})["saved"] = saved
+        final.meta["validation"]["checked_through"] = "TTAEngine"
+        result.comparison[-1] = {**result.comparison[-1], **{k: saved[k] for k in ("accuracy", "nll")}, "views": saved["passes_per_image"]}
+        result.policy = final
+    cost["check_passes"] = check_passes
+    cost["check_seconds"] = time.perf_counter() - checked
+    result.cost = cost
+    result.cache_seconds = cache_seconds
+    result.policy.meta.update(
+        {
+            "cache_seconds": cache_seconds,
+            "train_augmentations": augs,
+            "fixed_size": fixed_size,
+            "forward_passes": cost["forward_passes"],
+            "full_caching_passes": cost["full_caching_passes"],
+        }
+    )
+    return result
