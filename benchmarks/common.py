@@ -105,21 +105,22 @@ def time_rounds(
     rounds: int,
     device: torch.device,
     warmup: int = 1,
-) -> dict[str, list[float]]:
-    """Seconds each contender takes for one pass over ``batches``, once per round.
+) -> dict[str, list[list[float]]]:
+    """Seconds each contender takes for each batch, in each round: ``{name: [round][batch]}``.
 
     Within a round the contenders take turns batch by batch, in an order rotated at every batch
-    (as :func:`time_side_by_side`), so a slow moment hits all of them alike; summarise with the
-    minimum over rounds, the least disturbed run of a shared machine.
+    (as :func:`time_side_by_side`), so a slow moment hits all of them alike. Summarise with
+    :func:`least_disturbed`: on a shared machine the fastest of a call's repetitions is the one
+    least disturbed by other jobs.
     """
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
             contenders[name](batches[0])
-    totals: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
     turn = 0
     for _ in range(rounds):
-        spent = dict.fromkeys(names, 0.0)
+        spent: dict[str, list[float]] = {name: [] for name in names}
         for batch in batches:
             order = names[turn % len(names) :] + names[: turn % len(names)]
             turn += 1
@@ -128,10 +129,15 @@ def time_rounds(
                 start = time.perf_counter()
                 contenders[name](batch)
                 sync(device)
-                spent[name] += time.perf_counter() - start
+                spent[name].append(time.perf_counter() - start)
         for name in names:
-            totals[name].append(spent[name])
-    return totals
+            times[name].append(spent[name])
+    return times
+
+
+def least_disturbed(per_round: Sequence[Sequence[float]]) -> float:
+    """Seconds for one pass over the batches: each batch's fastest round, summed."""
+    return sum(min(batch_times) for batch_times in zip(*per_round, strict=True))
 
 
 def median(values: Sequence[float]) -> float:

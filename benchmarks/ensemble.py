@@ -82,28 +82,28 @@ def scores_row(name: str, mode: str, probs: torch.Tensor, labels: torch.Tensor, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--train-images", type=int, default=None, help="default 6000 (quick 2000)")
+    parser.add_argument("--train-images", type=int, default=None, help="default 20000 (quick 2000)")
     parser.add_argument("--epochs", type=int, default=None, help="default 3 (quick 1)")
-    parser.add_argument("--test-images", type=int, default=None, help="default 5000 (quick 2000)")
+    parser.add_argument("--test-images", type=int, default=None, help="default all 10000 (quick 2000)")
     parser.add_argument("--work", default="runs/bench-ensemble")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared, busy machine one "
                         "thread per process wastes no time waiting for the others)")
     parser.add_argument("--stage", default="all", help="all (default) or memberK (only train member K, to train "
                         "members in parallel processes)")
     parser.add_argument("--augment", default="flip", help="train-time augmentation of every member (default flip)")
-    parser.add_argument("--val-images", type=int, default=None, help="validation images used (default 3000)")
+    parser.add_argument("--val-images", type=int, default=None, help="validation images used (default all 6000)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    n_train = args.train_images or (2000 if args.quick else 6000)
+    n_train = args.train_images or (2000 if args.quick else 20000)
     epochs = args.epochs or (1 if args.quick else 3)
-    n_test = args.test_images or (2000 if args.quick else 5000)
+    n_test = args.test_images or (2000 if args.quick else None)
     started = time.perf_counter()
     info = machine_info(torch.device("cpu"))
 
     augment = tuple(a for a in args.augment.split(",") if a)
-    n_val = args.val_images or (2000 if args.quick else 3000)
+    n_val = args.val_images or (2000 if args.quick else None)
     work = Path(args.work)
     outputs = []
     for k, seed in enumerate(SEEDS):
@@ -284,7 +284,8 @@ def main() -> None:
         f"# Ensemble, uncertainty and conformal benchmark{' (quick)' if args.quick else ''}",
         "",
         f"Date: {results['date']}. Machine: {info['cpu_count']} CPU cores (shared with other jobs; load average at "
-        f"start {info.get('load_average_at_start')}), torch {info['torch']}. Total time {elapsed / 60:.1f} min.",
+        f"start {info.get('load_average_at_start')}), torch {info['torch']}. Final stage {elapsed / 60:.1f} min "
+        "(members trained and predicted in earlier stages, cached).",
         "",
         f"Three seed CNNs (seeds {', '.join(map(str, SEEDS))}), each trained {epochs} epochs with "
         f"{'+'.join(augment) or 'no augmentation'} on the "

@@ -15,9 +15,9 @@ Three parts, side by side in one run on Fashion-MNIST (``python benchmarks/recip
 2. **Transfer.** Pretrain the seed CNN on Fashion-MNIST classes 0-4 (all their training
    images), then learn classes 5-9 from 100 labelled images per class: (a) from scratch,
    (b) from the pretrained body with a new head (``init``), the head alone first
-   (``freeze_epochs``), then everything with discriminative rates (``lr_slice``). Scored on
-   the test images of classes 5-9, with the searched TTA on top (searched on 50 held-out
-   validation images per class).
+   (``freeze_epochs``), then everything with discriminative rates (``lr_slice``), both at a
+   short (4 epochs) and a long (15 epochs) budget. Scored on the test images of classes 5-9,
+   with the searched TTA on top (searched on 50 held-out validation images per class).
 3. The lr-find curves and suggestions of the seed CNN and resnet20 (PNGs), and the cost per
    training step of resnet20 at 14x14 against 28x28 (what progressive resizing saves).
 
@@ -177,19 +177,25 @@ def part_transfer(args, full_train, val_full, test_full) -> dict[str, Any]:
     pre_dir = save_checkpoint(args.work / "pretrained-0-4", pre.model, pre.meta)
     log(f"  pretrained in {pre_seconds:.0f} s")
 
-    epochs, freeze = args.transfer_epochs, args.transfer_freeze
-    contenders = {
-        "scratch": lambda seed: TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, schedule="onecycle", seed=seed),
-        "pretrained": lambda seed: TrainConfig(
+    lr_slice = (3e-4, 3e-3)
+    contenders = {}
+    for epochs, freeze in args.transfer_budgets:  # (epochs, of which the head alone)
+        contenders[f"scratch-{epochs}"] = (epochs, 0, False)
+        contenders[f"pretrained-{epochs}"] = (epochs, freeze, True)
+
+    def config(epochs: int, freeze: int, pretrained: bool, seed: int) -> TrainConfig:
+        if not pretrained:
+            return TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, schedule="onecycle", seed=seed)
+        return TrainConfig(
             epochs=epochs, batch_size=32, lr=3e-3, schedule="onecycle", seed=seed,
-            init=str(pre_dir), freeze_epochs=freeze, lr_slice=(3e-5, 1e-3),
-        ),
-    }
+            init=str(pre_dir), freeze_epochs=freeze, lr_slice=lr_slice,
+        )
+
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     init_summary = ""
     for seed in range(args.seeds):
-        for name, make in contenders.items():
-            result, seconds = timed_train(few, make(seed))
+        for name, (epochs, freeze, pretrained) in contenders.items():
+            result, seconds = timed_train(few, config(epochs, freeze, pretrained, seed))
             if result.init_report is not None:
                 init_summary = result.init_report.summary()
             scores = plain_and_tta(result.model, result.meta, val, test, args.budget, False)
@@ -199,8 +205,9 @@ def part_transfer(args, full_train, val_full, test_full) -> dict[str, Any]:
     return {
         "pretrain": {"images": len(source), "epochs": args.pretrain_epochs, "seconds": pre_seconds, "lr": 3e-3},
         "few_shot": {"images": len(few), "per_class": args.shots, "val_images": len(val), "test_images": len(test)},
-        "scratch": {"epochs": epochs, "lr": 3e-3, "schedule": "onecycle", "batch_size": 32},
-        "pretrained": {"epochs": epochs, "freeze_epochs": freeze, "head_lr": 3e-3, "lr_slice": [3e-5, 1e-3], "schedule": "onecycle (restarted at unfreeze)"},
+        "budgets": [list(b) for b in args.transfer_budgets],
+        "scratch": {"lr": 3e-3, "schedule": "onecycle", "batch_size": 32},
+        "pretrained": {"head_lr": 3e-3, "lr_slice": list(lr_slice), "schedule": "onecycle (restarted at unfreeze)"},
         "init_report": init_summary,
         "runs": runs,
     }
@@ -264,15 +271,19 @@ def summarize(results: dict[str, Any]) -> tuple[str, str]:
         ])
     headers1 = ["model (seed CNN, 3 epochs)", "test acc %", "test NLL", "+ searched TTA acc %", "+ TTA NLL", "TTA lift (pts)", "train time"]
     rows2 = []
-    for name, label in (("scratch", "(a) from scratch"), ("pretrained", "(b) pretrained body, new head, freeze then slice")):
-        runs = p2["runs"][name]
-        rows2.append([
-            label,
-            fmt([r["plain_accuracy"] for r in runs], 100),
-            fmt([r["plain_nll"] for r in runs], 1, 4),
-            fmt([r["tta_accuracy"] for r in runs], 100),
-            fmt([r["tta_nll"] for r in runs], 1, 4),
-        ])
+    for epochs, freeze in p2["budgets"]:
+        for name, label in (
+            (f"scratch-{epochs}", f"(a) from scratch, {epochs} epochs"),
+            (f"pretrained-{epochs}", f"(b) pretrained body + new head: {freeze} frozen + {epochs - freeze} sliced epochs"),
+        ):
+            runs = p2["runs"][name]
+            rows2.append([
+                label,
+                fmt([r["plain_accuracy"] for r in runs], 100),
+                fmt([r["plain_nll"] for r in runs], 1, 4),
+                fmt([r["tta_accuracy"] for r in runs], 100),
+                fmt([r["tta_nll"] for r in runs], 1, 4),
+            ])
     headers2 = ["classes 5-9 from 100 images/class", "test acc %", "test NLL", "+ searched TTA acc %", "+ TTA NLL"]
     lf = p1["lr_find"]
     rf = p3["resnet20_lr_find"]
@@ -307,9 +318,10 @@ def summarize(results: dict[str, Any]) -> tuple[str, str]:
         "",
         f"Pretrained on classes 0-4 ({p2['pretrain']['images']} images, {p2['pretrain']['epochs']} epoch(s), "
         f"{p2['pretrain']['seconds']:.0f} s). Classes 5-9: {p2['few_shot']['images']} training images, "
-        f"{p2['few_shot']['val_images']} validation images for the search, {p2['few_shot']['test_images']} test images; "
-        f"{p2['scratch']['epochs']} epochs each; (b) trains the new head alone for {p2['pretrained']['freeze_epochs']} epochs, "
-        f"then everything with rates from {p2['pretrained']['lr_slice'][0]:g} (first layers) to {p2['pretrained']['lr_slice'][1]:g} (head). "
+        f"{p2['few_shot']['val_images']} validation images for the search, {p2['few_shot']['test_images']} test images. "
+        f"(a) and (b) train for the same epochs (one-cycle, peak 3e-3, batch 32); (b) starts from the pretrained convolutions, "
+        f"trains the new head (the dense layers) alone first, then everything with rates from "
+        f"{p2['pretrained']['lr_slice'][0]:g} (first conv block) to {p2['pretrained']['lr_slice'][1]:g} (head). "
         f"`--init` reported: {p2['init_report']}.",
         "",
         "## 3. lr-find and progressive resizing",
@@ -335,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a subset: a few minutes")
     parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--train-images", type=int, default=None, help="training images for part 1 (default 12000; quick 2000)")
+    parser.add_argument("--train-images", type=int, default=None, help="training images for part 1 (default 10000; quick 2000)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ttakit-recipes"))
     args = parser.parse_args(argv)
@@ -343,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     args.suffix = "-quick" if quick else ""
     args.seeds = args.seeds or (1 if quick else 3)
-    args.train_images = args.train_images or (2000 if quick else 12000)
+    args.train_images = args.train_images or (2000 if quick else 10000)
     args.epochs = 3
     args.budget = 4
     args.lr_find_steps = 40 if quick else 80
@@ -353,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args.pretrain_epochs = 1
     args.shots = 100
     args.transfer_val_per_class = 50
-    args.transfer_epochs = 12 if quick else 15
-    args.transfer_freeze = 4 if quick else 5
+    args.transfer_budgets = [(4, 1), (15, 5)] if not quick else [(4, 1), (12, 4)]
     val_images = 500 if quick else 1500
     test_images = 1000 if quick else 5000
     args.work.mkdir(parents=True, exist_ok=True)

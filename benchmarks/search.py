@@ -108,7 +108,7 @@ def search_summary(result, seconds: float) -> dict[str, Any]:
 def run_one(name: str, augment: tuple[str, ...], seed: int, args) -> dict[str, Any]:
     """Search and score one model; written to ``--work`` as soon as it is done."""
     path = Path(args.work) / "runs" / f"{name}-seed{seed}{'-quick' if args.quick else ''}.json"
-    compare_full = seed == args.seeds[0] and name in args.full_cache_models
+    compare_full = seed == args.full_cache_seed and name in args.full_cache_models
     key = {"format": RUN_FORMAT, "quick": args.quick, "budget": args.budget, "compare_full": compare_full, "val_images": args.val_images}
     if path.exists():
         cached = read_json(path)
@@ -309,7 +309,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, 12k training images, 1 epoch, 2k val/test images")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
     parser.add_argument("--budget", type=int, default=8)
-    parser.add_argument("--full-cache-models", nargs="*", default=["flip+shift"], help="models compared with full caching (first seed)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run")
+    parser.add_argument("--full-cache-models", nargs="*", default=["flip+shift"], help="models compared with full caching")
+    parser.add_argument("--full-cache-seed", type=int, default=0, help="the seed whose models are compared with full caching")
     parser.add_argument("--work", default="runs/bench-search", help="trained models and finished runs")
     parser.add_argument("--summarize", action="store_true", help="only rebuild the report from finished runs")
     parser.add_argument("--val-images", type=int, default=None, help="validation images searched on (default 2,500; quick 1,000)")
@@ -325,6 +327,8 @@ def main(argv=None) -> int:
     runs = []
     for seed in args.seeds:
         for name, augment in MODELS.items():
+            if name not in args.models:
+                continue
             if args.summarize:
                 path = Path(args.work) / "runs" / f"{name}-seed{seed}{'-quick' if args.quick else ''}.json"
                 if path.exists():

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make Fashion-MNIST available: Debian's package where apt exists, else the official download.
+# Make Fashion-MNIST available: Debian's package where apt exists (apt verifies it), else the official
+# download, each .gz file checked against its official SHA-256 and MD5 before it is saved.
 set -euo pipefail
 PY="${1:-python3}"
 DEB_DIR=/usr/share/datasets/fashion-mnist

@@ -268,3 +268,22 @@ def test_audit_command_end_to_end(tmp_path, capsys) -> None:
     # Without --folds the model may not audit the images it trained on.
     assert main(["--no-progress", "audit", str(tmp_path / "cnn"), "--out", str(tmp_path / "a3")]) == 2
     assert "--folds" in capsys.readouterr().err
+
+
+def test_rule_by_probability_of_the_other_classes() -> None:
+    probs = torch.tensor(
+        [
+            [0.60, 0.35, 0.05],  # label 2: top 0.60 (not > 0.9) but p(label) = 0.05: 1 - 0.05 = 0.95 > 0.9
+            [0.95, 0.03, 0.02],  # label 1: flagged either way
+            [0.50, 0.40, 0.10],  # label 2: 1 - 0.10 = 0.90 is not above 0.9
+            [0.05, 0.02, 0.93],  # label 2: its own class, never flagged
+        ]
+    )
+    labels = torch.tensor([2, 1, 2, 2])
+    top = [i.row for i in flag_issues(probs, labels, methods=("rule",)) if i.kind == "mislabelled"]
+    others = [(i.row, i.suggested) for i in flag_issues(probs, labels, methods=("rule",), mislabel_by="others")
+              if i.kind == "mislabelled"]
+    assert top == [1]
+    assert others == [(1, 0), (0, 0)]  # ranked by 1 - p(label): 0.97, 0.95
+    with pytest.raises(UnknownNameError, match="others, top"):
+        flag_issues(probs, labels, mislabel_by="label")

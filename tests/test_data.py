@@ -881,3 +881,19 @@ def test_a_malformed_recipe_is_one_data_error(tmp_path, field, value, fragment):
     with pytest.raises(DataError) as info:
         load_split(recipe, "test")
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (REAL_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="real Fashion-MNIST absent: apt-get install dataset-fashion-mnist to run this test",
+)
+def test_fashion_mnist_keeps_its_test_split_and_the_same_validation_split(no_network):
+    splits = make_splits("fashion-mnist", REAL_FASHION_MNIST, val_fraction=0.1)
+    assert splits.test is None and splits.recipe["test_source"] == "own"
+    assert "test_index" not in splits.recipe and splits.recipe["n_images"] == 60_000
+    assert len(splits.train) == 54_000 and len(splits.val) == 6_000
+    # the validation split checkpoints trained before recorded splits used: unchanged
+    _, old_val = train_val_split(load_fashion_mnist("train", REAL_FASHION_MNIST), 0.1, seed=0)
+    assert torch.equal(splits.val.labels, old_val.labels) and torch.equal(splits.val.images, old_val.images)
+    assert len(load_split(splits.recipe, "test")) == 10_000

@@ -154,7 +154,7 @@ def test_resume_completes_a_torn_output_to_one_row_per_image(tmp_path, fashion, 
     assert out.read_text(encoding="utf-8") == full  # same rows, same order, nothing doubled
     summary = predict_images(run, tmp_path / "imgs", out=out, policy="hflip", workers=0, progress=False, resume=True)
     assert summary["n_predicted"] == 0 and len(read_rows(out)) == len(paths)
-    with pytest.raises(InvalidInputError, match="use the same --top-k"):
+    with pytest.raises(InvalidInputError, match="use the same --top-k and --conformal"):
         predict_images(run, tmp_path / "imgs", out=out, top_k=2, workers=0, progress=False, resume=True)
 
 
@@ -377,3 +377,28 @@ def test_device_flag_on_evaluate_and_search_is_checked(tmp_path, checkpoint, com
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "device must be cpu, cuda, cuda:N or mps, got 'tpu'" in err
+
+
+@pytest.mark.slow
+def test_conformal_sets_are_the_calibrated_sets_of_the_merged_probabilities(tmp_path, fashion):
+    from ttakit.conformal import ConformalCalibration
+    from ttakit.experiment import train_run
+    from ttakit.train import TrainConfig
+
+    images, pixels = fashion
+    config = TrainConfig(epochs=1, limit=600)
+    result = train_run("fashion-mnist", out_dir=tmp_path / "run", config=config, val_fraction=0.01, progress=False)
+    write_pngs(tmp_path / "imgs", pixels[:24], nested=False)
+    out = tmp_path / "sets.csv"
+    summary = predict_images(result.checkpoint_dir, tmp_path / "imgs", out=out, policy="hflip", workers=0,
+                             progress=False, conformal=0.2)
+    rows = read_rows(out)
+    assert list(rows[0])[-1] == "set"
+    calibration = ConformalCalibration(**summary["conformal"])
+    assert (calibration.alpha, calibration.method) == (0.2, "lac")
+    assert calibration.n_calibration == 600  # the held-out validation split: 1% of 60,000, stratified
+    probs = TTAEngine(result.model.eval(), "hflip").run(images[:24]).merged
+    sets = calibration.predict_sets(probs)
+    expected = ["|".join(FASHION_MNIST_CLASSES[c] for c in torch.nonzero(s).flatten().tolist()) for s in sets]
+    assert [r["set"] for r in rows] == expected
+    assert all(r["class_1"] in r["set"].split("|") for r in rows if r["set"])

@@ -653,3 +653,31 @@ def test_a_harmful_gate_is_dropped_after_tuning() -> None:
     chosen, saved, notes = never_worse([hot, gated, policy], Policy.identity(), base, output, cache.labels)
     assert chosen is policy and len(notes) == 2 and "dropped" in notes[0]
     assert saved["accuracy"] >= base["accuracy"] and saved["nll"] <= base["nll_ts"]
+
+
+def test_gate_also_keeps_the_nll_reduction_when_asked() -> None:
+    from ttakit.search import tune_gate_threshold
+
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    y = torch.randint(0, 2, (n,), generator=g)
+    conf = torch.rand(n, generator=g) * 0.49 + 0.5
+    plain = torch.stack([conf, 1 - conf], 1)
+    plain = torch.where((y == 0)[:, None], plain, plain.flip(1))  # plain is always right
+    wrong = torch.rand(n, generator=g) < 0.15
+    plain[wrong] = plain[wrong].flip(1)  # ... except on 15% of images
+    full = plain.clone()
+    unsure = conf < 0.6
+    fix = wrong & unsure
+    full[fix] = full[fix].flip(1)  # the policy fixes the unsure mistakes
+    full = 0.8 * full + 0.1  # and is better calibrated everywhere: confident mistakes cost less
+    acc_only = tune_gate_threshold(plain, full, y, keep=0.95, n_views=4, confidence=0)
+    both = tune_gate_threshold(plain, full, y, keep=0.95, n_views=4, confidence=0, keep_nll=0.95, full_calibrated=full)
+    assert acc_only.kept_lift >= 0.95 and both.kept_lift >= 0.95
+    assert both.fraction_gated > acc_only.fraction_gated
+    gated = plain.max(1).values < both.threshold
+    mixed = torch.where(gated[:, None], full, plain)
+    reduction = nll(plain, y) - nll(mixed, y)
+    assert reduction >= 0.95 * (nll(plain, y) - nll(full, y)) - 1e-9
+    with pytest.raises(InvalidInputError, match="full_calibrated"):
+        tune_gate_threshold(plain, full, y, keep_nll=0.9)

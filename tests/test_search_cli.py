@@ -23,3 +23,23 @@ def test_cli_search_split_test_is_one_line_and_exit_2(tmp_path, capsys) -> None:
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1 and "test split" in lines[0]
     assert "Traceback" not in captured.err
+
+
+def test_demo_lesson_names_the_views_chosen() -> None:
+    from ttakit.experiment import _searched_lesson
+
+    search = {
+        "views": ["identity", "hflip+shift(-1,+0)", "zoom1.05"],
+        "gate_threshold": 0.8,
+        "validation_images": 2000,
+        "forward_passes": 50_000,
+        "full_caching_passes": 238_000,
+        "pool_size": 119,
+    }
+    row = {"accuracy": 0.9112, "lift_accuracy": 0.0101, "lift_mcnemar_p": 0.001, "passes_per_image": 1.9, "nll": 0.25}
+    text = _searched_lesson("flip+shift", search, row, {"nll": 0.27})
+    assert "hflip+shift(-1,+0), zoom1.05 besides the identity" in text
+    assert "91.12% (+1.01 points" in text and "1.90 passes per image" in text and "NLL 0.2700 -> 0.2500" in text
+    assert "21% of caching all 119 candidates" in text and "gated at plain confidence < 0.800" in text
+    plain = _searched_lesson("no-aug", {"views": ["identity"], "gate_threshold": None}, {**row, "lift_accuracy": 0.0}, {"nll": 0.27})
+    assert "kept the identity view alone" in plain

@@ -43,6 +43,7 @@ from .errors import DataError, InvalidInputError, unknown_name
 
 __all__ = [
     "AUDIT_METHODS",
+    "MISLABEL_BY",
     "Issue",
     "REMOVE_CHOICES",
     "audit_checkpoint",
@@ -58,6 +59,7 @@ __all__ = [
 
 AUDIT_METHODS = ("rule", "cleanlab")
 REMOVE_CHOICES = ("all", "mislabelled", "rule", "cleanlab")
+MISLABEL_BY = ("top", "others")
 CSV_COLUMNS = ("rank", "row", "file", "given", "suggested", "probability", "kind", "method")
 
 
@@ -140,6 +142,7 @@ def flag_issues(
     methods: Sequence[str] = AUDIT_METHODS,
     mislabel_threshold: float = 0.9,
     ambiguous_range: tuple[float, float] = (0.5, 0.6),
+    mislabel_by: str = "top",
 ) -> list[Issue]:
     """Flag images by the practitioner's rule and by confident learning.
 
@@ -149,7 +152,9 @@ def flag_issues(
         labels: ``(N,)`` the given labels.
         methods: any of ``"rule"``, ``"cleanlab"``.
         mislabel_threshold: rule: flag ``mislabelled`` when the top class differs from the label
-            with probability above this.
+            and the model is this sure: its top class's probability is above it
+            (``mislabel_by="top"``), or the probability of every class but the label together is
+            (``mislabel_by="others"``, i.e. ``p[label] < 1 - threshold``).
         ambiguous_range: rule: flag ``ambiguous`` when the top probability lies in ``[low, high]``.
 
     Returns:
@@ -165,14 +170,18 @@ def flag_issues(
     for method in methods:
         if method not in AUDIT_METHODS:
             raise unknown_name("audit method", method, AUDIT_METHODS)
+    if mislabel_by not in MISLABEL_BY:
+        raise unknown_name("--mislabel-by", mislabel_by, MISLABEL_BY)
     top_p, top = p.max(dim=1)
     # Compare at 6 decimals, so a float32 0.6 (0.60000002) counts as 0.6.
     top_r = top_p.round(decimals=6)
+    others = (1.0 - p.gather(1, y[:, None]).squeeze(1)).round(decimals=6)  # P(not the given label)
     issues: list[Issue] = []
     if "rule" in methods:
-        wrong = (top != y) & (top_r > threshold)
+        sure = top_r if mislabel_by == "top" else others
+        wrong = (top != y) & (sure > threshold)
         rows = torch.nonzero(wrong).flatten()
-        order = torch.argsort(-top_p[rows], stable=True)
+        order = torch.argsort(-(top_p if mislabel_by == "top" else others)[rows], stable=True)
         for rank, r in enumerate(rows[order].tolist(), 1):
             issues.append(Issue(r, int(y[r]), int(top[r]), float(top_p[r]), "mislabelled", "rule", rank))
         ambiguous = (top_r >= lo) & (top_r <= hi) & ~wrong
@@ -536,6 +545,7 @@ def audit_checkpoint(
     methods: Sequence[str] = AUDIT_METHODS,
     mislabel_threshold: float = 0.9,
     ambiguous_range: tuple[float, float] = (0.5, 0.6),
+    mislabel_by: str = "top",
     out_dir: str | os.PathLike = "audit",
     write_clean_to: str | os.PathLike | None = None,
     remove: str = "all",
@@ -628,12 +638,12 @@ def audit_checkpoint(
         how = f"{model} on data it did not train on"
 
     issues = flag_issues(probs[main], dataset.labels, methods=methods, mislabel_threshold=threshold,
-                         ambiguous_range=amb)
+                         ambiguous_range=amb, mislabel_by=mislabel_by)
     summary = _summarize(issues, len(dataset))
     # The same flags from plain probabilities, to show what TTA changed.
     if main != "none":
         plain_issues = flag_issues(probs["none"], dataset.labels, methods=methods, mislabel_threshold=threshold,
-                                   ambiguous_range=amb)
+                                   ambiguous_range=amb, mislabel_by=mislabel_by)
         summary_plain = _summarize(plain_issues, len(dataset))
     else:
         summary_plain = summary
@@ -669,6 +679,7 @@ def audit_checkpoint(
         "policy": main,
         "methods": list(methods),
         "mislabel_threshold": threshold,
+        "mislabel_by": mislabel_by,
         "ambiguous_range": list(amb),
         "flagged": summary,
         "flagged_plain": summary_plain,

@@ -692,6 +692,9 @@ def _add_audit_parser(commands) -> None:
     audit.add_argument("--method", default="rule,cleanlab", help="rule, cleanlab or both (default rule,cleanlab)")
     audit.add_argument("--mislabel-threshold", type=_probability, default=0.9,
                        help="rule: flag when another class has probability above this (default 0.9)")
+    audit.add_argument("--mislabel-by", default="top", choices=("top", "others"),
+                       help="rule: the probability compared with the threshold: the top class's (default), or "
+                       "all classes but the label together (1 - p[label])")
     audit.add_argument("--ambiguous-range", type=_prob_range, default=(0.5, 0.6),
                        help="rule: flag when the top probability lies in LOW-HIGH (default 0.5-0.6)")
     audit.add_argument("--write-clean", default=None, metavar="FILE",
@@ -720,6 +723,7 @@ def _run_audit(args: argparse.Namespace, progress: bool) -> int:
         methods=methods,
         mislabel_threshold=args.mislabel_threshold,
         ambiguous_range=args.ambiguous_range,
+        mislabel_by=args.mislabel_by,
         out_dir=args.out,
         write_clean_to=args.write_clean,
         remove=args.remove,

@@ -56,10 +56,11 @@ DeaugmentHook = Callable[[Transformer, torch.Tensor, tuple[int, int]], torch.Ten
 FROM_POLICY = "policy"
 
 _MODEL_OUTPUTS = ("logits", "probs")
-# On CPU a forward pass of more than ~64-128 images runs slower per image (activations outgrow the
-# caches: the seed CNN and ResNet-20 took ~1.3-1.6x longer per image at 256 than at 64 on the
-# 2-core benchmark machine), so passes hold at most 64 images there (benchmarks/engine.py).
-_CPU_PASS = 64
+# On CPU a large forward pass runs slower per image once its activations outgrow the caches (on
+# the shared 2-core benchmark machine the seed CNN and ResNet-20 took 1.3-3x longer per image at
+# 64-256 images than at 8-32, the more so the busier the machine), so passes hold at most 32
+# images there: enough to stack the views of a small batch (benchmarks/engine.py).
+_CPU_PASS = 32
 _DEVICE_FORMS = "'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...), 'mps' or a torch.device"
 
 
@@ -271,7 +272,7 @@ class TTAEngine:
             images exist at a time).
         pass_size: images per forward pass the engine aims for (at most ``max_batch``): views of
             a small batch are stacked up to it, a large batch is cut into chunks of it. Default:
-            64 on CPU, where larger passes run slower per image (caches), ``max_batch`` elsewhere.
+            32 on CPU, where larger passes run slower per image (caches), ``max_batch`` elsewhere.
         output_key: when the model returns a mapping, the key of the output to merge.
         deaugment: hook mapping one view's output back; defaults by ``target``.
         class_dim: class dimension of one output (softmax, vote, gate, uncertainty); not 0.
@@ -597,7 +598,8 @@ class TTAEngine:
         else:
             size = views[0].shape
             for view in views:
-                if view.shape != size:
+                if view.shape != size:  # views that resize (Scale, crops): the general path, from now on
+                    self._single_pass = False
                     return None
             batch = torch.cat(views)
         del views

@@ -164,6 +164,8 @@ class MergeAccumulator:
         self.class_dim = class_dim
         self.seed = seed
         self.renormalize = (self.activation == "softmax") if renormalize is None else bool(renormalize)
+        # Weight tensors for add_stack, by view indices: shared by every fresh() copy.
+        self._stack_weights: dict[tuple[int, ...], torch.Tensor] = {}
         self._settings = dict(self.__dict__)
         self._reset()
 
@@ -172,7 +174,6 @@ class MergeAccumulator:
         self._acc: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None  # vote: summed scores for the tie-break
         self._aliased = False  # whether _acc is the caller's own tensor (one view added as it was)
-        self._stack_weights: dict[tuple[int, ...], torch.Tensor] = {}
 
     def fresh(self) -> MergeAccumulator:
         """An empty accumulator with these settings (not checked again)."""

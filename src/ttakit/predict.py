@@ -149,8 +149,8 @@ def read_done(out: str | os.PathLike, format: str, columns: list[str] | None = N
             return done
         if columns is not None and header != columns:
             raise InvalidInputError(
-                f"--resume: {path} has columns {','.join(header[:4])}... but this run writes "
-                f"{','.join(columns[:4])}... ({(len(columns) - 4) // 2} classes); use the same --top-k or another --out"
+                f"--resume: {path} has the columns {','.join(header)} but this run writes {','.join(columns)}; "
+                "use the same --top-k and --conformal as the first run, or another --out"
             )
         for row in reader:
             if len(row) == len(header):

@@ -452,17 +452,21 @@ def plot_policy_metrics(
     return _save(fig, path)
 
 
-def _zoom_limit(values: Sequence[float], bounds: Sequence[float], core: float) -> float:
-    """Half-width of an axis centred on 0 that shows every value within ``core`` of 0 (and
-    its interval) at a readable size; values beyond the limit are drawn clipped."""
-    # values too small to matter do not set a zoom: the axis then shows everything
-    inside = [abs(v) for v in [*values, *bounds] if math.isfinite(v) and core * 1e-3 < abs(v) <= core]
-    every = [abs(v) for v in [*values, *bounds] if math.isfinite(v)]
+def _zoom_limit(values: Sequence[float], intervals: Sequence[tuple[float, float] | None], core: float) -> float:
+    """Half-width of an axis centred on 0 that shows every value within ``core`` of 0 with its
+    whole interval at a readable size; values beyond ``core`` are drawn clipped."""
+    every = [abs(v) for v in values if math.isfinite(v)]
+    every += [abs(b) for ci in intervals if ci for b in ci if math.isfinite(b)]
     if not every:
         return 1.0
+    inside: list[float] = []
+    for value, ci in zip(values, intervals, strict=True):
+        # values too small to matter do not set a zoom: the axis then shows everything
+        if math.isfinite(value) and abs(value) <= core and (abs(value) > core * 1e-3 or (ci and max(map(abs, ci)) > core * 1e-3)):
+            inside += [abs(value), *(abs(b) for b in (ci or ()) if math.isfinite(b))]
     if not inside or max(every) <= core:
         return max(max(every) * 1.12, 1e-6)
-    return max(max(inside) * 1.25, core * 0.1, 1e-6)
+    return max(max(inside) * 1.12, core * 0.1, 1e-6)
 
 
 def lift_plot_layout(rows: Sequence[Mapping[str, Any]], core_points: float = 2.0) -> dict[str, Any]:
@@ -494,13 +498,11 @@ def lift_plot_layout(rows: Sequence[Mapping[str, Any]], core_points: float = 2.0
         change = f"{d_nll:+.4f}" if math.isnan(d_nll) or d_nll == 0 or abs(d_nll) >= 5e-5 else f"{d_nll:+.1e}"
         entry["nll_text"] = f"{nll:.4f} ({change})" if not math.isnan(d_nll) else f"{nll:.4f}"
         entries.append(entry)
-    lifts = [e["lift_pts"] for e in entries]
-    bounds = [b for e in entries if e["ci_pts"] for b in e["ci_pts"]]
-    lift_limit = _zoom_limit(lifts, bounds, core_points)
+    lift_limit = _zoom_limit([e["lift_pts"] for e in entries], [e["ci_pts"] for e in entries], core_points)
     changes = [e["nll_change"] for e in entries if not math.isnan(e["nll_change"])]
     small = sorted(abs(c) for c in changes)
     nll_core = 5 * small[(len(small) - 1) // 2] if small else 1.0  # 5x the lower median change
-    nll_limit = _zoom_limit(changes, [], max(nll_core, 1e-4))
+    nll_limit = _zoom_limit(changes, [None] * len(changes), max(nll_core, 1e-4))
     for e in entries:
         e["lift_shown"] = max(-lift_limit, min(lift_limit, e["lift_pts"]))
         e["lift_clipped"] = abs(e["lift_pts"]) > lift_limit
@@ -783,7 +785,9 @@ def search_markdown(result: Any) -> str:
         "# TTA policy search",
         "",
         f"- objective: **{result.objective}**{' (after temperature scaling)' if result.objective == 'nll' else ''}, "
-        f"budget {result.budget} views, pool of {result.pool_size} candidates, {result.n_images} validation images",
+        f"budget {result.budget} views, pool of {result.pool_size} candidates"
+        f"{f' ({len(result.candidates)} cached on every image)' if len(result.candidates) != result.pool_size else ''}, "
+        f"{result.n_images} validation images",
         f"- selected ({len(policy)} views): {', '.join(f'`{n}`' for n in policy.view_names)}",
         f"- stopped: {result.stop_reason}",
         f"- merge: mean of probabilities{', learned weights ' + str([round(w, 3) for w in policy.weights]) if policy.weights else ''}; "

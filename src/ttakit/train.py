@@ -299,7 +299,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 512
     """Plain inference (the identity policy through :class:`~ttakit.engine.TTAEngine`, in eval mode,
     under ``torch.inference_mode``): ``(N, C, H, W) -> (N, K)`` raw logits, float32 on CPU.
 
-    ``batch_size`` images per forward pass. The model's train/eval mode is restored afterwards.
+    At most ``batch_size`` images per forward pass (the engine's pass size: 64 on CPU). The
+    model's train/eval mode is restored afterwards.
     Non-finite logits are returned as they are (a diverging run is the trainer's to report).
     """
     from .engine import TTAEngine, eval_mode  # the engine imports nothing from training
@@ -347,10 +348,10 @@ def schedule_factor(
       on steps ``0, C, 2C, ...``; 0.5 at ``C / 2`` of every cycle.
 
     Example:
-        >>> schedule_factor("onecycle", 0, 100), schedule_factor("onecycle", 29, 100)
+        >>> round(schedule_factor("onecycle", 0, 100), 6), schedule_factor("onecycle", 29, 100)
         (0.04, 1.0)
-        >>> schedule_factor("sgdr", 50, 200, cycle_steps=100)
-        1.0
+        >>> schedule_factor("sgdr", 100, 200, cycle_steps=100), schedule_factor("sgdr", 150, 200, cycle_steps=100)
+        (1.0, 0.5)
     """
     if schedule == "constant":
         return 1.0
@@ -554,8 +555,8 @@ def load_init_weights(
     params = {name for name, _ in model.named_parameters()}
     body_loaded = [k for k in loaded if k in params and k not in head]
     if not body_loaded:
-        own_keys = [k for k in own if k not in norm]
-        file_keys = list(state)
+        own_keys = [k for k in own if k not in norm and not k.endswith("num_batches_tracked")]
+        file_keys = [k for k in state if not k.endswith("num_batches_tracked")] or list(state)
         what = (
             "none of its tensors matches"
             if not [k for k in loaded if k not in norm]
@@ -724,6 +725,7 @@ def train_model(
     arch_kwargs = dict(arch_kwargs or {})
     device = torch.device(config.device)
 
+    _check_progressive(config, arch, train_ds)  # before any work
     found = None
     lr = config.lr
     if lr == "auto":
@@ -734,7 +736,6 @@ def train_model(
         if progress:
             note(f"lr auto: {found.summary()}; training at {lr:.3g}")
     model, init_report = build_model(train_ds, config, arch, arch_kwargs)
-    _check_progressive(config, arch, train_ds)
     norm = next(m for m in model.modules() if isinstance(m, Normalize))
     mean, std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()  # loaded by --init, or ours
     generator = torch.Generator().manual_seed(config.seed)  # shuffling and augmentation
@@ -825,7 +826,7 @@ def train_model(
             "train_acc": correct / max(seen, 1),
             "image_size": size,
             "frozen": int(frozen),
-            "lr": float(optimizer.param_groups[-1]["lr"]),
+            "lr": lr_history[-1] if lr_history else float(optimizer.param_groups[-1]["lr"]),  # the last step's head rate
         }
         if val_ds is not None:
             val_logits = predict_logits(model, val_ds.images)

@@ -164,7 +164,7 @@ def run_views(
     n = int(images.shape[0])
     parts = []
     bar_desc = desc or f"caching {len(views)} views"
-    with EvalMode(model), progress_bar(total=n * len(views), desc=bar_desc, unit="pass", enabled=progress) as bar:
+    with EvalMode(model), progress_bar(total=n * len(views), desc=bar_desc, unit="passes", enabled=progress) as bar:
         for start in range(0, n, max_batch):
             out = engine.run(images[start : start + max_batch], return_views=True)
             parts.append(out.views.float().cpu())

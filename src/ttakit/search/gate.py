@@ -144,6 +144,8 @@ def tune_gate_threshold(
     n_boot: int = 200,
     seed: int = 0,
     max_cost: float | None = None,
+    keep_nll: float | None = None,
+    full_calibrated: torch.Tensor | None = None,
 ) -> GateTuning:
     """The cheapest confidence threshold that keeps at least ``keep`` of the full policy's lift.
 
@@ -165,6 +167,11 @@ def tune_gate_threshold(
         reuse_identity: whether the full policy's identity view reuses the plain pass.
         confidence: share of bootstrap resamples on which the kept lift must reach ``keep``.
         n_boot: bootstrap resamples (seeded by ``seed``).
+        keep_nll: also keep this fraction of the NLL reduction of ``full_calibrated`` (the full
+            policy's probabilities as inference returns them, temperature applied) over the plain
+            softmax, on the data: confident rows keep the plain softmax, so a gate that is cheap
+            for accuracy can throw away the calibration TTA bought. None: accuracy only.
+        full_calibrated: ``(N, C)``; required with ``keep_nll``.
         max_cost: the most forward passes gated TTA may spend, as a fraction of the full
             policy's. When the cheapest robust threshold costs more, the threshold within the
             budget that keeps the lift on the most bootstrap resamples is chosen instead (among
@@ -258,6 +265,15 @@ def tune_gate_threshold(
     cut_ok[n] = bool(sorted_conf[-1] < GATE_ALL)
     target = keep * full_lift - 1e-12
     keeps = cut_ok & (gain >= target)
+    if keep_nll is not None:
+        if full_calibrated is None or full_calibrated.shape != plain.shape:
+            raise InvalidInputError("Expected `full_calibrated` of the shape of `plain_probs` with `keep_nll`")
+        plain_loss = -plain.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log().double()
+        full_loss = -full_calibrated.float().gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log().double()
+        # nll_gain[j] = NLL reduction when the j least confident images get the calibrated policy
+        nll_gain = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((plain_loss - full_loss)[order], 0)]) / n
+        if float(nll_gain[-1]) > 0:
+            keeps &= nll_gain >= keep_nll * float(nll_gain[-1]) - 1e-12
     robust = keeps.clone()
     keep_rate = None
     if confidence > 0 and n_boot > 0:

@@ -259,7 +259,8 @@ def greedy_search(
             2-fold cross-validation).
         class_weights: also measure class-by-view weights (ClassTTA) under cross-validation;
             reported in ``aggregation`` (a policy stores per-view weights only).
-        gate: tune a gate threshold keeping ``keep`` of the accuracy lift, on the data and on
+        gate: tune a gate threshold keeping ``keep`` of the accuracy lift (and of the NLL
+            reduction, on the data), on the data and on
             ``gate_confidence`` of bootstrap resamples (:func:`ttakit.gating.tune_gate_threshold`),
             within ``gate_max_cost`` of the full policy's forward passes when possible (default
             30%; None for no budget).
@@ -465,6 +466,8 @@ def _greedy(
             confidence=gate_confidence,
             max_cost=gate_max_cost,
             seed=seed,
+            keep_nll=keep,
+            full_calibrated=apply_temperature(final_probs, final["temperature"]),
         )
         gated = probs[ident].max(1).values < tuning.threshold
         temperature = final["temperature"]

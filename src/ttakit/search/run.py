@@ -199,6 +199,7 @@ def search_policy(
         final.meta["validation"]["checked_through"] = "TTAEngine"
         result.comparison[-1] = {**result.comparison[-1], **{k: saved[k] for k in ("accuracy", "nll")}, "views": saved["passes_per_image"]}
         result.policy = final
+    result.pool_size = int(cost["pool_size"])  # the whole pool; result.candidates lists the survivors
     cost["check_passes"] = check_passes
     cost["check_seconds"] = time.perf_counter() - checked
     result.cost = cost
