@@ -123,9 +123,10 @@ def export_model(
         program = _torch_export(model, example)
         return _atomic_pt2(Path(out), program, text)
     if format == "torchscript":
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript was asked for by name
             scripted = torch.jit.trace(model, example)
-        return atomic_write(out, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files={METADATA_KEY: text}))
+            return atomic_write(out, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files={METADATA_KEY: text}))
     return _export_onnx(model, example, out, text, opset)
 
 

@@ -8,7 +8,14 @@ from .checkpoint import (
     read_checkpoint_meta,
     save_checkpoint,
 )
-from .registry import Normalize, create_model, is_fixed_size, layer_groups, list_models, register_model
+from .registry import (
+    Normalize,
+    create_model,
+    is_fixed_size,
+    layer_groups,
+    list_models,
+    register_model,
+)
 
 __all__ = [
     "CheckpointMeta",
