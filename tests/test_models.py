@@ -560,3 +560,13 @@ def test_resnets_take_any_size_and_group_their_layers():
     assert len(groups) == 5 and [p.shape for p in groups[-1]] == [(4, 512), (4,)]
     assert sum(len(g) for g in groups) == len(list(model.parameters()))
     assert not is_fixed_size("resnet18") and not is_fixed_size("resnet20") and is_fixed_size("seed-cnn")
+
+
+def test_metadata_asking_for_a_huge_model_is_refused_before_allocating(saved):
+    # seed-cnn's dense layer grows with the image: 2048x2048 would be ~2 billion parameters (8 GB).
+    directory, _, _ = saved
+    data = json.loads((directory / "checkpoint.json").read_text())
+    data["image_size"] = [2048, 2048]
+    (directory / "checkpoint.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"do not match architecture 'seed-cnn': shape mismatches"):
+        load_checkpoint(directory)

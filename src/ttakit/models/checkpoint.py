@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -312,6 +313,22 @@ def _describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch
     return "; ".join(parts)
 
 
+class _Shape:
+    """A tensor stand-in that only has a shape (read from a safetensors header)."""
+
+    def __init__(self, shape: list[int]):
+        self.shape = torch.Size(shape)
+
+
+def _weight_shapes(path: Path) -> dict[str, _Shape]:
+    """Names and shapes of the tensors in a safetensors file, from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: _Shape(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types (and OSError) on bad files
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({type(exc).__name__}: {exc})") from exc
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, CheckpointMeta]:
@@ -335,20 +352,22 @@ def load_checkpoint(
             f"checkpoint {directory} uses unknown architecture {meta.arch!r}; "
             f"expected one of: {', '.join(list_models())}"
         )
-    try:
-        model = create_model(
-            meta.arch,
-            in_channels=meta.in_channels,
-            num_classes=meta.num_classes,
-            image_size=tuple(meta.image_size),
-            mean=meta.mean,
-            std=meta.std,
-            **meta.arch_kwargs,
-        )
-    except (TypeError, ValueError, RuntimeError, MemoryError, OverflowError, TTAKitError) as exc:
-        raise CheckpointError(
-            f"checkpoint {directory}: cannot build {meta.arch!r} from its metadata ({' '.join(str(exc).split())[:200]})"
-        ) from exc
+    def build(stats: bool = True) -> nn.Module:
+        try:
+            return create_model(
+                meta.arch,
+                in_channels=meta.in_channels,
+                num_classes=meta.num_classes,
+                image_size=tuple(meta.image_size),
+                mean=meta.mean if stats else None,
+                std=meta.std if stats else None,
+                **meta.arch_kwargs,
+            )
+        except (TypeError, ValueError, RuntimeError, MemoryError, OverflowError, TTAKitError) as exc:
+            raise CheckpointError(
+                f"checkpoint {directory}: cannot build {meta.arch!r} from its metadata ({' '.join(str(exc).split())[:200]})"
+            ) from exc
+
     if meta.weights_sha256 is not None:
         found = weights_sha256(directory)
         if found != meta.weights_sha256:
@@ -356,6 +375,25 @@ def load_checkpoint(
                 f"{directory / WEIGHTS_FILE} is not the weights {META_FILE} was saved with (sha256 {found[:12]}..., "
                 f"recorded {meta.weights_sha256[:12]}...); the checkpoint was interrupted while saved or mixed: retrain it"
             )
+    # Metadata could ask for a model of billions of parameters: build it on the meta device (no
+    # memory) and compare with the shapes in the weights file's header before allocating anything.
+    # (An architecture whose constructor needs real values, e.g. ``.item()``, skips this check.)
+    skeleton_state = None
+    try:
+        with torch.device("meta"):
+            # (normalization stats are checked by value, which meta tensors cannot do; the
+            # skeleton only needs shapes, and identity stats have the same shapes)
+            skeleton_state = build(stats=False).state_dict()
+    except CheckpointError as exc:
+        if "meta tensors" not in str(exc):
+            raise
+    if skeleton_state is not None:
+        mismatch = _describe_mismatch(skeleton_state, _weight_shapes(directory / WEIGHTS_FILE))
+        if mismatch:
+            raise CheckpointError(
+                f"weights in {directory / WEIGHTS_FILE} do not match architecture {meta.arch!r}: {mismatch}"
+            )
+    model = build()
     device = torch.device(map_location)
     try:
         state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
