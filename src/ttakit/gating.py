@@ -25,22 +25,23 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
 
 from .engine import TTAEngine, TTAOutput, eval_mode
-from .errors import InvalidInputError
 from .policy import Policy
 
 # Gate tuning lives in the search package (ttakit.search.gate), which never imports this module;
 # its names are re-exported here for existing callers.
-from .search.gate import (
+from .search.gate import (  # noqa: F401  (the private checks serve gated_predict below)
     GATE_ALL,
     GatedOutput,
     GateTuning,
+    _check_policy,
+    _check_threshold,
+    _identity_index,
+    _resolve_threshold,
     evaluate_gated_on_cache,
     forward_passes,
     tune_gate_threshold,
@@ -56,51 +57,6 @@ __all__ = [
     "forward_passes",
     "GATE_ALL",
 ]
-
-
-def _check_threshold(threshold: object) -> float:
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, numbers.Real)
-        or not math.isfinite(threshold)
-    ):
-        raise InvalidInputError(
-            f"Expected argument `threshold` to be a finite number, but got {threshold!r}"
-        )
-    if not 0 <= threshold <= 1:
-        raise InvalidInputError(
-            f"Expected argument `threshold` to be a number in [0, 1] (0 never gates, 1 gates all), but got {threshold}"
-        )
-    return float(threshold)
-
-
-def _resolve_threshold(policy: Policy, threshold: float | None) -> float:
-    """``threshold``, or the policy's stored one, validated."""
-    if threshold is None:
-        threshold = policy.gate_threshold
-        if threshold is None:
-            raise InvalidInputError(
-                f"policy {policy.name!r} stores no gate_threshold; pass `threshold` (e.g. from tune_gate_threshold)"
-            )
-    return _check_threshold(threshold)
-
-
-def _identity_index(policy: Policy) -> int:
-    for k, view in enumerate(policy.views):
-        if view.is_identity:
-            return k
-    raise InvalidInputError(
-        f"gated TTA needs a policy that holds the identity view (its plain prediction is reused), "
-        f"but policy {policy.name!r} holds only {policy.view_names}"
-    )
-
-
-def _check_policy(policy: object) -> Policy:
-    if not isinstance(policy, Policy):
-        raise InvalidInputError(
-            f"Expected argument `policy` to be a ttakit.Policy, but got {type(policy).__name__}"
-        )
-    return policy
 
 
 _EvalMode = eval_mode  # the old private name

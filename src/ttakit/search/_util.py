@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
+from ..engine import eval_mode as EvalMode  # noqa: F401  (one implementation, re-exported)
 from ..errors import DataError, InvalidInputError
 from ..policy import View
 
@@ -25,22 +25,6 @@ class SingleThread:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self.saved)
-
-
-class EvalMode:
-    """Put an ``nn.Module`` in eval mode for the block and restore its mode afterwards."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.was_training = bool(getattr(model, "training", False))
-
-    def __enter__(self) -> None:
-        if self.was_training and hasattr(self.model, "eval"):
-            self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.was_training and hasattr(self.model, "train"):
-            self.model.train(True)
 
 
 def cm(x: torch.Tensor) -> torch.Tensor:
