@@ -666,7 +666,7 @@ def run_demo(
     }
     write_results(out, results, markdown)
     results["plots"] = [
-        str(plot_policy_metrics(all_plot, out / "policy_metrics.png", title="Fashion-MNIST: accuracy and NLL per TTA policy")),
+        str(plot_policy_metrics(all_plot, out / "policy_metrics.png", title="Fashion-MNIST: lift over plain inference per TTA policy")),
         str(plot_reliability_diagram(reliability, out / "reliability.png")),
     ]
     results["table"] = table
