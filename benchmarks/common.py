@@ -80,23 +80,8 @@ def time_side_by_side(
     Contenders take turns batch by batch, in an order rotated at every batch, so a slow
     moment of a shared machine hits all of them alike; summarise with the median.
     """
-    names = list(contenders)
-    for _ in range(warmup):
-        for name in names:
-            contenders[name](batches[0])
-    times: dict[str, list[float]] = {name: [] for name in names}
-    turn = 0
-    for _ in range(repeats):
-        for batch in batches:
-            order = names[turn % len(names) :] + names[: turn % len(names)]
-            turn += 1
-            for name in order:
-                sync(device)
-                start = time.perf_counter()
-                contenders[name](batch)
-                sync(device)
-                times[name].append(time.perf_counter() - start)
-    return times
+    rounds = time_rounds(contenders, batches, repeats, device, warmup)
+    return {name: [t for one_round in spent for t in one_round] for name, spent in rounds.items()}
 
 
 def time_rounds(

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import InvalidInputError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)``, flush it to disk, then rename ``tmp_path`` onto ``path``.
@@ -96,3 +98,17 @@ def _json_default(obj: Any) -> Any:
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; the caller turns ``OSError``/``JSONDecodeError`` into its own error."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def check_output_file(out: str | os.PathLike, name: str = "--out") -> Path:
+    """``out`` as a Path to a file whose folder exists and is writable, else a one-line error
+    naming ``name`` (checked before any work, so a long run never fails at its last write)."""
+    path = Path(out)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InvalidInputError(f"{name} {path} is a folder; give a file path like {path / 'out.csv'}")
+    if not parent.is_dir():
+        raise InvalidInputError(f"{name} {path}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InvalidInputError(f"{name} {path}: cannot write there (permission denied)")
+    return path

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import atomic_write
-from .errors import InvalidInputError, unknown_name
+from ._io import atomic_write, check_output_file
+from .errors import unknown_name
 from .predictors import EXPORT_FORMAT, METADATA_KEY, MissingExtraError
 
 __all__ = ["FORMATS", "export_checkpoint", "export_model", "export_metadata"]
@@ -73,7 +73,7 @@ def export_checkpoint(
     from .models import load_checkpoint
 
     check_format(format)
-    out = check_out_path(out)
+    out = check_output_file(out)
     model, meta = load_checkpoint(checkpoint)
     return export_model(model, format, out, export_metadata(meta), input_shape=(meta.in_channels, *meta.image_size), opset=opset)
 
@@ -82,19 +82,6 @@ def check_format(format: str) -> str:
     if format not in FORMATS:
         raise unknown_name("export format", format, FORMATS)
     return format
-
-
-def check_out_path(out: str | os.PathLike, name: str = "--out") -> Path:
-    """``out`` as a Path whose folder exists and is writable (else a one-line error)."""
-    path = Path(out)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise InvalidInputError(f"{name} {path} is a folder; give a file path")
-    if not parent.is_dir():
-        raise InvalidInputError(f"{name} {path}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"{name} {path}: folder {parent} is not writable")
-    return path
 
 
 def export_model(

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ._io import check_output_file
 from .data.decode import ImageFiles, check_channels, collate_decoded, list_images
 from .engine import TTAEngine
 from .errors import InvalidInputError
@@ -60,18 +61,6 @@ def default_workers() -> int:
     """Decoding workers: 1 on machines with up to 4 cores (inference needs the rest), else 2-4."""
     cores = os.cpu_count() or 1
     return 1 if cores <= 4 else min(4, cores // 4)
-
-
-def _check_out(out: str | os.PathLike) -> Path:
-    path = Path(out)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise InvalidInputError(f"--out {path} is a folder; give a file path like {path / 'preds.csv'}")
-    if not parent.is_dir():
-        raise InvalidInputError(f"--out {path}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InvalidInputError(f"--out {path}: cannot write there (permission denied)")
-    return path
 
 
 def _output_format(out: Path, format: str | None) -> str:
@@ -268,7 +257,7 @@ def predict_images(
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
-    out = _check_out(out)
+    out = check_output_file(out)
     fmt = _output_format(out, format)
     predictor = load(model, **(model_options or {}))
     channels = check_channels(predictor.channels, f"model {predictor.source}")

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._io import _fsync_dir, atomic_write_json
+from .._io import _fsync_dir, _fsync_path, atomic_write_json
 from ..errors import CheckpointError, InvalidInputError, TTAKitError
 from .registry import create_model, list_models
 
@@ -214,7 +214,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: Checkp
         # clone: safetensors refuses tensors that share storage or are not contiguous
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        _fsync_file(tmp / WEIGHTS_FILE)
+        _fsync_path(tmp / WEIGHTS_FILE)
         meta.weights_sha256 = _file_sha256(tmp / WEIGHTS_FILE)
         atomic_write_json(tmp / META_FILE, meta.to_dict())
         if not directory.exists():
@@ -230,14 +230,6 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: Checkp
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_sha256(path: Path) -> str:

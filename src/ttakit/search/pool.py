@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,20 +217,7 @@ def pool_with_sources(
 
 
 def default_pool(
-    image_size: tuple[int, int],
-    train_augmentations: Sequence[dict | str] = (),
-    *,
-    fixed_size: bool = True,
-    shifts: Sequence[int] = (1, 2, 3, 4),
-    subpixel: Sequence[float] = (0.5,),
-    zooms: Sequence[float] = (0.85, 0.9, 0.95, 1.05, 1.1, 1.15),
-    angles: Sequence[float] = (4.0, 8.0, 12.0),
-    scales: Sequence[float] = (0.9, 1.1),
-    crop_fraction: float = 0.9,
-    brightness: Sequence[float] = (-0.1, 0.1),
-    contrast: Sequence[float] = (0.8, 1.2),
-    n_random: int = 8,
-    seed: int = 0,
+    image_size: tuple[int, int], train_augmentations: Sequence[dict | str] = (), **options: Any
 ) -> list[View]:
     """The default candidate views, identity first, deduplicated by name.
 
@@ -250,6 +238,9 @@ def default_pool(
     Args:
         image_size: ``(H, W)`` of the model's input.
         train_augmentations: a checkpoint's ``train_augmentations``.
+        options: the keyword options of :func:`pool_with_sources` (``fixed_size``, ``shifts``,
+            ``subpixel``, ``zooms``, ``angles``, ``scales``, ``crop_fraction``, ``brightness``,
+            ``contrast``, ``n_random``, ``seed``).
 
     Example:
         >>> len(default_pool((28, 28)))
@@ -257,18 +248,4 @@ def default_pool(
         >>> len(default_pool((28, 28), ["flip", "shift"]))
         119
     """
-    return pool_with_sources(
-        image_size,
-        train_augmentations,
-        fixed_size=fixed_size,
-        shifts=shifts,
-        subpixel=subpixel,
-        zooms=zooms,
-        angles=angles,
-        scales=scales,
-        crop_fraction=crop_fraction,
-        brightness=brightness,
-        contrast=contrast,
-        n_random=n_random,
-        seed=seed,
-    )[0]
+    return pool_with_sources(image_size, train_augmentations, **options)[0]
