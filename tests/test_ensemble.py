@@ -9,10 +9,12 @@ from torch import nn
 
 from tests.conftest import TinyClassifier
 from ttakit.ensemble import (
+    MemberSpec,
     combine,
     ensemble_predict,
     evaluate_ensemble,
     hard_vote,
+    member_disagreement,
     parse_member,
     soft_vote,
 )
@@ -183,6 +185,40 @@ def test_parse_member(tmp_path) -> None:
     assert parse_member(f"{tmp_path}/a:{tmp_path}/p.json").policy == f"{tmp_path}/p.json"
     with pytest.raises(InvalidInputError, match="MODEL:POLICY"):
         parse_member("runs/a:")
+    # a NumPy callable package.module:function stays whole unless a policy follows it
+    assert parse_member("mypkg.models:predict") == MemberSpec("mypkg.models:predict", None)
+    assert parse_member("mypkg.models:predict:d4") == MemberSpec("mypkg.models:predict", "d4")
+    assert parse_member("runs/a:train-aug").policy == "train-aug"
+    model = tmp_path / "m"
+    model.mkdir()
+    assert parse_member(f"{model}:no-such-policy") == MemberSpec(str(model), "no-such-policy")  # reported later
+
+
+def test_member_disagreement_and_per_row_tie_break_seeds() -> None:
+    probs = stack([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]], [[0.2, 0.8], [0.7, 0.3], [0.4, 0.6]],
+                  [[0.7, 0.3], [0.1, 0.9], [0.45, 0.55]])
+    labels = torch.tensor([0, 0, 1])
+    torch.testing.assert_close(member_disagreement(probs, labels), torch.tensor([1 / 3, 1 / 3, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(member_disagreement(probs, labels, weights=[1, 2, 1]),
+                               torch.tensor([0.5, 0.25, 0.0], dtype=torch.float64))
+    # two members, disagreeing everywhere: every row ties; with row seeds a row's pick depends on
+    # its own seed only, not on the rows around it
+    g = torch.Generator().manual_seed(3)
+    a = torch.softmax(torch.randn(40, 4, generator=g), 1)
+    b = torch.roll(a, 1, dims=1)
+    two = torch.stack([a, b])
+    seeds = torch.arange(1000, 1040)
+    full, _ = hard_vote(two, tie_break="random", seed=5, row_seeds=seeds)
+    part, _ = hard_vote(two[:, 10:20], tie_break="random", seed=5, row_seeds=seeds[10:20])
+    assert torch.equal(full[10:20], part)
+    assert set(full.tolist()) <= set(a.argmax(1).tolist()) | set(b.argmax(1).tolist())
+    assert all(int(full[i]) in (int(a[i].argmax()), int(b[i].argmax())) for i in range(40))
+    picks_a = (full == a.argmax(1)).float().mean()
+    assert 0.2 < picks_a < 0.8  # a fair pick, not always the first member
+    other, _ = hard_vote(two, tie_break="random", seed=6, row_seeds=seeds)
+    assert not torch.equal(full, other)
+    with pytest.raises(InvalidInputError, match="row_seeds"):
+        hard_vote(two, row_seeds=seeds[:3])
 
 
 # --------------------------------------------------------------------------- the command (slow)

@@ -88,3 +88,54 @@ def test_evaluate_policies_rejects_empty_data():
     empty = ImageDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long), ["a", "b"])
     with pytest.raises(InvalidInputError, match="empty"):
         evaluate_policies(HalvesModel(), empty, [get_policy("hflip")], progress=False)
+
+
+def test_evaluate_uncertainty_report_costs_no_second_pass(tmp_path, monkeypatch):
+    """`evaluate` scores each policy and reports its uncertainty from the same engine run: the
+    test images go through the model once per view (1 + 2 + 8 for none, hflip, d4), not twice,
+    and the report equals the one computed by separate runs."""
+    from ttakit import experiment
+    from ttakit.conformal import evaluate_extras
+    from ttakit.experiment import evaluate_checkpoint, train_run
+    from ttakit.train import TrainConfig
+
+    from ._fixtures import write_halves_npz
+
+    data = write_halves_npz(tmp_path / "halves.npz")
+    train_run(str(data), out_dir=tmp_path / "ckpt", config=TrainConfig(epochs=1, batch_size=16), val_fraction=0.25,
+              progress=False)
+
+    class Counting(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.images = inner, 0
+
+        def forward(self, x):
+            self.images += x.shape[0]
+            return self.inner(x)
+
+    counted = {}
+    real_load = experiment.load_checkpoint
+
+    def load_counting(path):
+        model, meta = real_load(path)
+        counted["model"] = Counting(model)
+        return counted["model"], meta
+
+    monkeypatch.setattr(experiment, "load_checkpoint", load_counting)
+    results = evaluate_checkpoint(tmp_path / "ckpt", policies=["none,hflip,d4"], out_dir=tmp_path / "ev", plots=False,
+                                  progress=False, uncertainty=True)
+    n = results["n_images"]
+    assert n >= 10
+    assert counted["model"].images == n * (1 + 2 + 8)
+    scores = {(r["policy"], r["score"]) for r in results["uncertainty"]}
+    assert ("none", "softmax 1 - max p (baseline)") in scores and ("d4", "mutual information") in scores
+    # The same numbers as running each policy again for the report (the old, doubled path).
+    model, meta = real_load(tmp_path / "ckpt")
+    dataset = experiment.load_eval_data(meta, None, "test", None)
+    again = evaluate_extras(model, dataset, experiment.resolve_named_policies(["none,hflip,d4"], meta), progress=False)
+    assert len(again["uncertainty"]) == len(results["uncertainty"])
+    for mine, ref in zip(results["uncertainty"], again["uncertainty"], strict=True):
+        assert (mine["policy"], mine["score"]) == (ref["policy"], ref["score"])
+        assert mine["auroc"] == pytest.approx(ref["auroc"], abs=1e-6, nan_ok=True)
+        assert mine["accuracy_at_coverage"] == pytest.approx(ref["accuracy_at_coverage"], abs=1e-9)

@@ -239,7 +239,8 @@ def test_apply_temperature_by_hand():
         (5, r"weights must be a list of 3 numbers \(one per view\), got int 5"),
         ([1, None, 1], r"not a number: None"),
         ([1, True, 1], r"not a number: True"),
-        (torch.ones(3, 1), r"1-D tensor or list of 3 numbers.*shape \(3, 1\)"),
+        (torch.ones(3, 1, 1), r"3 numbers \(one per view\) or 3 lists of C numbers.*shape \(3, 1, 1\)"),
+        (torch.ones(3, 1), r"class-by-view weights hold 1 classes per view, but the model's output has 3"),
     ],
 )
 def test_weights_of_the_wrong_type_are_named(weights, pattern):

@@ -12,6 +12,7 @@ from ttakit.models import (
     CheckpointMeta,
     Normalize,
     check_compatible,
+    classifier_module,
     create_model,
     list_models,
     load_checkpoint,
@@ -95,6 +96,20 @@ def test_every_model_handles_small_odd_images(name):
     model = create_model(name, in_channels=2, num_classes=2, image_size=(5, 7)).eval()
     with torch.inference_mode():
         assert model(torch.rand(2, 2, 5, 7)).shape == (2, 2)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_classifier_module_is_the_layer_that_outputs_the_logits(name):
+    """Transfer starts only this layer afresh, so it must be the very last one: zero it and
+    every logit is 0; its output width is the number of classes."""
+    model = create_model(name, in_channels=1, num_classes=3, image_size=(16, 16)).eval()
+    classifier = classifier_module(model)
+    assert isinstance(classifier, torch.nn.Linear) and classifier.out_features == 3
+    with torch.no_grad():
+        classifier.weight.zero_()
+        classifier.bias.fill_(0.25)
+        out = model(torch.rand(2, 1, 16, 16))
+    assert torch.equal(out, torch.full((2, 3), 0.25))
 
 
 def test_unknown_architecture_lists_choices():
@@ -560,6 +575,7 @@ def test_resnets_take_any_size_and_group_their_layers():
     assert len(groups) == 5 and [p.shape for p in groups[-1]] == [(4, 512), (4,)]
     assert sum(len(g) for g in groups) == len(list(model.parameters()))
     assert not is_fixed_size("resnet18") and not is_fixed_size("resnet20") and is_fixed_size("seed-cnn")
+    assert not is_fixed_size("seed-cnn-gap")  # global pooling: trains at 14x14, predicts at 28x28
 
 
 def test_metadata_asking_for_a_huge_model_is_refused_before_allocating(saved):

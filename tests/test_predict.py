@@ -402,3 +402,148 @@ def test_conformal_sets_are_the_calibrated_sets_of_the_merged_probabilities(tmp_
     expected = ["|".join(FASHION_MNIST_CLASSES[c] for c in torch.nonzero(s).flatten().tolist()) for s in sets]
     assert [r["set"] for r in rows] == expected
     assert all(r["class_1"] in r["set"].split("|") for r in rows if r["set"])
+
+
+# --------------------------------------------------------------------------- several models: the ensemble
+
+
+def _member_checkpoint(folder: Path, seed: int, classes=FASHION_MNIST_CLASSES):
+    torch.manual_seed(seed)
+    model = create_model("seed-cnn", in_channels=1, num_classes=10, image_size=(28, 28), mean=[0.286], std=[0.353])
+    model.eval()
+    meta = CheckpointMeta(arch="seed-cnn", classes=list(classes), in_channels=1, image_size=[28, 28], mean=[0.286],
+                          std=[0.353])
+    return save_checkpoint(folder, model, meta), model
+
+
+def test_several_models_write_the_soft_vote_of_their_engines(tmp_path, fashion, capsys):
+    """`ttakit predict A:hflip B:d4 IMAGES`: each row is the mean of the two members' TTA
+    probabilities (no shared validation split here, so no temperatures), the members' disagreement
+    with the ensemble's class, and the passes of both policies."""
+    images, pixels = fashion
+    (run_a, model_a), (run_b, model_b) = _member_checkpoint(tmp_path / "a", 0), _member_checkpoint(tmp_path / "b", 1)
+    paths = write_pngs(tmp_path / "imgs", pixels[:20])
+    out = tmp_path / "ens.csv"
+    code = main(["--no-progress", "predict", f"{run_a}:hflip", f"{run_b}:d4", str(tmp_path / "imgs"), "--out", str(out),
+                 "--workers", "0", "--batch-size", "7", "--top-k", "3"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "an ensemble of 2 models, soft vote" in printed and "10.00 passes/img" in printed
+    rows = read_rows(out)
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    order = [int(Path(r["path"]).stem[3:]) for r in rows]
+    a = TTAEngine(model_a, "hflip")(images[order])
+    b = TTAEngine(model_b, "d4")(images[order])
+    mean = (a + b) / 2
+    top = mean.topk(3, dim=1)
+    members_differ = ((a.argmax(1) != mean.argmax(1)).float() + (b.argmax(1) != mean.argmax(1)).float()) / 2
+    for i, row in enumerate(rows):
+        assert [row[f"class_{k}"] for k in (1, 2, 3)] == [FASHION_MNIST_CLASSES[c] for c in top.indices[i]]
+        assert [float(row[f"prob_{k}"]) for k in (1, 2, 3)] == pytest.approx(top.values[i].tolist(), abs=1e-5)
+        assert float(row["disagreement"]) == pytest.approx(members_differ[i].item())
+        assert row["forward_passes"] == "10"
+    assert any(float(r["disagreement"]) > 0 for r in rows)  # two random networks disagree somewhere
+    # --weights 1,3: the weighted mean
+    out_w = tmp_path / "weighted.jsonl"
+    summary = predict_images([run_a, run_b], tmp_path / "imgs", out=out_w, policy=["hflip", "d4"], weights=[1, 3],
+                             workers=0, progress=False, top_k=1)
+    assert summary["ensemble"]["weights"] == [1.0, 3.0] and summary["passes_per_image"] == 10
+    weighted = (a + 3 * b) / 4
+    got = [json.loads(line)["top_k"][0]["prob"] for line in out_w.read_text().splitlines()]
+    assert got == pytest.approx(weighted.max(1).values.tolist(), abs=1e-5)
+
+
+def test_hard_vote_ties_are_seeded_per_image_and_resume_completes(tmp_path, fashion):
+    """Hard vote with the random tie-break: two members that disagree tie, and each image's pick
+    depends on the seed and its file, not on the batch it came in; a torn ensemble output resumes
+    to exactly the rows of a full run."""
+    _, pixels = fashion
+    (run_a, model_a), (run_b, model_b) = _member_checkpoint(tmp_path / "a", 0), _member_checkpoint(tmp_path / "b", 1)
+    write_pngs(tmp_path / "imgs", pixels[:24], nested=False)
+    common = {"policy": "none", "vote": "hard", "tie_break": "random", "workers": 0, "progress": False, "top_k": 2}
+    predict_images([run_a, run_b], tmp_path / "imgs", out=tmp_path / "b5.csv", batch_size=5, **common)
+    predict_images([run_a, run_b], tmp_path / "imgs", out=tmp_path / "b24.csv", batch_size=24, **common)
+    rows5, rows24 = read_rows(tmp_path / "b5.csv"), read_rows(tmp_path / "b24.csv")
+    assert rows5 == rows24
+    ties = [r for r in rows5 if float(r["prob_1"]) == 0.5]
+    assert len(ties) >= 3  # the two members disagree on these: a one-one vote
+    assert all(float(r["disagreement"]) == 0.5 for r in ties)
+    # class_1 is the vote's winner, as ensemble.hard_vote picks it with one stream per file
+    import zlib
+
+    from ttakit.ensemble import hard_vote
+
+    images, _ = fashion
+    order = [int(Path(r["path"]).stem[3:]) for r in rows5]
+    with torch.inference_mode():
+        stack = torch.stack([torch.softmax(m(images[order]), 1) for m in (model_a, model_b)])
+    seeds = torch.tensor([zlib.crc32(os.path.abspath(r["path"]).encode()) for r in rows5])
+    winners, _ = hard_vote(stack, tie_break="random", seed=0, row_seeds=seeds)
+    assert [r["class_1"] for r in rows5] == [FASHION_MNIST_CLASSES[c] for c in winners.tolist()]
+    # another seed picks the other class on some tied images
+    predict_images([run_a, run_b], tmp_path / "imgs", out=tmp_path / "s7.csv", batch_size=5, seed=7, **common)
+    other = read_rows(tmp_path / "s7.csv")
+    assert any(x["class_1"] != y["class_1"] for x, y in zip(rows5, other, strict=True) if float(x["prob_1"]) == 0.5)
+    # a run cut after 10 rows (and a torn 11th) resumes to the full run's rows
+    torn = tmp_path / "torn.csv"
+    lines = (tmp_path / "b5.csv").read_text().splitlines(keepends=True)
+    torn.write_text("".join(lines[:11]) + lines[11][:9])
+    summary = predict_images([run_a, run_b], tmp_path / "imgs", out=torn, batch_size=4, resume=True, **common)
+    assert summary["n_done_before"] == 10 and summary["n_predicted"] == 14
+    assert read_rows(torn) == rows5
+
+
+def test_several_models_bad_input_is_one_line_and_exit_code_2(tmp_path, fashion, capsys):
+    _, pixels = fashion
+    run_a, _ = _member_checkpoint(tmp_path / "a", 0)
+    run_x, _ = _member_checkpoint(tmp_path / "x", 1, classes=[f"c{i}" for i in range(10)])
+    write_pngs(tmp_path / "imgs", pixels[:2], nested=False)
+    imgs, out = tmp_path / "imgs", tmp_path / "p.csv"
+    err = _cli_error([run_a, run_x, imgs, "--out", out], capsys)
+    assert "same classes in the same order" in err and "c0" in err
+    assert "--weights needs one number per model (2), got 3" in _cli_error(
+        [run_a, f"{run_a}:hflip", imgs, "--out", out, "--weights", "1,2,3"], capsys)
+    assert "'no-such-policy'" in _cli_error([f"{run_a}:no-such-policy", run_a, imgs, "--out", out], capsys)
+    err = _cli_error([run_a, f"{run_a}:hflip", imgs, "--out", out, "--conformal", "0.1"], capsys)
+    assert "every member must be a ttakit checkpoint trained on the same data" in err
+    assert "at least one model and the images" in _cli_error([imgs, "--out", out], capsys)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ensemble_of_trained_checkpoints_is_calibrated_and_writes_conformal_sets(tmp_path, fashion, capsys):
+    """Two seed CNNs trained on the same Fashion-MNIST recipe share their validation split: predict
+    temperature-scales each on it (soft vote of calibrated probabilities, as `ttakit ensemble`)
+    and calibrates the ensemble's conformal sets there too."""
+    from ttakit.conformal import calibrate
+    from ttakit.ensemble import ensemble_predict
+    from ttakit.experiment import load_eval_data, train_run
+    from ttakit.train import TrainConfig
+
+    images, pixels = fashion
+    runs = []
+    for seed in (0, 1):
+        config = TrainConfig(epochs=1, limit=600, seed=seed, augment=("flip",))
+        runs.append(train_run("fashion-mnist", out_dir=tmp_path / f"m{seed}", config=config, val_fraction=0.01,
+                              progress=False))
+    write_pngs(tmp_path / "imgs", pixels[:24], nested=False)
+    out = tmp_path / "ens.csv"
+    code = main(["--no-progress", "predict", f"{runs[0].checkpoint_dir}:hflip", str(runs[1].checkpoint_dir),
+                 str(tmp_path / "imgs"), "--out", str(out), "--workers", "0", "--conformal", "0.2"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "temperature-scaled on the shared validation split (600 images)" in printed
+    rows = read_rows(out)
+    val = load_eval_data(runs[0].meta, None, "val", None)
+    models = [r.model.eval() for r in runs]
+    policies = ["hflip", "none"]
+    fitted = ensemble_predict(models, images[:1], policies=policies, calibration=(val.images, val.labels))
+    assert all(t is not None and t > 0 for t in fitted.temperatures)
+    expected = ensemble_predict(models, images[:24], policies=policies, temperatures=fitted.temperatures)
+    order = [int(Path(r["path"]).stem[3:]) for r in rows]
+    assert [float(r["prob_1"]) for r in rows] == pytest.approx(expected.probs[order].max(1).values.tolist(), abs=1e-5)
+    on_val = ensemble_predict(models, val.images, policies=policies, temperatures=fitted.temperatures)
+    calibration = calibrate(on_val.probs, val.labels, 0.2)
+    sets = calibration.predict_sets(expected.probs[order])
+    assert [r["set"] for r in rows] == ["|".join(FASHION_MNIST_CLASSES[c] for c in torch.nonzero(s).flatten().tolist())
+                                        for s in sets]

@@ -375,6 +375,7 @@ HEAD = [
     "4.weight", "4.bias", "6.weight", "6.bias", "6.running_mean", "6.running_var", "6.num_batches_tracked",
     "7.weight", "7.bias",
 ]
+CLASSIFIER = ["7.weight", "7.bias"]  # the only tensors transfer to other classes starts afresh
 
 
 @pytest.fixture
@@ -395,11 +396,12 @@ def test_init_reports_loaded_new_and_skipped(pretrained_dir):
     directory, pre = pretrained_dir
     result = train_model(_three_classes(), TrainConfig(epochs=1, batch_size=16, init=str(directory)), progress=False)
     report = result.init_report
-    assert report.new == HEAD  # the head starts afresh: other classes (and 3 of them, not 2)
-    assert "7.weight (shape (2, 128) vs (3, 128))" in report.skipped
-    assert "4.weight (new head: other classes)" in report.skipped and len(report.skipped) == len(HEAD)
-    assert set(report.loaded) == set(pre.state_dict()) - set(HEAD)
-    assert "loaded 16 tensors, new 9 (4.weight, 4.bias, 6.weight, 6.bias and 5 more), skipped 9" in report.summary()
+    assert report.new == CLASSIFIER  # only the classifier starts afresh: other classes (3, not 2)
+    assert sorted(report.skipped) == ["7.bias (shape (2,) vs (3,))", "7.weight (shape (2, 128) vs (3, 128))"]
+    assert set(report.loaded) == set(pre.state_dict()) - set(CLASSIFIER)  # the pretrained Dense128 too
+    for key in ("4.weight", "6.running_mean"):
+        assert key in report.loaded
+    assert "loaded 23 tensors, new 2 (7.weight, 7.bias), skipped 2" in report.summary()
     assert result.meta.extra["init"]["new"] == report.new
     # the normalization the body was trained with comes along
     assert result.meta.mean == pytest.approx(pre[0].mean.flatten().tolist())
@@ -497,6 +499,17 @@ def test_progressive_resizing_changes_the_input_size(monkeypatch):
 
 
 @recipe
+def test_progressive_with_repeated_sizes_on_the_global_pooling_seed_cnn():
+    """One size per epoch when the sizes are listed per epoch (the benchmark's 14,14,14,28,28)."""
+    config = TrainConfig(epochs=3, batch_size=16, progressive="4,4,8")
+    result = train_model(_toy(32), config, arch="seed-cnn-gap", progress=False)
+    assert [h["image_size"] for h in result.history] == [4, 4, 8]
+    assert result.meta.extra["train_config"]["progressive"] == (4, 4, 8)
+    with pytest.raises(InvalidInputError, match="use one of: .*seed-cnn-gap"):
+        train_model(_toy(32), config, arch="seed-cnn", progress=False)
+
+
+@recipe
 def test_progressive_refusals():
     with pytest.raises(InvalidInputError, match="needs a fully convolutional architecture.*'seed-cnn' is built for one input size \\(8x8\\)"):
         train_model(_toy(32), TrainConfig(epochs=2, batch_size=16, progressive=(4, 8)), arch="seed-cnn", progress=False)
@@ -557,7 +570,10 @@ def test_init_from_a_checkpoint_for_other_classes_gets_a_new_head(pretrained_dir
     ds = _toy(32)
     other = ImageDataset(ds.images, ds.labels, ["cat", "dog"], name="toy-other")  # same shapes, other classes
     result = train_model(other, TrainConfig(epochs=1, batch_size=16, freeze_epochs=1, init=str(directory)), progress=False)
-    assert result.init_report.new == HEAD
-    assert sorted(result.init_report.skipped) == sorted(f"{k} (new head: other classes)" for k in HEAD)
+    assert result.init_report.new == CLASSIFIER  # same shapes, but the logits mean other classes
+    assert sorted(result.init_report.skipped) == sorted(f"{k} (new classifier: other classes)" for k in CLASSIFIER)
+    for key, value in pre.state_dict().items():  # the frozen epoch trained the head group only
+        if key not in HEAD:
+            assert torch.equal(result.model.state_dict()[key], value), key
     same = train_model(ds, TrainConfig(epochs=1, batch_size=16, init=str(directory)), progress=False)
     assert same.init_report.new == []  # same classes: the head is loaded too

@@ -130,10 +130,18 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_predict_parser(commands) -> None:
-    predict = commands.add_parser("predict", help="TTA predictions for your own images, from any model")
-    predict.add_argument("model", help="checkpoint folder, .pt2, TorchScript, .onnx, .keras/.h5, or module:function")
-    predict.add_argument("images", help="a folder (searched recursively), a quoted glob, or a text file of paths")
-    predict.add_argument("--policy", default="none", help="policy name, train-aug, or a policy .json (default: none)")
+    predict = commands.add_parser(
+        "predict", help="TTA predictions for your own images, from any model (or an ensemble of several)",
+        usage="ttakit predict [options] MODEL[:POLICY] [MODEL[:POLICY] ...] IMAGES --out FILE",
+    )
+    predict.add_argument(
+        "inputs", nargs="+", metavar="MODEL[:POLICY] [...] IMAGES",
+        help="one or more models (checkpoint folder, .pt2, TorchScript, .onnx, .keras/.h5, or module:function), each "
+        "optionally with its policy after a colon; several models write ENSEMBLE predictions. Last: the images, a "
+        "folder (searched recursively), a quoted glob, or a text file of paths",
+    )
+    predict.add_argument("--policy", default="none",
+                         help="policy name, train-aug, or a policy .json, for models without :POLICY (default: none)")
     predict.add_argument("--out", required=True, help="CSV file to write (.jsonl for JSON Lines)")
     predict.add_argument("--top-k", type=_positive_int, default=5, help="classes per row (default 5)")
     predict.add_argument("--workers", type=int, default=None, help="decoding processes (0: in the main process)")
@@ -143,6 +151,15 @@ def _add_predict_parser(commands) -> None:
                          help="add each image's conformal prediction set covering 1 - ALPHA (ttakit checkpoints: "
                          "calibrated on their validation split)")
     predict.add_argument("--conformal-method", default="lac", choices=("lac", "aps"), help="lac (default) or aps")
+    group = predict.add_argument_group("several models (as in ttakit ensemble)")
+    group.add_argument("--vote", default="soft", choices=("soft", "hard"),
+                       help="soft: mean of calibrated probabilities (default); hard: majority class")
+    group.add_argument("--weights", type=_weights, default=None, help="one weight per model, e.g. 1,1,2")
+    group.add_argument("--tie-break", default="mean", choices=("mean", "random"),
+                       help="hard vote ties: mean (higher mean probability, then seeded random) or random")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random tie-break")
+    group.add_argument("--no-calibrate", action="store_true",
+                       help="do not temperature-scale the models on their shared validation split")
     _add_device_args(predict, max_batch=True)
     _add_model_args(predict)
 
@@ -153,13 +170,25 @@ def _model_options(args: argparse.Namespace) -> dict:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from .ensemble import parse_member
     from .predict import predict_images
 
+    if len(args.inputs) < 2:
+        raise InvalidInputError(
+            f"predict needs MODEL [MODEL ...] IMAGES: at least one model and the images, got only {args.inputs[0]!r}"
+        )
+    members = [parse_member(spec) for spec in args.inputs[:-1]]
+    if args.weights is not None and len(args.weights) != len(members):
+        raise InvalidInputError(
+            f"--weights needs one number per model ({len(members)}), got {len(args.weights)}: "
+            f"{','.join(f'{w:g}' for w in args.weights)}"
+        )
+    models = [m.model for m in members]
     summary = predict_images(
-        args.model,
-        args.images,
+        models[0] if len(models) == 1 else models,
+        args.inputs[-1],
         out=args.out,
-        policy=args.policy,
+        policy=[m.policy or args.policy for m in members] if len(models) > 1 else (members[0].policy or args.policy),
         top_k=args.top_k,
         workers=args.workers,
         batch_size=args.batch_size,
@@ -171,11 +200,21 @@ def _run_predict(args: argparse.Namespace) -> int:
         model_options=_model_options(args),
         conformal=args.conformal,
         conformal_method=args.conformal_method,
+        vote=args.vote,
+        weights=args.weights,
+        tie_break=args.tie_break,
+        seed=args.seed,
+        calibrate=not args.no_calibrate,
     )
     skipped = f" ({summary['n_done_before']} already in {summary['out']})" if summary["n_done_before"] else ""
+    how = f"policy {summary['policy']} ({len(summary['views'])} views"
+    if summary.get("ensemble"):
+        ens = summary["ensemble"]
+        how = (f"an ensemble of {len(ens['members'])} models, {ens['vote']} vote ("
+               + ", ".join(f"{m['model']}:{m['policy']}" for m in ens["members"]) + f"; {ens['calibration']}")
     print(
-        f"predicted {summary['n_predicted']} of {summary['n_images']} images{skipped} with policy "
-        f"{summary['policy']} ({len(summary['views'])} views, {summary['passes_per_image']:.2f} passes/img) "
+        f"predicted {summary['n_predicted']} of {summary['n_images']} images{skipped} with {how}, "
+        f"{summary['passes_per_image']:.2f} passes/img) "
         f"in {summary['seconds']:.1f} s ({summary['images_per_second']:.0f} img/s) -> {summary['out']}"
     )
     if summary["n_errors"]:
@@ -244,7 +283,8 @@ def _add_recipe_args(train: argparse.ArgumentParser) -> None:
         default=None,
         metavar="WEIGHTS",
         help="start from a state dict: .safetensors, a torch file (read with weights_only=True) or a "
-        "checkpoint folder; keys matched by name and shape",
+        "checkpoint folder; keys matched by name and shape (a checkpoint for other classes gets a new "
+        "classifier, every other matching tensor is kept)",
     )
     train.add_argument("--freeze-epochs", type=int, default=0, metavar="N", help="train only the head for the first N epochs")
     train.add_argument(
@@ -294,7 +334,7 @@ def _add_lr_find_parser(commands) -> None:
         "lr-find", help="sweep the learning rate exponentially and suggest one (writes lr_find.png)"
     )
     _add_data_args(lr_find)
-    lr_find.add_argument("--arch", default="seed-cnn", help="architecture (seed-cnn, resnet20, resnet18, ...)")
+    lr_find.add_argument("--arch", default="seed-cnn", help="architecture (seed-cnn, seed-cnn-gap, resnet20, resnet18, ...)")
     lr_find.add_argument("--batch-size", type=_positive_int, default=128)
     lr_find.add_argument("--optimizer", default="adam", help="adam or sgd")
     lr_find.add_argument("--augment", default="", help="train-time augmentations, as for train")
@@ -359,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model and save a checkpoint")
     _add_data_args(train)
-    train.add_argument("--arch", default="seed-cnn", help="architecture (seed-cnn, resnet20, resnet18, resnet34, resnet50)")
+    train.add_argument("--arch", default="seed-cnn", help="architecture (seed-cnn, seed-cnn-gap, resnet20, resnet18, resnet34, resnet50; all but seed-cnn take --progressive)")
     train.add_argument("--epochs", type=_positive_int, default=3)
     train.add_argument("--batch-size", type=_positive_int, default=128)
     train.add_argument("--lr", type=_lr, default=1e-3, help="learning rate, or auto: run lr-find first (default 1e-3)")
@@ -407,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--objective", default="nll", help="nll (after temperature scaling) or accuracy")
     search.add_argument("--limit", type=_positive_int, default=None, help="search on the first N images")
     search.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
-    search.add_argument("--no-weights", action="store_true", help="do not learn per-view weights")
+    search.add_argument("--no-weights", action="store_true", help="do not learn per-view or class-by-view weights")
     search.add_argument("--no-gate", action="store_true", help="do not tune a confidence gate")
     search.add_argument("--full-cache", action="store_true", help="cache every candidate on every image (no successive halving)")
     search.add_argument("--out", default=None, help="policy JSON to write (default: CHECKPOINT/policy.json)")

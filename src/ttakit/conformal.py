@@ -301,9 +301,11 @@ def conformal_split(meta: Any, data: str | None, data_dir: str | None, alpha: fl
     return val
 
 
-def _uncertainty_scores(out: Any) -> dict[str, torch.Tensor]:
-    u = out.uncertainty or {}
-    merged = out.merged.float().cpu()
+def _uncertainty_scores(merged: torch.Tensor, u: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Per-image scores (higher = less sure) from merged probabilities ``(N, C)`` and the engine's
+    uncertainty dict (:attr:`ttakit.engine.TTAOutput.uncertainty`)."""
+    u = u or {}
+    merged = merged.float().cpu()
     top = merged.argmax(1)
     scores = {"softmax 1 - max p": 1 - merged.max(1).values}
     names = {
@@ -332,6 +334,7 @@ def evaluate_extras(
     coverage: float = 0.9,
     max_batch: int = 256,
     progress: bool = True,
+    evaluations: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Uncertainty and conformal reporting for ``ttakit evaluate``.
 
@@ -340,6 +343,11 @@ def evaluate_extras(
     as an error detector (AUROC against error, accuracy at ``coverage``), the plain softmax
     confidence first as the baseline. With ``alpha``, each policy's split-conformal sets are
     calibrated on ``val`` (from :func:`conformal_split`) and scored on ``dataset``.
+
+    ``evaluations``: the :class:`ttakit.evaluate.PolicyEvaluation` results of the run that
+    scored these policies on ``dataset`` (``evaluate_policies(..., return_uncertainty=True)``);
+    their probabilities and uncertainty are used as they are, so the test images go through
+    the model once per view in all. Policies not among them are run here.
 
     Returns:
         ``{"uncertainty": rows, "conformal": rows, "table": str, "markdown": str}``.
@@ -354,15 +362,21 @@ def evaluate_extras(
     labels = dataset.labels
     unc_rows: list[dict[str, Any]] = []
     test_probs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    done = {e.name: e for e in (evaluations or []) if e.probs is not None}
     for policy in policies:
-        engine = TTAEngine(model, policy, max_batch=max_batch)
-        out = engine.run(dataset.images, return_uncertainty=uncertainty and len(policy) > 1)
-        probs = out.merged.float().cpu()
+        evaluated = done.get(policy.name)
+        want_uncertainty = uncertainty and len(policy) > 1
+        if evaluated is not None and (evaluated.uncertainty is not None or not want_uncertainty):
+            probs, unc = evaluated.probs.float().cpu(), evaluated.uncertainty
+        else:
+            engine = TTAEngine(model, policy, max_batch=max_batch)
+            out = engine.run(dataset.images, return_uncertainty=want_uncertainty)
+            probs, unc = out.merged.float().cpu(), out.uncertainty
         test_probs[policy.name] = (probs, labels)
         if not uncertainty:
             continue
         correct = probs.argmax(1) == labels
-        scores = _uncertainty_scores(out)
+        scores = _uncertainty_scores(probs, unc)
         if len(policy) == 1:  # plain inference: only the softmax confidence (the baseline)
             scores = {"softmax 1 - max p (baseline)": scores["softmax 1 - max p"]}
         for row in selective_report(scores, correct, coverage):

@@ -13,8 +13,11 @@ made). With extra model arguments the same bound holds: views then run one per f
 per-sample tensor arguments are sliced along with the images.
 
 Speed: the policy's per-view work (transformers, bound augmentation steps, merge settings, weights)
-is prepared once, when the engine is built. A small classification batch takes one forward pass
-for all its views and one merge over the stacked outputs.
+is prepared once, when the engine is built. A classification batch that fits one chunk takes one
+merge over the stacked outputs of its views. On CPU, by default, how many views share a forward
+pass is measured rather than guessed: the first calls of each input shape try each distinct plan
+(stacked views, one view per pass, passes of 32) and later calls use the fastest
+(:mod:`ttakit._pass_tuner`); results do not depend on the plan beyond float rounding.
 
 Every other inference path (the wrappers, ``evaluate``, ``gating``, the trainer's plain
 prediction) calls :meth:`TTAEngine.run`; it is the only chunking loop.
@@ -26,6 +29,7 @@ import contextlib
 import itertools
 import math
 import numbers
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._pass_tuner import PassTuner, candidate_pass_sizes
 from .errors import InvalidInputError, ModelOutputError
 from .functional import check_image
 from .merge import (
@@ -255,7 +260,9 @@ class TTAEngine:
         target: ``"label"`` (classification), ``"mask"`` (segmentation) or, with a ``deaugment``
             hook, ``"keypoints"``/``"boxes"``. Views that cannot invert it fail here, at build time.
         merge_mode: a :mod:`ttakit.merge` mode; defaults to the policy's.
-        weights: per-view weights (K non-negative numbers); default the policy's.
+        weights: per-view weights (K non-negative numbers) or class-by-view weights (K lists of C,
+            merge ``"mean"`` of probabilities only: ``p_c ~ sum_k W[k][c] p_kc`` renormalised over
+            classes); default the policy's.
         activation: ``"softmax"``, ``"sigmoid"`` or ``None`` (merge raw outputs). ``"auto"``
             (default) merges class probabilities (softmax) for ``"label"`` and raw outputs
             otherwise. The ttach-compatible wrappers pass ``None``, as ttach merges raw outputs.
@@ -271,8 +278,10 @@ class TTAEngine:
         max_batch: most images per forward pass: the memory bound (at most this many augmented
             images exist at a time).
         pass_size: images per forward pass the engine aims for (at most ``max_batch``): views of
-            a small batch are stacked up to it, a large batch is cut into chunks of it. Default:
-            32 on CPU, where larger passes run slower per image (caches), ``max_batch`` elsewhere.
+            a small batch are stacked up to it, a large batch is cut into chunks of it. Default
+            ``None``: on CPU, tuned per input shape from the first calls' wall time among 32 (the
+            start), the whole batch (one view per pass) and ``max_batch`` (calls with extra
+            arguments, a gate or per-view outputs use 32); ``max_batch`` on other devices.
         output_key: when the model returns a mapping, the key of the output to merge.
         deaugment: hook mapping one view's output back; defaults by ``target``.
         class_dim: class dimension of one output (softmax, vote, gate, uncertainty); not 0.
@@ -324,6 +333,10 @@ class TTAEngine:
         given = weights if weights is not None else self.policy.weights
         checked = check_weights(given, n_views, self.merge_mode)
         self.weights = None if checked is None else checked.tolist()
+        # (K, C) class-by-view weights: merged by the accumulator, p_c ~ sum_k W[k][c] p_kc renormalised.
+        self._class_weights = checked is not None and checked.ndim == 2
+        # Per-view weights for the uncertainty's expected entropy (class-by-view: each view's mean).
+        self._view_weights = checked.mean(1).tolist() if self._class_weights else self.weights
         if activation == "auto":
             activation = "softmax" if target == "label" else None
         self.activation = check_activation(activation)
@@ -336,6 +349,7 @@ class TTAEngine:
         ):
             raise InvalidInputError(f"pass_size must be a positive integer number of images or None, got {pass_size!r}")
         self.pass_size = pass_size
+        self._tuner = PassTuner()
         if output_key is not None and not isinstance(output_key, str):
             raise InvalidInputError(f"output_key must be a string key of the model's output mapping, got {output_key!r}")
         self.output_key = output_key
@@ -390,6 +404,11 @@ class TTAEngine:
             self._space = "probs"
         else:
             self._space = "raw"
+        if self._class_weights and self._space != "probs":
+            raise InvalidInputError(
+                f"class-by-view weights (policy {self.policy.name!r}) merge class probabilities, but activation="
+                f"{self.activation!r} on a model returning {self.model_outputs}; pass activation='softmax'"
+            )
         self._probe: torch.Tensor | None = _first_tensor(model)
         if self.device is not None and self._probe is not None and not _same_device(self._probe.device, self.device):
             raise InvalidInputError(
@@ -406,10 +425,22 @@ class TTAEngine:
         self._mean_weights: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def _pass(self, device: torch.device) -> int:
-        """Most images one stacked forward pass may hold on ``device``."""
+        """Most images one stacked forward pass may hold on ``device`` (untuned)."""
         if self.pass_size is not None:
             return min(self.pass_size, self.max_batch)
         return min(_CPU_PASS, self.max_batch) if device.type == "cpu" else self.max_batch
+
+    def _pass_for_call(self, images: torch.Tensor, device: torch.device, tunable: bool) -> tuple[int, tuple | None]:
+        """(images per pass for this call, the tuner's key if the call is to be timed)."""
+        if not tunable or self.pass_size is not None or device.type != "cpu":
+            return self._pass(device), None
+        key = (images.shape, images.dtype)
+        size = self._tuner.chosen.get(key)  # the common case first: a shape already tuned
+        if size is not None:
+            return size, None
+        candidates = candidate_pass_sizes(images.shape[0], len(self.transformers), self._pass(device), self.max_batch)
+        size, timed = self._tuner.choose(key, candidates)
+        return size, key if timed else None
 
     def _check_gate(self, threshold: object) -> float | None:
         if threshold is None:
@@ -439,6 +470,12 @@ class TTAEngine:
     @property
     def view_names(self) -> list[str]:
         return list(self._names)
+
+    @property
+    def tuned_pass_sizes(self) -> dict[tuple[int, ...], int]:
+        """Images per forward pass chosen so far, by input shape ``(B, C, H, W)`` (``pass_size=None``
+        on CPU; shapes still being tuned are absent)."""
+        return {tuple(key[0]): size for key, size in self._tuner.chosen.items()}
 
     def __len__(self) -> int:
         return len(self.transformers)
@@ -487,19 +524,26 @@ class TTAEngine:
         device = self.device
         if device is None:
             device = self._probe.device if self._probe is not None else images.device
-        if (
-            self._single_pass
-            and total * len(self.transformers) <= self._pass(device)
-            and not args
-            and not return_views
-            and not return_uncertainty
-        ):
-            out = self._run_one_pass(images if images.device == device else images.to(device, non_blocking=True))
+        plain_call = not args and not return_views and not return_uncertainty
+        pass_size, tuning_key = self._pass_for_call(
+            images, device, plain_call and self.gate_threshold is None and not self.amp
+        )
+        start_time = time.perf_counter() if tuning_key is not None else 0.0
+        out = self._run(images, args, device, pass_size, return_views, return_uncertainty, progress, plain_call)
+        if tuning_key is not None:
+            self._tuner.record(tuning_key, pass_size, time.perf_counter() - start_time)
+        return out
+
+    def _run(self, images, args, device, pass_size, return_views, return_uncertainty, progress, plain_call):
+        total = images.shape[0]
+        if self._single_pass and total <= pass_size and plain_call:
+            per_pass = max(1, pass_size // total)
+            out = self._run_one_pass(images if images.device == device else images.to(device, non_blocking=True), per_pass)
             if out is not None:
                 if progress is not None:
                     progress(total)
                 return out
-        chunk_size = min(total, self._pass(device))
+        chunk_size = min(total, pass_size)
         keep_views = return_views or return_uncertainty
         grad_context = torch.inference_mode() if self.inference_mode else contextlib.nullcontext()
         merged_parts, view_parts, gated_parts, unc_parts = [], [], [], []
@@ -513,10 +557,10 @@ class TTAEngine:
                     chunk = chunk.to(device, non_blocking=True)
                 chunk_args = _slice_args(args, total, start, stop) if args and chunk_size < total else args
                 if self.gate_threshold is None:
-                    merged, views, n = self._run_all(chunk, chunk_args, keep_views, shape)
+                    merged, views, n = self._run_all(chunk, chunk_args, keep_views, shape, pass_size)
                     gated = None
                 else:
-                    merged, views, gated, n = self._run_gated(chunk, chunk_args, keep_views, shape)
+                    merged, views, gated, n = self._run_gated(chunk, chunk_args, keep_views, shape, pass_size)
                 forwarded += n
                 if return_uncertainty:
                     unc_parts.append(self._uncertainty(views, merged, gated))
@@ -545,21 +589,21 @@ class TTAEngine:
 
     # ------------------------------------------------------------------------------ chunks
 
-    def _run_one_pass(self, images: torch.Tensor) -> TTAOutput | None:
-        """Every view of a small batch in one forward pass, merged at once (classification without
-        gate, extra arguments or per-view outputs); None if the views differ in size (the general
-        path then handles them). The last step runs outside inference mode where it can, so the
-        result is an ordinary tensor without a copy."""
+    def _run_one_pass(self, images: torch.Tensor, per_pass: int) -> TTAOutput | None:
+        """Every view of a batch that fits one chunk, ``per_pass`` views per forward pass, merged
+        at once (classification without gate, extra arguments or per-view outputs); None if the
+        views differ in size (the general path then handles them). The last step runs outside
+        inference mode where it can, so the result is an ordinary tensor without a copy."""
         n = len(self.transformers)
         if self.inference_mode and not torch.is_inference_mode_enabled():
             with torch.inference_mode():
-                stack = self._one_pass_stack(images)
+                stack = self._one_pass_stack(images, per_pass)
         else:
-            stack = self._one_pass_stack(images)
+            stack = self._one_pass_stack(images, per_pass)
         if stack is None:
             return None
         mode, weights = self.merge_mode, self.weights
-        if (mode == "mean" or mode == "sum") and (weights is None or min(weights) > 0):
+        if (mode == "mean" or mode == "sum") and not self._class_weights and (weights is None or min(weights) > 0):
             class_dim = self.class_dim if self.class_dim < 0 else self.class_dim + 1
             x = apply_activation(stack, self._merge_activation, class_dim)
             if weights is None:
@@ -584,48 +628,52 @@ class TTAEngine:
             merged = self._temper(merged)
         return TTAOutput(_as_normal_tensor(merged), None, list(self._names), float(n))
 
-    def _one_pass_stack(self, chunk: torch.Tensor) -> torch.Tensor | None:
-        """``(K, B, ...)``: the model's outputs on every view of ``chunk``, from one forward pass."""
-        views = []
-        for plan in self._aug_plans:
-            image = chunk
-            for apply, kwargs in plan:
-                image = apply(image, **kwargs)
-            views.append(image)
-        n, b = len(views), chunk.shape[0]
-        if n == 1:
-            batch = views[0]
-        else:
-            size = views[0].shape
-            for view in views:
-                if view.shape != size:  # views that resize (Scale, crops): the general path, from now on
+    def _one_pass_stack(self, chunk: torch.Tensor, per_pass: int) -> torch.Tensor | None:
+        """``(K, B, ...)``: the model's outputs on every view of ``chunk``, ``per_pass`` views
+        stacked per forward pass."""
+        n, b = len(self._aug_plans), chunk.shape[0]
+        size = None
+        results = []
+        for first in range(0, n, per_pass):
+            views = []
+            for plan in self._aug_plans[first : first + per_pass]:
+                image = chunk
+                for apply, kwargs in plan:
+                    image = apply(image, **kwargs)
+                if size is None:
+                    size = image.shape
+                elif image.shape != size:  # views that resize (Scale, crops): the general path, from now on
                     self._single_pass = False
                     return None
-            batch = torch.cat(views)
-        del views
-        result = self._forward(batch, ())
-        del batch
-        if self.check_outputs:
-            self._check_finite(result, range(n), b)
+                views.append(image)
+            batch = torch.cat(views) if len(views) > 1 else views[0]
+            del views
+            output = self._forward(batch, ())
+            del batch
+            if self.check_outputs:
+                self._check_finite(output, range(first, min(first + per_pass, n)), b)
+            results.append(output)
+        result = torch.cat(results) if len(results) > 1 else results[0]
+        del results
         stack = result.view(n, b, *result.shape[1:]) if result.is_contiguous() else result.reshape(n, b, *result.shape[1:])
         self._check_view_shape(tuple(stack.shape[1:]), 0, [])
         return stack
 
-    def _run_all(self, chunk: torch.Tensor, args: tuple, keep_views: bool, shape: list):
+    def _run_all(self, chunk: torch.Tensor, args: tuple, keep_views: bool, shape: list, pass_size: int):
         """Every view on every row of ``chunk``: (merged, views or None, images forwarded)."""
         acc = self._template.fresh()
         n_views = len(self.transformers)
         outputs: list[torch.Tensor | None] | None = [None] * n_views if keep_views else None
-        self._run_views(chunk, args, range(n_views), acc, outputs, shape)
+        self._run_views(chunk, args, range(n_views), acc, outputs, shape, pass_size)
         views = torch.stack(outputs) if keep_views else None
         return acc.result(), views, chunk.shape[0] * n_views
 
-    def _run_gated(self, chunk: torch.Tensor, args: tuple, keep_views: bool, shape: list):
+    def _run_gated(self, chunk: torch.Tensor, args: tuple, keep_views: bool, shape: list, pass_size: int):
         """The identity on every row, the other views on rows whose plain confidence is below the gate."""
         b = chunk.shape[0]
         identity = self._identity
         plain: list[torch.Tensor | None] = [None] * len(self.transformers)
-        self._run_views(chunk, args, [identity], None, plain, shape)
+        self._run_views(chunk, args, [identity], None, plain, shape, pass_size)
         plain_raw = plain[identity]  # (b, C, ...) raw, float32 or better
         plain_probs = plain_raw if self.model_outputs == "probs" else torch.softmax(plain_raw, dim=self.class_dim)
         gated = plain_probs.amax(dim=self.class_dim) < self.gate_threshold  # (b,)
@@ -643,7 +691,7 @@ class TTAEngine:
         acc = self._template.fresh()
         acc.add(plain_raw if everything else plain_raw[rows], identity)
         outputs: list[torch.Tensor | None] | None = [None] * len(self.transformers) if keep_views else None
-        self._run_views(sub, sub_args, self._others, acc, outputs, shape)
+        self._run_views(sub, sub_args, self._others, acc, outputs, shape, pass_size)
         merged_rows = acc.result()
         if everything:
             merged = merged_rows.to(merged.dtype)
@@ -657,11 +705,11 @@ class TTAEngine:
                     views[k, rows] = outputs[k]
         return merged, views, gated, b + n_gated * len(self._others)
 
-    def _run_views(self, chunk, args, indices, acc, outputs, shape) -> None:
+    def _run_views(self, chunk, args, indices, acc, outputs, shape, pass_size: int) -> None:
         """Run views ``indices`` over ``chunk``, stacking as many per pass as fit in ``pass_size``
         images (one per pass with extra arguments); add each to ``acc`` and/or keep it in ``outputs``."""
         b = chunk.shape[0]
-        per_pass = 1 if args else max(1, self._pass(chunk.device) // b)
+        per_pass = 1 if args else max(1, pass_size // b)
         indices = list(indices)
         for first in range(0, len(indices), per_pass):
             group = indices[first : first + per_pass]
@@ -810,7 +858,7 @@ class TTAEngine:
             )
         view_probs = views if self.model_outputs == "probs" else torch.softmax(views, dim=2)
         merged_probs = merged if self._space == "probs" else torch.softmax(_at_least_float32(merged), dim=1)
-        out = view_uncertainty(view_probs, _at_least_float32(merged_probs), self.weights)
+        out = view_uncertainty(view_probs, _at_least_float32(merged_probs), self._view_weights)
         if gated is not None:
             plain = ~gated
             for key in ("std", "mutual_information", "disagreement"):

@@ -50,6 +50,7 @@ __all__ = [
     "ensemble_predict",
     "evaluate_ensemble",
     "hard_vote",
+    "member_disagreement",
     "member_probs",
     "parse_member",
     "soft_vote",
@@ -160,6 +161,7 @@ def hard_vote(
     weights: Sequence[float] | None = None,
     tie_break: TieBreak = "mean",
     seed: int = 0,
+    row_seeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Majority vote over the members' predicted classes.
 
@@ -170,6 +172,10 @@ def hard_vote(
             (weighted) mean probability, and only if that ties too a seeded random pick;
             ``"random"``: a seeded random pick among the classes with the most votes.
         seed: seeds the random pick (same seed and input, same result).
+        row_seeds: ``(N,)`` integers: each tied row draws its random pick from its own stream,
+            seeded by ``(seed, row_seeds[i])``, so an image's pick does not depend on the batch it
+            came in (``ttakit predict`` passes a hash of each file's path). Default: one stream
+            for the whole batch.
 
     Returns:
         ``(labels, shares)``: ``labels`` ``(N,)`` the winning classes; ``shares`` ``(N, C)`` the
@@ -198,7 +204,15 @@ def hard_vote(
         mean = torch.einsum("m,mnc->nc", w / w.sum(), stack.double())
         masked = torch.where(tied, mean, torch.full_like(mean, -torch.inf))
         tied &= masked >= masked.amax(dim=1, keepdim=True) - 1e-12
-    noise = torch.rand(n, c, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+    if row_seeds is None:
+        noise = torch.rand(n, c, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+    else:
+        if not isinstance(row_seeds, torch.Tensor) or row_seeds.shape != (n,):
+            raise InvalidInputError(f"Expected argument `row_seeds` to be a tensor of shape ({n},), but got {row_seeds!r}")
+        noise = torch.zeros(n, c, dtype=torch.float64)
+        for i in torch.nonzero(tied.sum(dim=1) > 1).flatten().tolist():  # only real ties need a draw
+            stream = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(row_seeds[i])) % (2**63))
+            noise[i] = torch.rand(c, generator=stream, dtype=torch.float64)
     labels = torch.where(tied, noise, torch.full_like(noise, -1.0)).argmax(dim=1)
     return labels, shares
 
@@ -244,11 +258,29 @@ def member_probs(
     Runs through the engine with everything the policy stores (views, merge, weights, gate,
     temperature): :func:`ttakit.evaluate.predict_probs`.
     """
-    from .evaluate import predict_probs
+    probs, passes = _member_run(predictor, images, policy, max_batch=max_batch, progress=progress, desc=desc)
+    return probs, float(passes.double().mean())
+
+
+def _member_run(
+    predictor: Any,
+    images: torch.Tensor,
+    policy: Any,
+    *,
+    max_batch: int = 256,
+    progress: bool = False,
+    desc: str | None = None,
+    device: Any = None,
+    amp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs (N, C), passes (N,))``: one engine run (:func:`ttakit.evaluate.run_policy`) and
+    the forward passes each image got (fewer under a gate)."""
+    from .evaluate import run_policy
 
     policy = _resolve_policy(policy, predictor)
-    probs, passes = predict_probs(predictor, images, policy, max_batch=max_batch, progress=progress, desc=desc)
-    return probs.float().cpu(), float(passes)
+    out = run_policy(predictor, images, policy, max_batch=max_batch, progress=progress, desc=desc, device=device,
+                     amp=amp)
+    return out.merged.float().cpu(), out.passes.cpu().to(torch.float64)
 
 
 def _fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -275,6 +307,9 @@ class EnsembleOutput:
         labels: ``(N,)`` predicted classes (hard vote: after the tie-break).
         member_probs: ``(M, N, C)`` each member's calibrated probabilities.
         passes_per_image: forward passes per image, summed over members.
+        passes: ``(N,)`` forward passes each image got, summed over members (fewer under a gate).
+        disagreement: ``(N,)`` the (weighted) share of members whose class differs from
+            ``labels``: 0 when every member agrees with the ensemble.
         temperatures: per member, the temperature applied (None: none).
         classes: the shared class names, when the members know them.
         vote, tie_break, weights: how they were combined.
@@ -290,6 +325,8 @@ class EnsembleOutput:
     tie_break: str
     weights: list[float] | None = None
     member_names: list[str] = field(default_factory=list)
+    passes: torch.Tensor | None = None
+    disagreement: torch.Tensor | None = None
 
 
 def combine(
@@ -298,14 +335,32 @@ def combine(
     weights: Sequence[float] | None = None,
     tie_break: TieBreak = "mean",
     seed: int = 0,
+    row_seeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(probs (N, C), labels (N,))`` of members' probabilities ``stack`` ``(M, N, C)`` by ``vote``."""
     vote = _check_choice("vote", vote, VOTES)
     if vote == "soft":
         probs = soft_vote(stack, weights)
         return probs, probs.argmax(dim=1)
-    labels, shares = hard_vote(stack, weights, tie_break, seed)
+    labels, shares = hard_vote(stack, weights, tie_break, seed, row_seeds)
     return shares.float(), labels
+
+
+def member_disagreement(stack: torch.Tensor, labels: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """``(N,)`` the (weighted) share of members whose top class differs from ``labels`` ``(N,)``.
+
+    Args:
+        stack: ``(M, N, C)`` the members' probabilities.
+
+    Example:
+        >>> member_disagreement(torch.tensor([[[0.9, 0.1]], [[0.2, 0.8]], [[0.6, 0.4]]]), torch.tensor([0]))
+        tensor([0.3333], dtype=torch.float64)
+    """
+    stack = _check_stack(stack)
+    w = _check_weights(weights, stack.shape[0])
+    w = torch.ones(stack.shape[0], dtype=torch.float64) if w is None else w
+    differs = (stack.argmax(dim=2) != labels[None, :]).to(torch.float64)  # (M, N)
+    return (w[:, None] * differs).sum(dim=0) / w.sum()
 
 
 def ensemble_predict(
@@ -321,6 +376,9 @@ def ensemble_predict(
     calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_batch: int = 256,
     progress: bool = False,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    row_seeds: torch.Tensor | None = None,
 ) -> EnsembleOutput:
     """Predict ``images`` ``(N, C, H, W)`` with every member under its policy and combine.
 
@@ -337,6 +395,8 @@ def ensemble_predict(
         calibration: ``(images (n, C, H, W), labels (n,))`` held-out data to fit each member's
             temperature on (ignored for members with a given temperature).
         max_batch: most images per forward pass.
+        device, amp: passed to each member's :class:`~ttakit.engine.TTAEngine`.
+        row_seeds: hard vote only: per-image seeds of the random tie-break (see :func:`hard_vote`).
 
     Raises:
         InvalidInputError: no members; members with different class lists; a wrong number of
@@ -359,28 +419,32 @@ def ensemble_predict(
         raise InvalidInputError(f"give one temperature per member: {m} members but {len(temps)} temperatures")
     resolved = [_resolve_policy(spec, p) for spec, p in zip(policies, members, strict=True)]
 
-    outputs, passes = [], 0.0
+    outputs, passes = [], torch.zeros(images.shape[0], dtype=torch.float64)
     for k, (predictor, policy) in enumerate(zip(members, resolved, strict=True)):
         desc = f"member {k + 1}/{m} {policy.name}"
-        probs, per_image = member_probs(predictor, images, policy, max_batch=max_batch, progress=progress, desc=desc)
+        probs, per_row = _member_run(predictor, images, policy, max_batch=max_batch, progress=progress, desc=desc,
+                                     device=device, amp=amp)
         if temps[k] is None and calibration is not None and policy.temperature is None:
-            cal_probs, _ = member_probs(predictor, calibration[0], policy, max_batch=max_batch, progress=progress,
-                                        desc=f"{desc} (calibration)")
+            cal_probs, _ = _member_run(predictor, calibration[0], policy, max_batch=max_batch, progress=progress,
+                                       desc=f"{desc} (calibration)", device=device, amp=amp)
             temps[k] = _fit_temperature(cal_probs, calibration[1])
         outputs.append(_apply_temperature(probs, temps[k]))
-        passes += per_image
+        passes += per_row
     widths = {o.shape[1] for o in outputs}
     if len(widths) > 1:
         raise InvalidInputError(
             f"ensemble members must predict the same classes: they return {sorted(widths)} outputs per image"
         )
     stack = torch.stack(outputs)
-    probs, labels = combine(stack, vote, None if w is None else w.tolist(), tie_break, seed)
+    weight_list = None if w is None else w.tolist()
+    probs, labels = combine(stack, vote, weight_list, tie_break, seed, row_seeds)
     return EnsembleOutput(
         probs=probs,
         labels=labels,
         member_probs=stack,
-        passes_per_image=passes,
+        passes_per_image=float(passes.mean()),
+        passes=passes,
+        disagreement=member_disagreement(stack, labels, weight_list),
         temperatures=temps,
         classes=classes,
         vote=vote,
@@ -532,13 +596,29 @@ class MemberSpec:
     policy: str | None
 
 
+def _looks_like_policy(text: str) -> bool:
+    from .aliases import list_policies
+
+    return text == "train-aug" or text in list_policies() or text.lower().endswith(".json")
+
+
 def parse_member(spec: str) -> MemberSpec:
-    """Split ``MODEL[:POLICY]``; a path that exists as given is a model without a policy.
+    """Split ``MODEL[:POLICY]``.
+
+    A path that exists as given is a model without a policy. Otherwise the text after the last
+    colon is the policy when it is a policy name, ``train-aug`` or a ``.json`` path, or when the
+    text before it is an existing path (an unknown policy name is then reported as such). A
+    NumPy callable ``package.module:function`` stays whole (``pkg.mod:fn:hflip`` gives it a
+    policy).
 
     Example:
         >>> parse_member("runs/a:hflip")
         MemberSpec(model='runs/a', policy='hflip')
+        >>> parse_member("mypkg.models:predict")
+        MemberSpec(model='mypkg.models:predict', policy=None)
     """
+    from .predictors import _IMPORT_SPEC
+
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInputError(f"an ensemble member must be MODEL or MODEL:POLICY, got {spec!r}")
     if os.path.exists(spec) or ":" not in spec:
@@ -546,6 +626,8 @@ def parse_member(spec: str) -> MemberSpec:
     model, policy = spec.rsplit(":", 1)
     if not model or not policy:
         raise InvalidInputError(f"an ensemble member must be MODEL or MODEL:POLICY, got {spec!r}")
+    if not _looks_like_policy(policy) and not os.path.exists(model) and _IMPORT_SPEC.match(spec):
+        return MemberSpec(spec, None)  # package.module:function
     return MemberSpec(model, policy)
 
 

@@ -14,13 +14,13 @@ import torch
 from . import metrics as M
 from .aliases import get_policy, list_policies, policy_from_augmentations
 from .data import ImageDataset
-from .engine import TTAEngine, eval_mode
+from .engine import TTAEngine, TTAOutput, eval_mode
 from .errors import InvalidInputError, UnknownNameError, unknown_name
 from .models import CheckpointMeta
 from .policy import Policy
 from .progress import progress as show_progress
 
-__all__ = ["PolicyEvaluation", "resolve_policy", "resolve_policies", "predict_probs", "evaluate_policies"]
+__all__ = ["PolicyEvaluation", "resolve_policy", "resolve_policies", "predict_probs", "run_policy", "evaluate_policies"]
 
 # Plain inference is always evaluated: every lift is measured against it on the same images.
 BASELINE = "none"
@@ -30,7 +30,8 @@ BASELINE = "none"
 class PolicyEvaluation:
     """One policy's results on one model and data set.
 
-    ``probs`` ``(N, C)`` are kept for plots and paired tests, not written to JSON.
+    ``probs`` ``(N, C)`` are kept for plots and paired tests, ``uncertainty`` (per-image scores
+    from the same engine run, when asked) for the uncertainty report; neither is written to JSON.
     """
 
     name: str
@@ -40,6 +41,7 @@ class PolicyEvaluation:
     metrics: dict[str, float]
     lift: dict[str, float] = field(default_factory=dict)
     probs: torch.Tensor | None = None
+    uncertainty: dict[str, torch.Tensor] | None = None
 
     def row(self) -> dict[str, Any]:
         """A flat dict for tables and JSON."""
@@ -107,13 +109,31 @@ def predict_probs(
     plain prediction is unsure of) and its temperature. The engine chunks the images
     (``max_batch`` per forward pass); the model is in eval mode for the call.
     """
+    out = run_policy(model, images, policy, max_batch=max_batch, progress=progress, desc=desc, device=device, amp=amp)
+    return out.merged.float().cpu(), float(out.passes_per_image)
+
+
+def run_policy(
+    model: Any,
+    images: torch.Tensor,
+    policy: Policy,
+    *,
+    max_batch: int = 256,
+    progress: bool = False,
+    desc: str | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    return_uncertainty: bool = False,
+) -> TTAOutput:
+    """One :class:`~ttakit.engine.TTAEngine` call over ``images`` ``(N, C, H, W)`` under ``policy``
+    (softmax probabilities, model in eval mode, a progress bar when asked): the
+    :class:`~ttakit.engine.TTAOutput`, with per-image uncertainty when ``return_uncertainty``."""
     engine = TTAEngine(model, policy, activation="softmax", max_batch=max_batch, device=device, amp=amp)
     with (
         eval_mode(model),
         show_progress(desc=desc or policy.name, total=len(images), unit="img", enabled=progress) as bar,
     ):
-        out = engine.run(images, progress=bar.update)
-    return out.merged.float().cpu(), float(out.passes_per_image)
+        return engine.run(images, progress=bar.update, return_uncertainty=return_uncertainty)
 
 
 def evaluate_policies(
@@ -128,12 +148,18 @@ def evaluate_policies(
     seed: int = 0,
     device: str | torch.device | None = None,
     amp: bool = False,
+    return_uncertainty: bool = False,
 ) -> list[PolicyEvaluation]:
     """Evaluate ``policies`` (plain inference is added first if missing) on ``dataset``.
 
     Each result holds accuracy, NLL, ECE and Brier score; forward passes per image; wall time;
     and, for every policy but plain, its lift over plain: accuracy and NLL differences, the
     McNemar p-value and a paired bootstrap confidence interval of the accuracy difference.
+
+    With ``return_uncertainty=True`` the same engine run that scores each multi-view policy also
+    returns its per-image uncertainty (``PolicyEvaluation.uncertainty``, see
+    :attr:`ttakit.engine.TTAOutput.uncertainty`), so reporting it costs no second pass over
+    the data.
     """
     if len(dataset) == 0:
         raise InvalidInputError("the evaluation data set is empty")
@@ -143,13 +169,20 @@ def evaluate_policies(
     results: list[PolicyEvaluation] = []
     for policy in ordered:
         started = time.perf_counter()
-        probs, passes = predict_probs(
-            model, dataset.images, policy, max_batch=max_batch, progress=progress, device=device, amp=amp
+        out = run_policy(
+            model, dataset.images, policy, max_batch=max_batch, progress=progress, device=device, amp=amp,
+            return_uncertainty=return_uncertainty and len(policy) > 1,
         )
+        probs, passes = out.merged.float().cpu(), float(out.passes_per_image)
         seconds = time.perf_counter() - started
         scores = M.summarize(probs, dataset.labels, n_bins=n_bins)
         scores["n_images"] = len(dataset)
-        results.append(PolicyEvaluation(policy.name, len(policy), passes, seconds, scores, probs=probs))
+        uncertainty = None
+        if out.uncertainty is not None:
+            uncertainty = {k: v.float().cpu() for k, v in out.uncertainty.items()}
+        results.append(
+            PolicyEvaluation(policy.name, len(policy), passes, seconds, scores, probs=probs, uncertainty=uncertainty)
+        )
     baseline = next(r for r in results if r.name == BASELINE)
     plain_correct = baseline.probs.argmax(1) == dataset.labels
     for result in results:

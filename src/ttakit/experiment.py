@@ -261,10 +261,13 @@ def _plot_rows(summary: Sequence[dict[str, Any]], model: str | None = None) -> l
     return rows
 
 
-def _evaluate_run(model, meta, dataset, policy_specs, max_batch, progress) -> tuple[dict[str, Any], list[PolicyEvaluation]]:
+def _evaluate_run(model, meta, dataset, policy_specs, max_batch, progress,
+                  uncertainty: bool = False) -> tuple[dict[str, Any], list[PolicyEvaluation]]:
     policies = resolve_named_policies(policy_specs, meta)
     check_input_sizes(model, meta, policies)
-    evaluations = evaluate_policies(model, dataset, policies, max_batch=max_batch, progress=progress)
+    # uncertainty: the same engine run returns it (the uncertainty report re-runs nothing)
+    evaluations = evaluate_policies(model, dataset, policies, max_batch=max_batch, progress=progress,
+                                    return_uncertainty=uncertainty)
     run = {
         "seed": meta.seed,
         "checkpoint": meta.source,
@@ -513,7 +516,8 @@ def evaluate_checkpoint(
         else:
             note(f"repeat {r + 1}/{repeats}: training seed {seed}", enabled=progress)
             run_model, run_meta = _retrain(meta, seed, out / "repeats" / f"seed-{seed}", progress)
-        run, evaluations = _evaluate_run(run_model, run_meta, dataset, resolved, max_batch, progress)
+        run, evaluations = _evaluate_run(run_model, run_meta, dataset, resolved, max_batch, progress,
+                                         uncertainty=uncertainty and r == 0)
         run["key"] = key
         atomic_write_json(run_path, run)
         runs.append(run)
@@ -552,7 +556,8 @@ def evaluate_checkpoint(
     )
     if uncertainty or conformal is not None:  # uncertainty AUROC and conformal sets (ttakit.conformal)
         extras = evaluate_extras(model, dataset, resolved, val=conformal_val, alpha=conformal, method=conformal_method,
-                                 uncertainty=uncertainty, max_batch=max_batch, progress=progress)
+                                 uncertainty=uncertainty, max_batch=max_batch, progress=progress,
+                                 evaluations=first_evaluations)
         results.update(uncertainty=extras["uncertainty"], conformal=extras["conformal"], extras_table=extras["table"])
         markdown += "\n\n" + extras["markdown"]
     write_results(out, results, markdown)

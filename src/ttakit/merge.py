@@ -20,6 +20,10 @@ A merge is a function of a stack ``(K, B, ...)`` of K views, computed by a strea
               gets 1e-6 extra so ``argmax`` of the result returns it.
 ============  ===============================================================================
 
+Weights are per view ``(K,)``, or per view and class ``(K, C)`` (ClassTTA, Shanmugam et al. 2021):
+then only ``mean`` of probabilities is defined, ``p_c ~ sum_k W[k, c] p_kc`` renormalised over
+classes (:func:`ttakit.search.weights.merge_class_weighted`); other modes refuse them.
+
 ``activation`` (``None``, ``"softmax"``, ``"sigmoid"``) is applied to each view before merging,
 so ``activation="softmax"`` merges probabilities while ``None`` merges raw outputs as ttach does.
 Views that are already probabilities (a model declaring ``outputs = "probs"``) are merged with
@@ -132,6 +136,8 @@ class MergeAccumulator:
         mode: one of :data:`MERGE_MODES`.
         n_views: how many views will be added (the mean divides by it, as ttach's ``Merger``).
         weights: optional non-negative per-view weights ``(n_views,)``; not allowed with max/min.
+            Or class-by-view weights ``(n_views, C)`` (mode ``mean`` only; non-negative inputs,
+            i.e. probabilities): ``p_c ~ sum_k W[k, c] p_kc`` renormalised over ``class_dim``.
         activation: applied to each view before merging.
         class_dim: the class dimension of one view's output (``vote``, ``softmax``).
         seed: seeds the random tie-break of ``vote``.
@@ -158,9 +164,17 @@ class MergeAccumulator:
             raise InvalidInputError(f"n_views must be a positive integer, got {n_views!r}")
         self.n_views = n_views
         self.weights = check_weights(weights, n_views, mode)
-        self.total_weight = float(self.weights.sum()) if self.weights is not None else float(n_views)
-        # Per-view weights as Python floats: reading a tensor element per view costs a dispatch.
-        self._weight_list = [1.0] * n_views if self.weights is None else [float(w) for w in self.weights]
+        # (K, C) class-by-view weights: p_c ~ sum_k W[k, c] p_kc, renormalised over classes in result().
+        self.class_weights = self.weights is not None and self.weights.ndim == 2
+        if self.class_weights:
+            self.total_weight = 1.0
+            self._weight_list = [1.0] * n_views
+        else:
+            self.total_weight = float(self.weights.sum()) if self.weights is not None else float(n_views)
+            # Per-view weights as Python floats: reading a tensor element per view costs a dispatch.
+            self._weight_list = [1.0] * n_views if self.weights is None else [float(w) for w in self.weights]
+        # Class-by-view weight rows shaped for broadcasting, by (view, dtype, device).
+        self._class_rows: dict[tuple, torch.Tensor] = {}
         self.class_dim = class_dim
         self.seed = seed
         self.renormalize = (self.activation == "softmax") if renormalize is None else bool(renormalize)
@@ -194,6 +208,9 @@ class MergeAccumulator:
         index = self.count if index is None else index
         self._check_index(index)
         x = apply_activation(output, self.activation, self.class_dim)
+        if self.class_weights:
+            self._add_class_weighted(x, index)
+            return
         w = self._weight_list[index]
         mode = self.mode
         if mode in ("gmean", "tsharpen"):
@@ -226,7 +243,7 @@ class MergeAccumulator:
         if outputs.shape[0] != n:
             raise InvalidInputError(f"add_stack got {outputs.shape[0]} outputs for {n} view indices")
         mode = self.mode
-        if n == 1 or mode == "vote":
+        if n == 1 or mode == "vote" or self.class_weights:
             for i, k in enumerate(indices):
                 self.add(outputs[i], k)
             return
@@ -261,6 +278,37 @@ class MergeAccumulator:
         self._aliased = False  # every branch above built a new tensor
         self.count += n
 
+    def _class_row(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """View ``index``'s ``(C,)`` class weights shaped to broadcast against ``x`` along ``class_dim``."""
+        key = (index, x.dtype, x.device, x.ndim)
+        row = self._class_rows.get(key)
+        if row is None:
+            dim = self.class_dim % x.ndim
+            n_classes = int(self.weights.shape[1])
+            if x.shape[dim] != n_classes:
+                raise InvalidInputError(
+                    f"class-by-view weights hold {n_classes} classes per view, but the model's output has "
+                    f"{x.shape[dim]} along class_dim={self.class_dim} (shape {tuple(x.shape)})"
+                )
+            shape = [1] * x.ndim
+            shape[dim] = n_classes
+            row = self.weights[index].to(device=x.device, dtype=x.dtype).view(shape)
+            self._class_rows[key] = row
+        return row
+
+    def _add_class_weighted(self, x: torch.Tensor, index: int) -> None:
+        low = float(x.detach().min()) if x.numel() else 0.0
+        if low < 0:
+            raise InvalidInputError(
+                f"class-by-view weights merge probabilities, but view {index} has a minimum of {low:.4g}; pass "
+                "activation='softmax' to merge the probabilities of logits"
+            )
+        x = _at_least_float32(x)
+        x = x * self._class_row(index, x)
+        self._acc = x if self._acc is None else self._acc + x
+        self._aliased = False
+        self.count += 1
+
     def _add_vote(self, x: torch.Tensor, w: float) -> None:
         dim = self.class_dim % x.ndim
         scores = _at_least_float32(x) * w
@@ -279,6 +327,8 @@ class MergeAccumulator:
             return self._acc.clone() if self._aliased else self._acc
         if mode == "vote":
             return self._vote_result()
+        if self.class_weights:
+            return self._acc / self._acc.sum(dim=self.class_dim, keepdim=True).clamp_min(PROB_FLOOR)
         merged = self._acc / self.total_weight
         if mode == "gmean":
             merged = torch.exp(merged)
@@ -304,8 +354,14 @@ class MergeAccumulator:
 
 
 def check_weights(weights: object, n_views: int, mode: str) -> torch.Tensor | None:
-    """Validate per-view merge weights: ``None``, or ``n_views`` finite, non-negative numbers (a list,
-    tuple or 1-D tensor), not all zero, for a mode that takes weights. Returns them as float64."""
+    """Validate merge weights and return them as float64: ``None``; ``n_views`` finite,
+    non-negative numbers, not all zero (per-view weights, a list, tuple or 1-D tensor); or
+    ``n_views`` lists of ``C`` such numbers (class-by-view weights, a ``(K, C)`` nested list or
+    2-D tensor), no class's column all zero.
+
+    Class-by-view weights (ClassTTA) merge probabilities only, by ``mode="mean"``:
+    ``p_c ~ sum_k W[k, c] p_kc`` renormalised over classes. Every other mode refuses them.
+    """
     if weights is None:
         return None
     if mode in ("max", "min"):
@@ -314,31 +370,87 @@ def check_weights(weights: object, n_views: int, mode: str) -> torch.Tensor | No
             "use mean, gmean, sum, tsharpen or vote, or pass weights=None"
         )
     if isinstance(weights, torch.Tensor):
-        if weights.ndim > 1 or weights.is_complex() or weights.dtype == torch.bool:
+        if weights.ndim > 2 or weights.is_complex() or weights.dtype == torch.bool:
             raise InvalidInputError(
-                f"weights must be a 1-D tensor or list of {n_views} numbers (one per view), got a tensor of "
-                f"shape {tuple(weights.shape)} and dtype {weights.dtype}"
+                f"weights must be {n_views} numbers (one per view) or {n_views} lists of C numbers (one per view "
+                f"and class), got a tensor of shape {tuple(weights.shape)} and dtype {weights.dtype}"
             )
-        w = weights.detach().to("cpu", torch.float64).flatten()
+        w = weights.detach().to("cpu", torch.float64)
+        if w.ndim == 0:
+            w = w.flatten()
     else:
         if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
             raise InvalidInputError(
                 f"weights must be a list of {n_views} numbers (one per view), got {type(weights).__name__} "
                 f"{_show(weights)}"
             )
-        bad = [v for v in weights if isinstance(v, bool) or not isinstance(v, numbers.Real)]
-        if bad:
-            raise InvalidInputError(
-                f"weights must be a list of {n_views} numbers (one per view), got {_show(weights)} "
-                f"(not a number: {bad[0]!r})"
-            )
-        w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+        nested = [isinstance(v, (Sequence, torch.Tensor)) and not isinstance(v, (str, bytes)) for v in weights]
+        if any(nested):
+            w = _class_weights_tensor(weights, n_views)
+        else:
+            bad = [v for v in weights if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+            if bad:
+                raise InvalidInputError(
+                    f"weights must be a list of {n_views} numbers (one per view), got {_show(weights)} "
+                    f"(not a number: {bad[0]!r})"
+                )
+            w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+    if w.ndim == 2:
+        return _check_class_weights(w, n_views, mode, weights)
     if w.numel() != n_views:
         raise InvalidInputError(
             f"weights must hold one value per view ({n_views}), got {w.numel()}: {_show(weights)}"
         )
     if not torch.isfinite(w).all() or (w < 0).any() or float(w.sum()) <= 0:
         raise InvalidInputError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
+    return w
+
+
+def _class_weights_tensor(weights: Sequence, n_views: int) -> torch.Tensor:
+    """A nested list ``K x C`` as a ``(K, C)`` float64 tensor, or an error naming the bad row."""
+    rows = []
+    for k, row in enumerate(weights):
+        if isinstance(row, torch.Tensor):
+            row = row.detach().cpu().flatten().tolist() if row.ndim <= 1 else row
+        if (
+            isinstance(row, (str, bytes, torch.Tensor))
+            or not isinstance(row, Sequence)
+            or not row
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in row)
+        ):
+            raise InvalidInputError(
+                f"class-by-view weights must be {n_views} lists of C numbers (one list per view, one number per "
+                f"class), but row {k} is {_show(row)}"
+            )
+        rows.append([float(v) for v in row])
+    widths = sorted({len(r) for r in rows})
+    if len(widths) > 1:
+        raise InvalidInputError(
+            f"class-by-view weights must be {n_views} lists of the same length C (one number per class), "
+            f"got rows of lengths {[len(r) for r in rows]}"
+        )
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _check_class_weights(w: torch.Tensor, n_views: int, mode: str, given: object) -> torch.Tensor:
+    if mode != "mean":
+        raise InvalidInputError(
+            f"class-by-view weights (shape {tuple(w.shape)}) apply to merge mode 'mean' of probabilities only, "
+            f"got merge mode {mode!r}; use merge_mode='mean' or per-view weights ({n_views} numbers)"
+        )
+    if w.shape[0] != n_views or w.shape[1] < 1:
+        raise InvalidInputError(
+            f"class-by-view weights must have shape ({n_views}, C): one list of C numbers per view, got shape "
+            f"{tuple(w.shape)}: {_show(given)}"
+        )
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise InvalidInputError(f"class-by-view weights must be finite and non-negative, got {_show(w)}")
+    empty = [c for c in range(w.shape[1]) if float(w[:, c].sum()) <= 0]
+    if empty:
+        raise InvalidInputError(
+            f"class-by-view weights give class {empty[0]} a weight of 0 in every view (column {empty[0]} is all "
+            f"zero), so it could never be predicted; got {_show(w)}"
+        )
     return w
 
 

@@ -22,7 +22,7 @@ from . import __version__
 from ._io import atomic_write_json, read_json
 from .errors import InvalidInputError, NotInvertibleError, PolicyFormatError, UnknownNameError
 from .functional import check_points
-from .merge import check_merge_mode
+from .merge import check_merge_mode, check_weights
 from .transforms import (
     TARGETS,
     BaseTransform,
@@ -40,6 +40,15 @@ _DEFAULT_TARGETS = frozenset({"image", "mask", "label", "keypoints"})
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_nested(weights: object) -> bool:
+    """Whether ``weights`` look like class-by-view weights (a 2-D tensor or a list holding lists)."""
+    if isinstance(weights, torch.Tensor):
+        return weights.ndim == 2
+    if isinstance(weights, (str, bytes, dict)) or not isinstance(weights, Sequence):
+        return False
+    return any(isinstance(w, (Sequence, torch.Tensor)) and not isinstance(w, (str, bytes)) for w in weights)
 
 
 def _short(value: object, limit: int = 120) -> str:
@@ -305,7 +314,9 @@ class Policy:
         views: the views, identity included if wanted (``View.identity()``).
         name: a label for reports.
         merge_mode: a :mod:`ttakit.merge` mode.
-        weights: optional per-view weights (one per view), e.g. learned on validation data.
+        weights: optional per-view weights (``K`` numbers, one per view), or class-by-view weights
+            (``K`` lists of ``C`` numbers, ClassTTA; merge mode ``"mean"`` only): the merge is then
+            ``p_c ~ sum_k W[k][c] p_kc`` renormalised over classes. Learned on validation data.
         temperature: optional temperature the merged logits/probabilities are calibrated with.
         gate_threshold: optional confidence below which the extra views run (gated TTA).
         meta: free-form provenance (how the policy was found, validation scores).
@@ -320,7 +331,7 @@ class Policy:
     views: list[View]
     name: str = "custom"
     merge_mode: str = "mean"
-    weights: list[float] | None = None
+    weights: list[float] | list[list[float]] | None = None
     temperature: float | None = None
     gate_threshold: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -352,8 +363,13 @@ class Policy:
             self.meta = {}
         if not isinstance(self.meta, dict):
             raise InvalidInputError(f"meta must be a dict (JSON object), got {_short(self.meta)}")
-        if self.weights is not None:
+        if self.weights is not None and _is_nested(self.weights):
+            # Class-by-view weights: K lists of C numbers (merge "mean" of probabilities only).
+            self.weights = check_weights(self.weights, len(self.views), self.merge_mode).tolist()
+        elif self.weights is not None:
             given = self.weights
+            if isinstance(given, torch.Tensor):
+                given = given.detach().cpu().tolist()
             bad = isinstance(given, (str, bytes, dict)) or not isinstance(given, Iterable)
             try:
                 values = [] if bad else list(given)
@@ -374,6 +390,11 @@ class Policy:
             raise InvalidInputError(f"temperature must be a positive number, got {self.temperature!r}")
         if self.gate_threshold is not None and not (_is_number(self.gate_threshold) and 0 <= self.gate_threshold <= 1):
             raise InvalidInputError(f"gate_threshold must be a number in [0, 1], got {self.gate_threshold!r}")
+
+    @property
+    def class_weights(self) -> bool:
+        """Whether :attr:`weights` are class-by-view (``K`` lists of ``C`` numbers)."""
+        return bool(self.weights) and isinstance(self.weights[0], list)
 
     @classmethod
     def identity(cls) -> Policy:

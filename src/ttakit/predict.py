@@ -12,10 +12,19 @@ whole rows (a torn last line, possible only if the kill lands inside that write,
 so the output ends with exactly one row per image. Files that cannot be decoded are listed with
 the reason in ``<out>.errors.csv`` and the run goes on.
 
+Several models: pass a list of models (and one policy each, or one for all) and each row holds
+the ENSEMBLE prediction (:func:`ttakit.ensemble.ensemble_predict`, the function behind
+``ttakit ensemble``): soft vote (the weighted mean of the members' probabilities, each
+temperature-scaled on the validation split the members hold out, when they are ttakit
+checkpoints that share one) or hard vote (``prob_k`` columns are then vote shares), with the
+same tie-break rules. ``disagreement`` is then the (weighted) share of members whose class
+differs from the ensemble's, ``forward_passes`` the sum over members.
+
 Example:
     >>> summary = predict_images("runs/cnn", "photos/", out="preds.csv", policy="hflip")  # doctest: +SKIP
     >>> summary["n_predicted"]
     120
+    >>> predict_images(["runs/a", "runs/b"], "photos/", out="ens.csv", policy=["hflip", "d4"])  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +181,14 @@ def _format_rows(
     top_k: int,
     format: str,
     sets: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> str:
-    values, indices = probs.topk(top_k, dim=1)
+    if labels is None:
+        values, indices = probs.topk(top_k, dim=1)
+    else:  # the predicted class first (a hard vote's tie-break winner), then by probability
+        boost = torch.zeros_like(probs).scatter_(1, labels[:, None].long(), 2.0)
+        indices = (probs + boost).topk(top_k, dim=1).indices
+        values = probs.gather(1, indices)
     values, indices = values.tolist(), indices.tolist()
     entropy, disagreement, passes = entropy.tolist(), disagreement.tolist(), passes.tolist()
     if format == "jsonl":
@@ -203,6 +220,169 @@ def _csv_line(values: Sequence[Any]) -> str:
     return buffer.getvalue()
 
 
+# --------------------------------------------------------------------------- one model or several
+
+
+@dataclass
+class _Runner:
+    """What the prediction loop needs from one model or an ensemble of several.
+
+    ``run(batch, paths) -> (probs (B, C), disagreement (B,), passes (B,), labels (B,) or None)``;
+    ``labels``: the predicted class when it need not be the most probable one (a hard vote's
+    tie-break), listed first in the row.
+    """
+
+    run: Callable[[torch.Tensor, Sequence[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    classes: list[str] | None
+    channels: int
+    input_size: tuple[int, int]
+    calibration: Any
+    name: str
+    views: list[str]
+    model: Any
+    extra: dict[str, Any]
+    device: Any
+
+
+def _check_input(predictor: Predictor) -> int:
+    channels = check_channels(predictor.channels, f"model {predictor.source}")
+    if predictor.input_size is None:
+        raise InvalidInputError(
+            f"model {predictor.source} does not say what image size it takes; pass input_size (--input-size HxW)"
+        )
+    return channels
+
+
+def _single_runner(model: Any, policy: str | Policy, *, model_options: dict[str, Any], device: Any, amp: bool,
+                   max_batch: int, conformal: float | None, conformal_method: str) -> _Runner:
+    predictor = load(model, **model_options)
+    channels = _check_input(predictor)
+    resolved = _resolve_policy(policy, predictor)
+    engine = TTAEngine(predictor, resolved, max_batch=max_batch, device=device, amp=amp)
+    if device is not None:
+        predictor.to(device)
+    calibration = None
+    if conformal is not None:
+        from .conformal import calibrate_predictor
+
+        calibration = calibrate_predictor(
+            predictor, resolved, conformal, conformal_method, max_batch=max_batch, device=device, amp=amp
+        )
+
+    def run(batch: torch.Tensor, paths: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        result = engine.run(batch, return_uncertainty=True)
+        probs = result.merged.float().cpu()
+        disagreement = result.uncertainty["disagreement"].float().cpu()
+        return probs, disagreement, _passes_per_row(result, len(resolved), probs.shape[0]), None
+
+    return _Runner(run, predictor.classes, channels, predictor.input_size, calibration, resolved.name,
+                   resolved.view_names, predictor.describe(), {}, engine.device)
+
+
+def _path_seeds(paths: Sequence[str]) -> torch.Tensor:
+    """A stable integer per file (CRC-32 of its absolute path): the hard vote's per-image tie-break
+    stream, so an image gets the same pick whatever batch it comes in (and after ``--resume``)."""
+    return torch.tensor([zlib.crc32(os.path.abspath(p).encode("utf-8")) for p in paths], dtype=torch.long)
+
+
+def _ensemble_runner(models: Sequence[Any], policies: Sequence[str | Policy], *, model_options: dict[str, Any],
+                     device: Any, amp: bool, max_batch: int, conformal: float | None, conformal_method: str,
+                     vote: str, weights: Sequence[float] | None, tie_break: str, seed: int, calibrate: bool,
+                     progress: bool) -> _Runner:
+    from . import ensemble as E
+    from .engine import check_device
+    from .progress import note
+
+    checked_device = check_device(device)  # a bad --device fails before any model runs
+    vote = E._check_choice("vote", vote, E.VOTES)
+    tie_break = E._check_choice("tie-break", tie_break, E.TIE_BREAKS)
+    weight_list = None if weights is None else E._check_weights(weights, len(models)).tolist()
+    predictors = [load(m, **model_options) for m in models]
+    names = [p.source or f"member {i + 1}" for i, p in enumerate(predictors)]
+    classes = E.check_same_classes([p.classes for p in predictors], names)
+    channels = [_check_input(p) for p in predictors]
+    for p, c, name in zip(predictors, channels, names, strict=True):
+        if (c, tuple(p.input_size)) != (channels[0], tuple(predictors[0].input_size)):
+            raise InvalidInputError(
+                f"ensemble members must take the same images: {names[0]} takes {channels[0]}-channel "
+                f"{tuple(predictors[0].input_size)} images but {name} takes {c}-channel {tuple(p.input_size)} images"
+            )
+    resolved = [_resolve_policy(spec, p) for spec, p in zip(policies, predictors, strict=True)]
+    if device is not None:
+        for p in predictors:
+            p.to(device)
+
+    # Calibration data: the validation split every member held out (ttakit checkpoints trained on
+    # the same data share it). Soft vote temperature-scales each member on it; --conformal
+    # calibrates the ensemble's sets on it.
+    metas = [getattr(p, "meta", None) for p in predictors]
+    shared_val = all(m is not None and E._recipe(m).get("spec") for m in metas) and E._same_split(metas, "val")
+    val = None
+    if conformal is not None:
+        from .conformal import check_alpha, conformal_split
+
+        alpha = check_alpha(conformal)
+        if not shared_val:
+            raise InvalidInputError(
+                f"--conformal {alpha:g} with several models calibrates the ensemble's sets on the validation split "
+                "they all held out, so every member must be a ttakit checkpoint trained on the same data and split "
+                f"({', '.join(n for n, m in zip(names, metas, strict=True) if m is None) or 'their splits differ'})"
+            )
+        val = conformal_split(metas[0], None, None, alpha)
+    elif calibrate and shared_val:
+        from .experiment import load_eval_data
+
+        try:
+            val = load_eval_data(metas[0], None, "val", None)
+        except InvalidInputError:
+            val = None
+    temperatures: list[float | None] = [None] * len(predictors)
+    calibration = None
+    if calibrate and val is not None:
+        note(f"calibrating {len(predictors)} members on {len(val)} validation images", enabled=progress)
+    if val is not None:
+        stack = []
+        for k, (p, pol) in enumerate(zip(predictors, resolved, strict=True)):
+            probs, _ = E._member_run(p, val.images, pol, max_batch=max_batch, device=device, amp=amp)
+            if calibrate and pol.temperature is None:
+                temperatures[k] = E._fit_temperature(probs, val.labels)
+            stack.append(E._apply_temperature(probs, temperatures[k]))
+        if conformal is not None:
+            from .conformal import calibrate as conformal_calibrate
+
+            val_probs, _ = E.combine(torch.stack(stack), vote, weight_list, tie_break, seed)
+            calibration = conformal_calibrate(val_probs, val.labels, conformal, conformal_method)
+    if not calibrate:
+        calibration_note = "members not calibrated (asked)"
+    elif val is not None:
+        calibration_note = f"members temperature-scaled on the shared validation split ({len(val)} images)"
+    else:
+        calibration_note = "members not calibrated (not ttakit checkpoints holding out the same validation split)"
+
+    def run(batch: torch.Tensor, paths: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        out = E.ensemble_predict(
+            predictors, batch, policies=resolved, vote=vote, weights=weight_list, tie_break=tie_break, seed=seed,
+            temperatures=temperatures, max_batch=max_batch, device=device, amp=amp,
+            row_seeds=_path_seeds(paths) if vote == "hard" else None,
+        )
+        labels = out.labels.cpu() if vote == "hard" else None  # the tie-break's winner goes first
+        return out.probs.float().cpu(), out.disagreement.float().cpu(), out.passes.float(), labels
+
+    member_names = [f"{n}:{pol.name}" for n, pol in zip(names, resolved, strict=True)]
+    name = f"ensemble ({vote} vote: {' + '.join(member_names)})"
+    extra = {
+        "members": [{"model": n, "policy": pol.name, "views": pol.view_names, "temperature": t}
+                    for n, pol, t in zip(names, resolved, temperatures, strict=True)],
+        "vote": vote,
+        "tie_break": tie_break,
+        "weights": weight_list,
+        "calibration": calibration_note,
+    }
+    views = [f"{n}:{v}" for n, pol in zip(names, resolved, strict=True) for v in pol.view_names]
+    return _Runner(run, classes, channels[0], tuple(predictors[0].input_size), calibration, name, views,
+                   [p.describe() for p in predictors], extra, checked_device)
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -224,15 +404,22 @@ def predict_images(
     model_options: dict[str, Any] | None = None,
     conformal: float | None = None,
     conformal_method: str = "lac",
+    vote: str = "soft",
+    weights: Sequence[float] | None = None,
+    tie_break: str = "mean",
+    seed: int = 0,
+    calibrate: bool = True,
 ) -> dict[str, Any]:
     """Predict every image ``images`` names with ``policy`` and write one row per image to ``out``.
 
     Args:
         model: anything :func:`ttakit.predictors.load` takes (a checkpoint folder, a model
-            file, an ``nn.Module``, a NumPy callable) or a :class:`Predictor`.
+            file, an ``nn.Module``, a NumPy callable) or a :class:`Predictor`; or a list or
+            tuple of them: an ensemble, whose combined prediction each row holds.
         images: a folder (recursive), a glob, a text file listing paths, or a list of paths.
         out: the CSV (default) or ``.jsonl`` file to write.
-        policy: a policy name, ``train-aug``, a policy JSON file or a :class:`Policy`.
+        policy: a policy name, ``train-aug``, a policy JSON file or a :class:`Policy`; with
+            several models, one for all or a list with one per model.
         top_k: classes (with probabilities) per row.
         workers: decoding worker processes (0 decodes in this process); default
             :func:`default_workers`.
@@ -246,6 +433,11 @@ def predict_images(
             ``1 - ALPHA``), calibrated with the same policy on the validation split a ttakit
             checkpoint held out (:func:`ttakit.conformal.calibrate_predictor`).
         conformal_method: ``"lac"`` (smallest sets) or ``"aps"``.
+        vote, weights, tie_break, seed: several models only: how they are combined
+            (``"soft"``/``"hard"``, one non-negative weight per model, ``"mean"``/``"random"``,
+            the random tie-break's seed; see :func:`ttakit.ensemble.hard_vote`).
+        calibrate: several models only: temperature-scale each member on the validation split
+            they share (ttakit checkpoints trained on the same data) before combining.
 
     Returns:
         A summary dict: counts (images, predicted, skipped as done, errors), seconds, images/s,
@@ -259,24 +451,24 @@ def predict_images(
         raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
     out = check_output_file(out)
     fmt = _output_format(out, format)
-    predictor = load(model, **(model_options or {}))
-    channels = check_channels(predictor.channels, f"model {predictor.source}")
-    if predictor.input_size is None:
-        raise InvalidInputError(
-            f"model {predictor.source} does not say what image size it takes; pass input_size (--input-size HxW)"
-        )
-    resolved = _resolve_policy(policy, predictor)
-    engine = TTAEngine(predictor, resolved, max_batch=max_batch, device=device, amp=amp)
-    if device is not None:
-        predictor.to(device)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise InvalidInputError("give at least one model to predict with, got none")
+    policies = list(policy) if isinstance(policy, (list, tuple)) else [policy] * len(models)
+    if len(policies) != len(models):
+        raise InvalidInputError(f"give one policy for all models or one per model: {len(models)} models but "
+                                f"{len(policies)} policies")
+    options = dict(model_options or {})
+    if len(models) == 1:
+        runner = _single_runner(models[0], policies[0], model_options=options, device=device, amp=amp,
+                                max_batch=max_batch, conformal=conformal, conformal_method=conformal_method)
+    else:
+        runner = _ensemble_runner(models, policies, model_options=options, device=device, amp=amp,
+                                  max_batch=max_batch, conformal=conformal, conformal_method=conformal_method,
+                                  vote=vote, weights=weights, tie_break=tie_break, seed=seed, calibrate=calibrate,
+                                  progress=progress)
+    channels, calibration = runner.channels, runner.calibration
     paths = list_images(images)
-    calibration = None
-    if conformal is not None:
-        from .conformal import calibrate_predictor
-
-        calibration = calibrate_predictor(
-            predictor, resolved, conformal, conformal_method, max_batch=max_batch, device=device, amp=amp
-        )
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise InvalidInputError(f"workers must be 0 or a positive integer, got {workers!r}")
@@ -288,7 +480,7 @@ def predict_images(
     names = [str(p) for p in paths]
     if len(set(names)) != len(names):
         names = list(dict.fromkeys(names))  # a list file naming a file twice: predict it once
-    classes = predictor.classes
+    classes = runner.classes
     width_known = classes is not None
     with_sets = calibration is not None
     columns = output_columns(min(top_k, len(classes)), with_sets) if width_known else None
@@ -311,12 +503,12 @@ def predict_images(
             error_output.write(_csv_line(ERROR_COLUMNS))
             error_output.flush()
         loader = [] if not todo else torch.utils.data.DataLoader(
-            ImageFiles(todo, channels, predictor.input_size),
+            ImageFiles(todo, channels, runner.input_size),
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
             collate_fn=collate_decoded,
-            pin_memory=engine.device is not None and engine.device.type == "cuda",
+            pin_memory=runner.device is not None and runner.device.type == "cuda",
             prefetch_factor=4 if workers else None,
         )  # nothing to do (a finished run resumed): no worker processes to start
         from .progress import progress as progress_bar
@@ -328,8 +520,8 @@ def predict_images(
                     error_output.flush()
                     n_errors += len(failures)
                 if batch is not None:
-                    result = engine.run(batch.float().div_(255.0), return_uncertainty=True)
-                    probs = result.merged.float().cpu()
+                    batch_paths = [todo[i] for i in indices]
+                    probs, disagreement, passes, labels = runner.run(batch.float().div_(255.0), batch_paths)
                     if classes is None:
                         classes = [str(c) for c in range(probs.shape[1])]
                     k = min(top_k, probs.shape[1])
@@ -339,14 +531,10 @@ def predict_images(
                             read_done(out, fmt, columns)  # the header must match before appending
                     if fmt == "csv" and output.tell() == 0:
                         output.write(_csv_line(columns))
-                    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=1)
-                    disagreement = result.uncertainty["disagreement"].float().cpu()
-                    passes = _passes_per_row(result, len(resolved), probs.shape[0])
+                    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=1) + 0.0  # + 0.0: no "-0.0"
                     sets = calibration.predict_sets(probs) if calibration is not None else None
                     output.write(
-                        _format_rows(
-                            [todo[i] for i in indices], probs, entropy, disagreement, passes, classes, k, fmt, sets
-                        )
+                        _format_rows(batch_paths, probs, entropy, disagreement, passes, classes, k, fmt, sets, labels)
                     )
                     output.flush()
                     n_predicted += len(indices)
@@ -373,9 +561,10 @@ def predict_images(
         "seconds": seconds,
         "images_per_second": n_predicted / seconds if seconds > 0 else math.inf,
         "passes_per_image": passes_total / n_predicted if n_predicted else 0.0,
-        "policy": resolved.name,
-        "views": resolved.view_names,
-        "model": predictor.describe(),
+        "policy": runner.name,
+        "views": runner.views,
+        "model": runner.model,
+        "ensemble": runner.extra or None,
         "workers": workers,
         "batch_size": batch_size,
         "conformal": calibration.to_json() if calibration is not None else None,

@@ -778,6 +778,15 @@ def _search_fmt(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _search_weights_text(policy) -> str:
+    """How a searched policy weighs its views, for the report's merge line."""
+    if not policy.weights:
+        return ""
+    if isinstance(policy.weights[0], list):
+        return f", class-by-view weights ({len(policy.weights)} views x {len(policy.weights[0])} classes, ClassTTA)"
+    return ", learned weights " + str([round(w, 3) for w in policy.weights])
+
+
 def search_markdown(result: Any) -> str:
     """The Markdown report of a search."""
     policy = result.policy
@@ -790,7 +799,7 @@ def search_markdown(result: Any) -> str:
         f"{result.n_images} validation images",
         f"- selected ({len(policy)} views): {', '.join(f'`{n}`' for n in policy.view_names)}",
         f"- stopped: {result.stop_reason}",
-        f"- merge: mean of probabilities{', learned weights ' + str([round(w, 3) for w in policy.weights]) if policy.weights else ''}; "
+        f"- merge: mean of probabilities{_search_weights_text(policy)}; "
         f"temperature {_search_fmt(policy.temperature, 3)}",
         f"- search time (after caching): {result.search_seconds:.2f} s"
         + (f"; caching: {result.cache_seconds:.1f} s" if result.cache_seconds is not None else ""),
@@ -814,9 +823,10 @@ def search_markdown(result: Any) -> str:
             "",
             f"2-fold cross-validated NLL: weighted {_search_fmt(a['cv_nll_weighted'])}, mean {_search_fmt(a['cv_nll_mean'])}, "
             f"class-by-view {_search_fmt(a.get('cv_nll_class'))}"
-            f"{' (wins, but a policy stores per-view weights only)' if a.get('class_used') else ''}; "
+            f"{' (wins: the policy stores them)' if a.get('class_used') else ''}; "
             f"accuracy weighted {a['accuracy_weighted']:.4f}, mean {a['accuracy_mean']:.4f}; "
-            f"weights {[round(w, 3) for w in a['weights']]} -> {'used' if a['used'] else 'not used (plain mean kept)'}",
+            f"per-view weights {[round(w, 3) for w in a['weights']]} -> "
+            f"{'used' if a['used'] and not a.get('class_used') else 'not used'}",
         ]
     if result.copies_curve:
         lines += [

@@ -34,6 +34,7 @@ from .errors import CheckpointError, InvalidInputError, unknown_name
 from .models import (
     CheckpointMeta,
     Normalize,
+    classifier_module,
     create_model,
     is_fixed_size,
     layer_groups,
@@ -491,6 +492,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier (:func:`~ttakit.models.classifier_module`)."""
+    classifier = classifier_module(model)
+    prefix = next((name for name, module in model.named_modules() if module is classifier), "")
+    return {f"{prefix}.{k}" if prefix else k for k in classifier.state_dict()}
+
+
 def _head_and_norm_keys(model: nn.Module) -> tuple[set[str], set[str]]:
     head_ids = {id(p) for p in layer_groups(model)[-1]}
     head = {name for name, p in model.named_parameters() if id(p) in head_ids}
@@ -525,10 +533,12 @@ def load_init_weights(
 ) -> InitReport:
     """Load the tensors of the state dict at ``path`` whose name and shape match ``model``.
 
-    Everything else stays as initialised (``new``, typically the head when the number of
-    classes differs) or is ignored (``skipped``). ``new_head=True`` leaves the head new even
-    where its shape matches (the classes differ). The normalization buffers are loaded when
-    present (the body was trained on inputs normalized that way).
+    Everything else stays as initialised (``new``, typically the classifier when the number
+    of classes differs) or is ignored (``skipped``). ``new_head=True`` (the classes differ)
+    leaves the classifier (:func:`~ttakit.models.classifier_module`, the layer that outputs the
+    logits) new even where its shape matches; every other tensor of the head that matches, such
+    as a pretrained dense layer before the classifier, is kept. The normalization buffers are
+    loaded when present (the body was trained on inputs normalized that way).
 
     Raises:
         CheckpointError: nothing of the body matches: nothing at all, or only the head or the
@@ -537,10 +547,9 @@ def load_init_weights(
     state = read_state_dict(path)
     own = model.state_dict()
     head, norm = _head_and_norm_keys(model)
+    fresh = _classifier_keys(model) if new_head else set()
     loaded = [
-        k
-        for k in own
-        if k in state and tuple(state[k].shape) == tuple(own[k].shape) and not (new_head and k in head)
+        k for k in own if k in state and tuple(state[k].shape) == tuple(own[k].shape) and k not in fresh
     ]
     new = [k for k in own if k not in set(loaded)]
 
@@ -549,7 +558,7 @@ def load_init_weights(
             return f"{k} (not in {arch})"
         if tuple(state[k].shape) != tuple(own[k].shape):
             return f"{k} (shape {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
-        return f"{k} (new head: other classes)"
+        return f"{k} (new classifier: other classes)"
 
     skipped = [reason(k) for k in state if k not in set(loaded)]
     params = {name for name, _ in model.named_parameters()}

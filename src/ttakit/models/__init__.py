@@ -10,6 +10,7 @@ from .checkpoint import (
 )
 from .registry import (
     Normalize,
+    classifier_module,
     create_model,
     is_fixed_size,
     layer_groups,
@@ -21,6 +22,7 @@ __all__ = [
     "CheckpointMeta",
     "Normalize",
     "check_compatible",
+    "classifier_module",
     "create_model",
     "is_fixed_size",
     "layer_groups",

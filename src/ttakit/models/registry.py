@@ -131,6 +131,26 @@ def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     return groups
 
 
+def classifier_module(model: nn.Module) -> nn.Module:
+    """The classifier: the layer that outputs one logit per class, the last module of the head
+    group (``model.layer_groups()[-1][-1]``), else the last top-level child holding parameters.
+
+    Transfer to other classes starts only this layer afresh; every other tensor whose name and
+    shape match is kept (the pretrained dense layers of a head included).
+
+    Example:
+        >>> model = create_model("seed-cnn", in_channels=1, num_classes=5, image_size=(28, 28))
+        >>> classifier_module(model).out_features
+        5
+    """
+    if hasattr(model, "layer_groups"):
+        groups = [g for g in model.layer_groups() if g]
+        if groups:
+            return groups[-1][-1]
+    children = [child for child in model.children() if any(True for _ in child.parameters())]
+    return children[-1] if children else model
+
+
 def list_models() -> list[str]:
     """Names of every registered architecture, sorted."""
     return sorted(_MODELS)

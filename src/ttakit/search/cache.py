@@ -157,19 +157,16 @@ class ViewCache:
 def run_views(
     model: Any, images: torch.Tensor, views: Sequence[View], *, max_batch: int = 256, progress: bool = False, desc: str = ""
 ) -> torch.Tensor:
-    """``(V, N, C)`` de-augmented logits of every view over ``images (N, C, H, W)`` through
-    :class:`TTAEngine` (``activation=None``, ``return_views=True``), ``max_batch`` images per
-    chunk, the model in eval mode for the call. Costs ``V x N`` forward passes of one image."""
+    """``(V, N, C)`` de-augmented logits of every view over ``images (N, C, H, W)``: one
+    :meth:`TTAEngine.run` call (``activation=None``, ``return_views=True``; the engine chunks the
+    images, at most ``max_batch`` per forward pass, and reports each chunk to the progress bar),
+    the model in eval mode for the call. Costs ``V x N`` forward passes of one image."""
     engine = TTAEngine(model, Policy(list(views)), activation=None, max_batch=max_batch)
-    n = int(images.shape[0])
-    parts = []
-    bar_desc = desc or f"caching {len(views)} views"
-    with EvalMode(model), progress_bar(total=n * len(views), desc=bar_desc, unit="passes", enabled=progress) as bar:
-        for start in range(0, n, max_batch):
-            out = engine.run(images[start : start + max_batch], return_views=True)
-            parts.append(out.views.float().cpu())
-            bar.update(min(max_batch, n - start) * len(views))
-    return torch.cat(parts, dim=1).clone()  # a normal tensor, usable with autograd
+    n_views = len(views)
+    bar_desc = desc or f"caching {n_views} views"
+    with EvalMode(model), progress_bar(total=int(images.shape[0]) * n_views, desc=bar_desc, unit="passes", enabled=progress) as bar:
+        out = engine.run(images, return_views=True, progress=lambda done: bar.update(done * n_views))
+    return out.views.float().cpu().clone()  # a normal tensor, usable with autograd
 
 
 def cache_views(

@@ -5,8 +5,8 @@ Start from the identity view and repeatedly add the candidate that most improves
 stopping early when no candidate helps. Merging is the mean of the selected views' softmax
 probabilities; a view is selected at most once (a weight does what re-selection would, without
 the forward passes). A candidate is admissible only if the policy it produces is not worse than
-the identity alone on the *other* metric either. Then learned weights
-(:mod:`~ttakit.search.weights`), a confidence gate (:mod:`~ttakit.search.gate`) and the
+the identity alone on the *other* metric either. Then learned weights, per view or per view and
+class (:mod:`~ttakit.search.weights`, kept only if they win under cross-validation), a confidence gate (:mod:`~ttakit.search.gate`) and the
 temperature (:mod:`~ttakit.search.calibration`); and last, the policy *as saved* (gate and
 temperature included) is checked against the identity alone: it is never worse on the data it
 saw, in the worst case it *is* the identity.
@@ -48,7 +48,7 @@ from .calibration import (
     shifted_logits,
 )
 from .gate import GateTuning, evaluate_gated_on_cache, tune_gate_threshold
-from .weights import compare_aggregation, merge_weighted
+from .weights import compare_aggregation, merge_class_weighted, merge_weighted
 
 __all__ = ["OBJECTIVES", "SearchResult", "greedy_search", "never_worse"]
 
@@ -63,7 +63,7 @@ class SearchResult:
     Attributes:
         policy: the searched :class:`Policy`: the selected views in selection order, merge
             ``"mean"`` of probabilities, ``weights`` when learned aggregation won out of sample
-            (else None), ``temperature`` fitted on validation, ``gate_threshold`` (None without
+            (``K`` numbers, or ``K`` lists of ``C`` for class-by-view weights; else None), ``temperature`` fitted on validation, ``gate_threshold`` (None without
             gating), and ``meta`` with the objective, validation scores, pool size and timings.
         objective: ``"nll"`` or ``"accuracy"``.
         budget: the most views allowed.
@@ -257,8 +257,9 @@ def greedy_search(
         objective: ``"nll"`` (after temperature scaling) or ``"accuracy"``.
         learn_weights: try learned aggregation (per-view weights, kept only if they win under
             2-fold cross-validation).
-        class_weights: also measure class-by-view weights (ClassTTA) under cross-validation;
-            reported in ``aggregation`` (a policy stores per-view weights only).
+        class_weights: also try class-by-view weights (ClassTTA) under cross-validation; the
+            policy stores them (``K`` lists of ``C`` numbers) when they beat both the plain mean
+            and the per-view weights out of sample.
         gate: tune a gate threshold keeping ``keep`` of the accuracy lift (and of the NLL
             reduction, on the data), on the data and on
             ``gate_confidence`` of bootstrap resamples (:func:`ttakit.gating.tune_gate_threshold`),
@@ -445,7 +446,10 @@ def _greedy(
         aggregation = compare_aggregation(
             sel_probs, y, prior=prior, seed=seed, accuracy_floor=floor, class_weights=class_weights
         )
-        if aggregation["used"]:
+        if aggregation["class_used"]:  # class-by-view weights won under cross-validation
+            weights = aggregation["class_weights"]
+            final_probs = merge_class_weighted(sel_probs, torch.tensor(weights))
+        elif aggregation["used"]:
             weights = aggregation["weights"]
             final_probs = merge_weighted(sel_probs, torch.tensor(weights))
     final = scores(final_probs, y, beta)
@@ -510,7 +514,8 @@ def _greedy(
         notes.append(f"baselines not scored (views missing from the pool): {', '.join(skipped)}")
     if weights is not None:
         comparison.append(_evaluate_row(f"{name} (mean)", mean_probs, y, len(selected)))
-    label = name + (" (weighted)" if weights is not None else "")
+    kind = "" if weights is None else " (class-weighted)" if isinstance(weights[0], list) else " (weighted)"
+    label = name + kind
     comparison.append({"policy": label, "views": float(len(full)), **final})
     comparison.append(
         {

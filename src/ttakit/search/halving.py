@@ -112,6 +112,7 @@ def successive_halving(
     max_batch: int = 256,
     progress: bool = True,
     seed: int = 0,
+    replay: ViewCache | None = None,
 ) -> HalvingResult:
     """Run the pool over a growing subset of ``images`` and keep only candidates still in the
     running (see the module docstring).
@@ -125,6 +126,9 @@ def successive_halving(
         first: images in the first rung (default ``max(N // 16, min(N, 100))``).
         eta: growth of the subset and shrink of the field per rung (> 1).
         z: standard errors of the confidence bound.
+        replay: a cache of every candidate over ``images`` (in order): rungs read their logits
+            from it instead of running the model (the same decisions and pass counts, for
+            benchmarks comparing halving seeds against full caching without paying twice).
 
     Returns:
         :class:`HalvingResult`; ``cache`` holds the survivors over all N images.
@@ -140,6 +144,13 @@ def successive_halving(
     z = check_non_negative("z", z)
     sizes = rung_sizes(n, first, eta)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if replay is not None:
+        if replay.n_images != n or replay.names[: len(views)] != [v.name for v in views]:
+            raise InvalidInputError(
+                f"Expected `replay` to cache the {len(views)} candidates over the {n} images, but it holds "
+                f"{replay.n_views} views over {replay.n_images} images"
+            )
+        replay_logits = replay.logits[:, perm]
     images, labels = images[perm], labels[perm]
     views = list(views)
     sources = list(sources)
@@ -149,11 +160,13 @@ def successive_halving(
     passes = 0
     done = 0
     for r, size in enumerate(sizes):
-        batch = images[done:size]
-        logits = run_views(
-            model, batch, [views[v] for v in alive], max_batch=max_batch, progress=progress,
-            desc=f"halving rung {r + 1}/{len(sizes)}: {len(alive)} views x {size - done} images",
-        )
+        if replay is not None:
+            logits = replay_logits[alive, done:size]
+        else:
+            logits = run_views(
+                model, images[done:size], [views[v] for v in alive], max_batch=max_batch, progress=progress,
+                desc=f"halving rung {r + 1}/{len(sizes)}: {len(alive)} views x {size - done} images",
+            )
         for row, v in enumerate(alive):
             store[v].append(logits[row])
         spent = len(alive) * (size - done)

@@ -16,9 +16,10 @@ import torch
 
 from ..augmentations import geometry, parse_augmentations
 from ..engine import TTAEngine
+from ..errors import InvalidInputError
 from ..policy import Policy, View
 from ._util import EvalMode, check_count, check_fraction, check_images_labels, check_views, dedupe
-from .cache import cache_views
+from .cache import ViewCache, cache_views
 from .greedy import (
     Objective,
     SearchResult,
@@ -54,6 +55,36 @@ def engine_output(model: Any, images: torch.Tensor, policy: Policy, max_batch: i
     return out.merged.float().cpu(), float(passes if passes else len(policy))
 
 
+def candidate_pool(
+    model: Any,
+    images: torch.Tensor,
+    *,
+    pool: Sequence[View] | None = None,
+    train_augmentations: Sequence[dict | str] = (),
+    n_random: int = 8,
+    fixed_size: bool | None = None,
+    seed: int = 0,
+) -> tuple[list[View], list[str], bool | None]:
+    """The candidates :func:`search_policy` runs: ``(views, sources, fixed_size)``, the identity
+    first, names distinct, every view able to invert a label (else :class:`NotInvertibleError`)."""
+    augs = parse_augmentations(train_augmentations)
+    if pool is None:
+        if fixed_size is None:
+            fixed_size = not _accepts_other_sizes(model, images[:2])
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        views, sources = pool_with_sources(size, augs, fixed_size=fixed_size, n_random=n_random, seed=seed)
+    else:
+        views = check_views(pool, "pool")
+        sources = ["user"] * len(views)
+        views, sources = dedupe([View.identity(), *views], ["identity", *sources])
+    if not views[0].is_identity:  # the identity leads: halving always keeps row 0
+        k = next(i for i, v in enumerate(views) if v.is_identity)
+        views.insert(0, views.pop(k))
+        sources.insert(0, sources.pop(k))
+    Policy(views).check_targets("label")  # NotInvertibleError naming the view, before any work
+    return views, sources, fixed_size
+
+
 def search_policy(
     model: Any,
     images: torch.Tensor,
@@ -79,6 +110,8 @@ def search_policy(
     progress: bool = True,
     seed: int = 0,
     name: str = "searched",
+    precomputed: ViewCache | None = None,
+    halving_seed: int | None = None,
 ) -> SearchResult:
     """Search a TTA policy for ``model`` on labelled validation images.
 
@@ -102,6 +135,11 @@ def search_policy(
         halving, first_rung, eta, survivors: successive halving and its schedule
             (:func:`~ttakit.search.successive_halving`'s ``first``, ``eta`` and ``keep``).
         max_batch: most images per forward pass.
+        precomputed: every candidate of the pool over ``images``, cached beforehand (benchmarks):
+            halving then replays its rungs from it (same decisions, passes counted as if run),
+            and ``halving=False`` uses it as the full cache.
+        halving_seed: seeds the order in which halving visits the images (default ``seed``,
+            which also seeds the random copies in the pool and the cross-validation folds).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
@@ -116,20 +154,9 @@ def search_policy(
     check_fraction("keep", keep)
     n_random = check_count("n_random", n_random, minimum=0)
     augs = parse_augmentations(train_augmentations)
-    if pool is None:
-        if fixed_size is None:
-            fixed_size = not _accepts_other_sizes(model, images[:2])
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        views, sources = pool_with_sources(size, augs, fixed_size=fixed_size, n_random=n_random, seed=seed)
-    else:
-        views = check_views(pool, "pool")
-        sources = ["user"] * len(views)
-        views, sources = dedupe([View.identity(), *views], ["identity", *sources])
-    if not views[0].is_identity:  # the identity leads: halving always keeps row 0
-        k = next(i for i, v in enumerate(views) if v.is_identity)
-        views.insert(0, views.pop(k))
-        sources.insert(0, sources.pop(k))
-    Policy(views).check_targets("label")  # NotInvertibleError naming the view, before any work
+    views, sources, fixed_size = candidate_pool(
+        model, images, pool=pool, train_augmentations=augs, n_random=n_random, fixed_size=fixed_size, seed=seed
+    )
     geo = geometry(augs)
     copies = None
     if n_random >= 2 and (geo.flip_p > 0 or geo.max_shift > 0):
@@ -137,14 +164,23 @@ def search_policy(
 
     started = time.perf_counter()
     n = int(images.shape[0])
+    if precomputed is not None and (precomputed.names != [v.name for v in views] or precomputed.n_images != n):
+        raise InvalidInputError(
+            f"Expected `precomputed` to cache the pool's {len(views)} views over the {n} images, but it holds "
+            f"{precomputed.n_views} views over {precomputed.n_images} images"
+        )
     if halving:
         halved = successive_halving(
             model, images, labels, views, sources, budget=budget, keep=survivors, first=first_rung, eta=eta,
-            max_batch=max_batch, progress=progress, seed=seed,
+            max_batch=max_batch, progress=progress, seed=seed if halving_seed is None else halving_seed,
+            replay=precomputed,
         )
         cache, cost = halved.cache, halved.cost()
     else:
-        cache = cache_views(model, images, labels, views, max_batch=max_batch, progress=progress, sources=sources)
+        if precomputed is not None:
+            cache = precomputed
+        else:
+            cache = cache_views(model, images, labels, views, max_batch=max_batch, progress=progress, sources=sources)
         cost = {
             "method": "full caching",
             "pool_size": len(views),

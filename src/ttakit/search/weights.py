@@ -151,7 +151,9 @@ def compare_aggregation(
 
     A learned merge is ``used`` only if it beats the plain mean's cross-validated NLL by more
     than 1e-4 and keeps full-data accuracy at least ``accuracy_floor``. ``class_used`` says the
-    same of class-by-view weights (reported; a :class:`~ttakit.Policy` stores per-view weights).
+    same of class-by-view weights, which must also beat the per-view weights when those are used;
+    ``class_weights`` holds them (``K`` lists of ``C``, fitted on all the data), ready for
+    :attr:`ttakit.Policy.weights`.
     """
     n = y.shape[0]
     cv = n >= 4
@@ -188,6 +190,7 @@ def compare_aggregation(
         out.update(
             {
                 "cv_nll_class": totals["class"],
+                "class_weights": wc.tolist(),
                 "accuracy_class": class_acc,
                 "class_used": bool(totals["class"] < best_other - 1e-4 and class_acc >= accuracy_floor - 1e-12),
             }
