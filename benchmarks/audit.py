@@ -510,8 +510,12 @@ def write_report(args, info, setup, rows, best, tta_help, arms, started, cv_seco
                          "McNemar p": f"{a['mcnemar_p']:.3g}" if "mcnemar_p" in a else "",
                          "fit to its labels %": _pct(a.get("train_acc_last_epoch"))}
                         for a in old["retrain"].values()]
-            md += ["", f"The same arms retrained for {old['setup']['retrain']['epochs']} epochs (`{earlier.strip()}.md`, "
-                   f"{old['date']}):", "", markdown_table(old_rows)]
+            o = old["setup"]
+            md += ["", f"An earlier run with weaker out-of-sample probabilities ({o['folds']}-fold cross-validation, "
+                   f"{o['epochs']} epochs at a {o.get('cv_schedule', 'constant')} rate; best method "
+                   f"{100 * old['best']['precision']:.1f}% precision at {100 * old['best']['recall']:.1f}% recall) and "
+                   f"the same retraining recipe ({o['retrain']['epochs']} epochs), seed {o['retrain']['seed']} "
+                   f"(`{earlier.strip()}.md`):", "", markdown_table(old_rows)]
         png = f"{stem}_retrain.png"
         if (RESULTS / png).exists():
             md += ["", f"![test accuracy per epoch]({png})",

@@ -476,14 +476,14 @@ def summarize(results: dict[str, Any]) -> tuple[str, str]:
         *(
             [
                 "Parts measured by an earlier run of the same code and reused with `--resume` (the shared machine "
-                "could not rerun every part in one go): "
-                + "; ".join(f"{PART_TITLES.get(k, k)} at {when}" for k, when in m["resumed"].items())
-                + f"; the rest at {m['date']}.",
+                "could not rerun every part in one go), by the time each finished: "
+                + "; ".join(f"{PART_TITLES.get(k, k)} {when}" for k, when in m["resumed"].items())
+                + f". The others ran from {m['date']} on.",
                 "",
             ]
             if m.get("resumed") else []
         ),
-        "## 1. Recipe against the baseline at equal wall time",
+        "## 1. Recipe against the baseline (1a: the same optimizer steps; 1b: the same wall time)",
         "",
         "### 1a. Seed CNN (fixed input size: no progressive resizing)",
         "",
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="transfer: epochs on classes 0-4 (default 5; quick 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ttakit-recipes"))
-    parser.add_argument("--replot", action="store_true", help="only redraw recipes[-quick].png from the results JSON")
+    parser.add_argument("--replot", action="store_true", help="only rewrite recipes[-quick].md and .png from the results JSON")
     parser.add_argument("--resume", action="store_true", help="reuse the parts a previous run with the same options finished (kept in --work)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -562,7 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     args.suffix = "-quick" if quick else ""
     if args.replot:
         name = f"recipes{args.suffix}"
-        print(plot_summary(json.loads((RESULTS / f"{name}.json").read_text()), RESULTS / f"{name}.png"))
+        results = json.loads((RESULTS / f"{name}.json").read_text())
+        print(plot_summary(results, RESULTS / f"{name}.png"))
+        from ttakit._io import atomic_write_text
+
+        atomic_write_text(RESULTS / f"{name}.md", summarize(results)[0])
         return 0
     args.seeds = args.seeds or (1 if quick else 3)
     args.train_images = args.train_images or (2000 if quick else 10000)

@@ -422,6 +422,8 @@ class TTAEngine:
             for view in self.policy.views
         ]
         self._single_pass = self.gate_threshold is None and all(self._passthrough)
+        # Calls whose pass plan is measured (pass_size=None, on CPU): no gate, no autocast.
+        self._tunable = self.pass_size is None and self.gate_threshold is None and not self.amp
         self._mean_weights: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def _pass(self, device: torch.device) -> int:
@@ -430,15 +432,10 @@ class TTAEngine:
             return min(self.pass_size, self.max_batch)
         return min(_CPU_PASS, self.max_batch) if device.type == "cpu" else self.max_batch
 
-    def _pass_for_call(self, images: torch.Tensor, device: torch.device, tunable: bool) -> tuple[int, tuple | None]:
-        """(images per pass for this call, the tuner's key if the call is to be timed)."""
-        if not tunable or self.pass_size is not None or device.type != "cpu":
-            return self._pass(device), None
-        key = (images.shape, images.dtype)
-        size = self._tuner.chosen.get(key)  # the common case first: a shape already tuned
-        if size is not None:
-            return size, None
-        candidates = candidate_pass_sizes(images.shape[0], len(self.transformers), self._pass(device), self.max_batch)
+    def _pass_for_call(self, key: tuple, device: torch.device) -> tuple[int, tuple | None]:
+        """(images per pass for a call with input ``key`` = (shape, dtype) whose plan is not chosen
+        yet, the key if the call is to be timed)."""
+        candidates = candidate_pass_sizes(key[0][0], len(self.transformers), self._pass(device), self.max_batch)
         size, timed = self._tuner.choose(key, candidates)
         return size, key if timed else None
 
@@ -525,18 +522,24 @@ class TTAEngine:
         if device is None:
             device = self._probe.device if self._probe is not None else images.device
         plain_call = not args and not return_views and not return_uncertainty
-        pass_size, tuning_key = self._pass_for_call(
-            images, device, plain_call and self.gate_threshold is None and not self.amp
-        )
-        start_time = time.perf_counter() if tuning_key is not None else 0.0
+        tuning_key = None
+        if plain_call and self._tunable and device.type == "cpu":
+            key = (images.shape, images.dtype)
+            pass_size = self._tuner.chosen.get(key)  # the common case: a shape already tuned
+            if pass_size is None:
+                pass_size, tuning_key = self._pass_for_call(key, device)
+        else:
+            pass_size = self._pass(device)
+        if tuning_key is None:
+            return self._run(images, args, device, pass_size, return_views, return_uncertainty, progress, plain_call)
+        start_time = time.perf_counter()
         out = self._run(images, args, device, pass_size, return_views, return_uncertainty, progress, plain_call)
-        if tuning_key is not None:
-            self._tuner.record(tuning_key, pass_size, time.perf_counter() - start_time)
+        self._tuner.record(tuning_key, pass_size, time.perf_counter() - start_time)
         return out
 
     def _run(self, images, args, device, pass_size, return_views, return_uncertainty, progress, plain_call):
         total = images.shape[0]
-        if self._single_pass and total <= pass_size and plain_call:
+        if plain_call and self._single_pass and total <= pass_size:
             per_pass = max(1, pass_size // total)
             out = self._run_one_pass(images if images.device == device else images.to(device, non_blocking=True), per_pass)
             if out is not None:
