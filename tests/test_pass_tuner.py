@@ -22,17 +22,20 @@ def test_pass_plan_cuts_a_call_into_chunks_and_stacked_views():
     ("batch", "n_views", "expected"),
     [
         (1, 2, [32, 1]),  # stacked (32 and 256 give the same plan) or one view per pass
-        (256, 8, [32, 256]),  # chunks of 32, or ttach's whole batch per view
-        (64, 8, [32, 64, 256]),
+        (256, 8, [32, 256]),  # max_batch images: chunks of 32 first (least memory), or ttach's plan
+        (128, 8, [128, 32, 256]),  # ttach's whole batch per view first
+        (64, 8, [64, 32, 256]),
         (32, 1, [32]),  # one view: every size gives one pass of the batch
     ],
 )
-def test_candidates_are_distinct_plans_with_the_default_first(batch, n_views, expected):
+def test_candidates_are_distinct_plans_with_the_reference_first(batch, n_views, expected):
     assert candidate_pass_sizes(batch, n_views, default=32, max_batch=256) == expected
 
 
 def test_candidates_respect_max_batch():
     assert candidate_pass_sizes(256, 4, default=32, max_batch=16) == [16]
+    # A whole data set in one call: chunks of the default first (ttach's plan does not fit).
+    assert candidate_pass_sizes(10_000, 4, default=32, max_batch=256) == [32, 256]
 
 
 def test_tuner_tries_each_candidate_then_keeps_the_fastest():

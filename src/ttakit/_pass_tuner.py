@@ -41,12 +41,19 @@ def pass_plan(batch: int, n_views: int, pass_size: int) -> PassPlan:
 
 
 def candidate_pass_sizes(batch: int, n_views: int, default: int, max_batch: int) -> list[int]:
-    """Pass sizes with distinct plans, ``default`` first: the default, the whole batch (one view
-    per pass: ttach's plan), and ``max_batch`` (as many views per pass as the memory bound allows).
-    Each is clipped to ``[1, max_batch]``."""
+    """Pass sizes with distinct plans, the reference first: ``default`` (views of a batch that
+    fits it stacked into passes of ``default`` images), the whole batch (one view per pass:
+    ttach's plan) and ``max_batch`` (as many views per pass as the memory bound allows). Each is
+    clipped to ``[1, max_batch]``. The reference, which the others must beat by the tuner's
+    margin, is the whole batch when it is larger than ``default`` and smaller than ``max_batch``
+    (chunks of ``default`` must then prove themselves against ttach's plan), else ``default`` (a
+    small batch: stacked views; ``max_batch`` images or a whole data set in one call: chunks of
+    ``default``, the least memory, for calls that may never repeat)."""
     sizes: list[int] = []
     plans: set[PassPlan] = set()
-    for size in (default, batch, max_batch):
+    ttach_first = default < batch < max_batch
+    order = (batch, default, max_batch) if ttach_first else (default, batch, max_batch)
+    for size in order:
         size = max(1, min(size, max_batch))
         plan = pass_plan(batch, n_views, size)
         if plan not in plans:

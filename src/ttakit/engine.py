@@ -279,9 +279,11 @@ class TTAEngine:
             images exist at a time).
         pass_size: images per forward pass the engine aims for (at most ``max_batch``): views of
             a small batch are stacked up to it, a large batch is cut into chunks of it. Default
-            ``None``: on CPU, tuned per input shape from the first calls' wall time among 32 (the
-            start), the whole batch (one view per pass) and ``max_batch`` (calls with extra
-            arguments, a gate or per-view outputs use 32); ``max_batch`` on other devices.
+            ``None``: on CPU, tuned per input shape from the first calls' wall time among 32, the
+            whole batch (one view per pass, ttach's plan) and ``max_batch``; the reference plan
+            (the whole batch when it holds more than 32 and fewer than ``max_batch`` images, else 32) is kept unless
+            another is 3% faster (calls with extra arguments, a gate or per-view outputs use 32);
+            ``max_batch`` on other devices.
         output_key: when the model returns a mapping, the key of the output to merge.
         deaugment: hook mapping one view's output back; defaults by ``target``.
         class_dim: class dimension of one output (softmax, vote, gate, uncertainty); not 0.
