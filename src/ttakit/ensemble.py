@@ -363,6 +363,25 @@ def member_disagreement(stack: torch.Tensor, labels: torch.Tensor, weights: Sequ
     return (w[:, None] * differs).sum(dim=0) / w.sum()
 
 
+def _check_members(members: list, names, policies, vote, tie_break, weights):
+    """The checks every ensemble entry point makes: at least one member, one class list, a known
+    vote and tie-break, ``M`` weights and one policy per member (default ``"none"``). Returns
+    ``(names, classes, vote, tie_break, weights, resolved policies)``."""
+    if not members:
+        raise InvalidInputError("an ensemble needs at least one member model, got none")
+    m = len(members)
+    names = list(names) if names is not None else [_name_of(p, i) for i, p in enumerate(members)]
+    classes = check_same_classes([_classes_of(p) for p in members], names)
+    vote = _check_choice("vote", vote, VOTES)
+    tie_break = _check_choice("tie-break", tie_break, TIE_BREAKS)
+    w = _check_weights(weights, m)
+    policies = list(policies) if policies is not None else ["none"] * m
+    if len(policies) != m:
+        raise InvalidInputError(f"give one policy per member: {m} members but {len(policies)} policies")
+    resolved = [_resolve_policy(spec, p) for spec, p in zip(policies, members, strict=True)]
+    return names, classes, vote, tie_break, w, resolved
+
+
 def ensemble_predict(
     predictors: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     images: torch.Tensor,
@@ -403,21 +422,11 @@ def ensemble_predict(
             policies, weights or temperatures; an unknown vote or tie-break.
     """
     members = list(predictors)
-    if not members:
-        raise InvalidInputError("an ensemble needs at least one member model, got none")
+    names, classes, vote, tie_break, w, resolved = _check_members(members, None, policies, vote, tie_break, weights)
     m = len(members)
-    names = [_name_of(p, i) for i, p in enumerate(members)]
-    classes = check_same_classes([_classes_of(p) for p in members], names)
-    vote = _check_choice("vote", vote, VOTES)
-    tie_break = _check_choice("tie-break", tie_break, TIE_BREAKS)
-    w = _check_weights(weights, m)
-    policies = list(policies) if policies is not None else ["none"] * m
-    if len(policies) != m:
-        raise InvalidInputError(f"give one policy per member: {m} members but {len(policies)} policies")
     temps: list[float | None] = list(temperatures) if temperatures is not None else [None] * m
     if len(temps) != m:
         raise InvalidInputError(f"give one temperature per member: {m} members but {len(temps)} temperatures")
-    resolved = [_resolve_policy(spec, p) for spec, p in zip(policies, members, strict=True)]
 
     outputs, passes = [], torch.zeros(images.shape[0], dtype=torch.float64)
     for k, (predictor, policy) in enumerate(zip(members, resolved, strict=True)):
@@ -502,18 +511,8 @@ def evaluate_ensemble(
         ``seconds`` and for ensemble rows ``lift_accuracy`` and ``mcnemar_p``.
     """
     members = list(predictors)
-    if not members:
-        raise InvalidInputError("an ensemble needs at least one member model, got none")
+    names, _, vote, tie_break, w, resolved = _check_members(members, names, policies, vote, tie_break, weights)
     m = len(members)
-    names = list(names) if names is not None else [_name_of(p, i) for i, p in enumerate(members)]
-    check_same_classes([_classes_of(p) for p in members], names)
-    vote = _check_choice("vote", vote, VOTES)
-    tie_break = _check_choice("tie-break", tie_break, TIE_BREAKS)
-    w = _check_weights(weights, m)
-    policies = list(policies) if policies is not None else ["none"] * m
-    if len(policies) != m:
-        raise InvalidInputError(f"give one policy per member: {m} members but {len(policies)} policies")
-    resolved = [_resolve_policy(spec, p) for spec, p in zip(policies, members, strict=True)]
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise InvalidInputError(f"labels must be a (N,) tensor with N = {images.shape[0]} (one per image)")
 

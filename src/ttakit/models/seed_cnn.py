@@ -19,6 +19,14 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.ReLU(inplace=True), nn.BatchNorm2d(out_channels), nn.MaxPool2d(2))
 
 
+def _dense(in_features: int, out_features: int) -> nn.Linear:
+    """A dense layer followed by ReLU: He-initialised, zero bias."""
+    dense = nn.Linear(in_features, out_features)
+    nn.init.kaiming_normal_(dense.weight, nonlinearity="relu")
+    nn.init.zeros_(dense.bias)
+    return dense
+
+
 class SeedCNN(nn.Sequential):
     """Conv32-ReLU-BN-Pool, Conv64-ReLU-BN-Pool, Dense128-ReLU-BN, Dense(num_classes).
 
@@ -41,9 +49,7 @@ class SeedCNN(nn.Sequential):
             raise InvalidInputError(
                 f"seed-cnn needs images of at least 4x4 pixels, got image_size={image_size}"
             )
-        dense = nn.Linear(64 * (height // 4) * (width // 4), hidden)
-        nn.init.kaiming_normal_(dense.weight, nonlinearity="relu")
-        nn.init.zeros_(dense.bias)
+        dense = _dense(64 * (height // 4) * (width // 4), hidden)
         super().__init__(
             Normalize(mean, std, channels=in_channels),
             _conv_block(in_channels, 32),  # (B, 32, H/2, W/2)
@@ -99,9 +105,7 @@ class SeedCNNGAP(nn.Sequential):
         width: int = 128,
     ) -> None:
         block3 = _conv_block(64, width)[:3]  # Conv-ReLU-BN without the pooling
-        dense = nn.Linear(width, hidden)
-        nn.init.kaiming_normal_(dense.weight, nonlinearity="relu")
-        nn.init.zeros_(dense.bias)
+        dense = _dense(width, hidden)
         super().__init__(
             Normalize(mean, std, channels=in_channels),
             _conv_block(in_channels, 32),  # (B, 32, H/2, W/2)
