@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -90,15 +91,20 @@ def time_rounds(
     rounds: int,
     device: torch.device,
     warmup: int = 1,
+    shuffle: bool = False,
 ) -> dict[str, list[list[float]]]:
     """Seconds each contender takes for each batch, in each round: ``{name: [round][batch]}``.
 
     Within a round the contenders take turns batch by batch, in an order rotated at every batch
     (as :func:`time_side_by_side`), so a slow moment hits all of them alike. Summarise with
     :func:`least_disturbed`: on a shared machine the fastest of a call's repetitions is the one
-    least disturbed by other jobs.
+    least disturbed by other jobs. ``shuffle``: a seeded random order at every batch instead, so
+    each contender follows each other one about equally often (a call can run faster right
+    after a call of the same shapes, whose data is still in the CPU caches; a rotation always
+    puts the same contender after the same one).
     """
     names = list(contenders)
+    rng = random.Random(0)
     for _ in range(warmup):
         for name in names:
             contenders[name](batches[0])
@@ -107,7 +113,7 @@ def time_rounds(
     for _ in range(rounds):
         spent: dict[str, list[float]] = {name: [] for name in names}
         for batch in batches:
-            order = names[turn % len(names) :] + names[: turn % len(names)]
+            order = rng.sample(names, len(names)) if shuffle else names[turn % len(names) :] + names[: turn % len(names)]
             turn += 1
             for name in order:
                 sync(device)

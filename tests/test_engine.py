@@ -610,3 +610,30 @@ def test_amp_with_gate_and_uncertainty_merges_in_float32(logits_classifier):
     ref = TTAEngine(logits_classifier, policy).run(x, return_uncertainty=True)
     assert out.merged.dtype == torch.float32 and out.uncertainty["std"].dtype == torch.float32
     assert torch.allclose(out.merged, ref.merged, atol=3e-2)  # bfloat16 forward passes on CPU
+
+
+class CountingFlip(T.HorizontalFlip):
+    """A ttakit flip that counts the images it is asked to augment, by parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[bool] = []
+
+    def apply_aug_image(self, image, apply=False, **kwargs):
+        self.calls.append(apply)
+        return super().apply_aug_image(image, apply=apply, **kwargs)
+
+
+def test_identity_steps_are_skipped_but_the_output_is_unchanged():
+    # A ttakit step at its identity parameter is not called on the fast path (it would return
+    # its input); the merged output still equals each view run by hand.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 4)).eval()
+    flip = CountingFlip()
+    policy = Compose([flip, T.Shift([(1, 0)])])
+    x = torch.rand(3, 2, 6, 6)
+    engine = TTAEngine(model, policy, activation=None, pass_size=64)
+    merged = engine(x)
+    assert flip.calls == [True, True]  # two mirrored views; the two unmirrored ones skip the flip
+    expected = manual_views(model, policy, x).mean(0).detach()
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)

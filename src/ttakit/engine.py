@@ -50,6 +50,7 @@ from .merge import (
     check_weights,
 )
 from .policy import Compose, Policy, Transformer, View
+from .transforms import BaseTransform
 from .uncertainty import view_uncertainty
 
 __all__ = ["TTAEngine", "TTAOutput", "as_policy", "check_device", "eval_mode", "DeaugmentHook", "FROM_POLICY"]
@@ -419,8 +420,13 @@ class TTAEngine:
             )
         # The fast path for a batch whose views all fit in one forward pass (classification
         # without gate or extra arguments): augmentation steps bound once, one merge over the stack.
+        # ttakit's own steps at their identity parameter are skipped (a call that returns its input).
         self._aug_plans = [
-            tuple((s.transform.apply_aug_image, {s.transform.pname: s.param}) for s in view.steps)
+            tuple(
+                (s.transform.apply_aug_image, {s.transform.pname: s.param})
+                for s in view.steps
+                if not (isinstance(s.transform, BaseTransform) and s.transform.is_identity(s.param))
+            )
             for view in self.policy.views
         ]
         self._single_pass = self.gate_threshold is None and all(self._passthrough)
