@@ -637,3 +637,25 @@ def test_identity_steps_are_skipped_but_the_output_is_unchanged():
     assert flip.calls == [True, True]  # two mirrored views; the two unmirrored ones skip the flip
     expected = manual_views(model, policy, x).mean(0).detach()
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
+
+
+def test_repeated_calls_of_one_shape_skip_to_the_one_pass_path_with_the_same_result():
+    # After a plain call of a shape ran in one forward pass, later calls of that shape go straight
+    # to it; the output equals run()'s, the temperature included, and other calls still take run().
+    torch.manual_seed(0)
+    model = Recorder(nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 4)).eval())
+    policy = Policy(Compose([T.HorizontalFlip(), T.VerticalFlip()]).views, temperature=1.7)
+    engine = TTAEngine(model, policy, pass_size=64)
+    x = torch.rand(3, 2, 6, 6)
+    first = engine(x)
+    assert list(engine._one_pass_shapes.values()) == [21]
+    model.batches.clear()
+    again = engine(x)
+    assert model.batches == [12]  # the four views of 3 images, stacked in one pass
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(again, engine.run(x).merged, rtol=0, atol=0)
+    assert not again.is_inference()
+    other = torch.rand(5, 2, 6, 6)  # a new shape takes the full path first
+    torch.testing.assert_close(engine(other), engine.run(other).merged, rtol=0, atol=0)
+    with pytest.raises(ModelOutputError, match="NaN"):  # still checked on the short path
+        engine(torch.full((3, 2, 6, 6), float("nan")))

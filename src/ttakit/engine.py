@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._pass_tuner import PassTuner, candidate_pass_sizes
+from ._pass_tuner import MAX_SHAPES, PassTuner, candidate_pass_sizes
 from .errors import InvalidInputError, ModelOutputError
 from .functional import check_image
 from .merge import (
@@ -433,6 +433,8 @@ class TTAEngine:
         # Calls whose pass plan is measured (pass_size=None, on CPU): no gate, no autocast.
         self._tunable = self.pass_size is None and self.gate_threshold is None and not self.amp
         self._mean_weights: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # (shape, dtype, device) of plain calls that ran in one forward pass -> views per pass.
+        self._one_pass_shapes: dict[tuple, int] = {}
 
     def _pass(self, device: torch.device) -> int:
         """Most images one stacked forward pass may hold on ``device`` (untuned)."""
@@ -486,6 +488,14 @@ class TTAEngine:
         return len(self.transformers)
 
     def __call__(self, images: torch.Tensor, *args: Any) -> torch.Tensor:
+        if not args and self._one_pass_shapes and isinstance(images, torch.Tensor):
+            # A shape already run in one forward pass: straight to it (the checks on the input,
+            # the device and the plan gave the same answer for this shape, dtype and device).
+            per_pass = self._one_pass_shapes.get((images.shape, images.dtype, images.device))
+            if per_pass is not None and (self.device is not None or self._probe is None or self._probe.device == images.device):
+                merged = self._merge_one_pass(images, per_pass)
+                if merged is not None:
+                    return merged
         return self.run(images, *args).merged
 
     # ------------------------------------------------------------------------------ run
@@ -549,8 +559,12 @@ class TTAEngine:
         total = images.shape[0]
         if plain_call and self._single_pass and total <= pass_size:
             per_pass = max(1, pass_size // total)
-            out = self._run_one_pass(images if images.device == device else images.to(device, non_blocking=True), per_pass)
+            on_device = images.device == device
+            out = self._run_one_pass(images if on_device else images.to(device, non_blocking=True), per_pass)
             if out is not None:
+                if on_device and (not self._tunable or (images.shape, images.dtype) in self._tuner.chosen):
+                    if len(self._one_pass_shapes) < MAX_SHAPES:
+                        self._one_pass_shapes[(images.shape, images.dtype, images.device)] = per_pass
                 if progress is not None:
                     progress(total)
                 return out
@@ -603,8 +617,15 @@ class TTAEngine:
     def _run_one_pass(self, images: torch.Tensor, per_pass: int) -> TTAOutput | None:
         """Every view of a batch that fits one chunk, ``per_pass`` views per forward pass, merged
         at once (classification without gate, extra arguments or per-view outputs); None if the
-        views differ in size (the general path then handles them). The last step runs outside
-        inference mode where it can, so the result is an ordinary tensor without a copy."""
+        views differ in size (the general path then handles them)."""
+        merged = self._merge_one_pass(images, per_pass)
+        if merged is None:
+            return None
+        return TTAOutput(merged, None, list(self._names), float(len(self.transformers)))
+
+    def _merge_one_pass(self, images: torch.Tensor, per_pass: int) -> torch.Tensor | None:
+        """The merged output of :meth:`_run_one_pass`, temperature applied. The last step runs
+        outside inference mode where it can, so the result is an ordinary tensor without a copy."""
         n = len(self.transformers)
         if self.inference_mode and not torch.is_inference_mode_enabled():
             with torch.inference_mode():
@@ -637,7 +658,7 @@ class TTAEngine:
             merged = acc.result()
         if self.temperature is not None:
             merged = self._temper(merged)
-        return TTAOutput(_as_normal_tensor(merged), None, list(self._names), float(n))
+        return _as_normal_tensor(merged)
 
     def _one_pass_stack(self, chunk: torch.Tensor, per_pass: int) -> torch.Tensor | None:
         """``(K, B, ...)``: the model's outputs on every view of ``chunk``, ``per_pass`` views
