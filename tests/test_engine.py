@@ -659,3 +659,17 @@ def test_repeated_calls_of_one_shape_skip_to_the_one_pass_path_with_the_same_res
     torch.testing.assert_close(engine(other), engine.run(other).merged, rtol=0, atol=0)
     with pytest.raises(ModelOutputError, match="NaN"):  # still checked on the short path
         engine(torch.full((3, 2, 6, 6), float("nan")))
+
+
+@pytest.mark.parametrize("merge_mode", ["mean", "max"])
+def test_huge_finite_outputs_are_not_reported_as_nan(merge_mode):
+    # Sums of float32 values near their maximum overflow; the check then looks at each value
+    # and finds none that is NaN/inf, so nothing is raised (the merged mean may itself overflow).
+    def model(x):
+        return torch.full((x.shape[0], 3), 3e38)
+
+    engine = TTAEngine(model, "flip", activation=None, merge_mode=merge_mode, max_batch=16)
+    out = engine(torch.rand(2, 1, 4, 4))
+    assert out.shape == (2, 3)
+    if merge_mode == "max":
+        assert torch.isfinite(out).all()

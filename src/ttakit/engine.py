@@ -627,15 +627,19 @@ class TTAEngine:
         """The merged output of :meth:`_run_one_pass`, temperature applied. The last step runs
         outside inference mode where it can, so the result is an ordinary tensor without a copy."""
         n = len(self.transformers)
+        mode, weights = self.merge_mode, self.weights
+        linear = (mode == "mean" or mode == "sum") and not self._class_weights and (weights is None or min(weights) > 0)
+        # A linear merge carries any NaN/inf of a view into the merged output: one check there, on
+        # B x C numbers, instead of one per forward pass (the culprit is found only on failure).
+        check_each_pass = not linear
         if self.inference_mode and not torch.is_inference_mode_enabled():
             with torch.inference_mode():
-                stack = self._one_pass_stack(images, per_pass)
+                stack = self._one_pass_stack(images, per_pass, check_each_pass)
         else:
-            stack = self._one_pass_stack(images, per_pass)
+            stack = self._one_pass_stack(images, per_pass, check_each_pass)
         if stack is None:
             return None
-        mode, weights = self.merge_mode, self.weights
-        if (mode == "mean" or mode == "sum") and not self._class_weights and (weights is None or min(weights) > 0):
+        if linear:
             class_dim = self.class_dim if self.class_dim < 0 else self.class_dim + 1
             x = apply_activation(stack, self._merge_activation, class_dim)
             if weights is None:
@@ -652,6 +656,8 @@ class TTAEngine:
                 merged = (x * w).sum(dim=0)
                 if mode == "mean":
                     merged = merged / self._template.total_weight
+            if self.check_outputs and not _is_finite(merged):
+                self._check_finite(stack.reshape(-1, *stack.shape[2:]), range(n), stack.shape[1])
         else:
             acc = self._template.fresh()
             acc.add_stack(stack, range(n))
@@ -660,9 +666,9 @@ class TTAEngine:
             merged = self._temper(merged)
         return _as_normal_tensor(merged)
 
-    def _one_pass_stack(self, chunk: torch.Tensor, per_pass: int) -> torch.Tensor | None:
+    def _one_pass_stack(self, chunk: torch.Tensor, per_pass: int, check: bool = True) -> torch.Tensor | None:
         """``(K, B, ...)``: the model's outputs on every view of ``chunk``, ``per_pass`` views
-        stacked per forward pass."""
+        stacked per forward pass (each checked for NaN/inf if ``check``)."""
         n, b = len(self._aug_plans), chunk.shape[0]
         size = None
         results = []
@@ -682,7 +688,7 @@ class TTAEngine:
             del views
             output = self._forward(batch, ())
             del batch
-            if self.check_outputs:
+            if check and self.check_outputs:
                 self._check_finite(output, range(first, min(first + per_pass, n)), b)
             results.append(output)
         result = torch.cat(results) if len(results) > 1 else results[0]
@@ -897,6 +903,16 @@ class TTAEngine:
                 out[key][plain] = 0.0
             out["expected_entropy"][plain] = out["predictive_entropy"][plain]
         return out
+
+
+def _is_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite, or at least their sum is (a finite sum proves it).
+    A few numbers on the CPU are summed in Python: one copy, no tensor reduction to dispatch."""
+    if not x.is_floating_point():
+        return True
+    if x.numel() <= 256 and x.device.type == "cpu" and not x.requires_grad:
+        return math.isfinite(sum(x.reshape(-1).tolist()))
+    return math.isfinite(float(x.detach().sum()))
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
