@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ttakit.transforms as T  # noqa: E402
 from common import machine_info, save_results  # noqa: E402
-from search import MODELS, get_model  # noqa: E402
+from search import MODELS, fmt, get_model  # noqa: E402
 from ttakit._io import atomic_write_text  # noqa: E402
 from ttakit.experiment import load_eval_data  # noqa: E402
 from ttakit.metrics import accuracy, nll  # noqa: E402
@@ -172,11 +172,6 @@ def run(args) -> dict[str, Any]:
             "machine": machine_info(torch.device("cpu")), "rows": rows, "seconds": time.perf_counter() - started}
 
 
-def mean_std(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):+.2f} ± {sd:.2f}"
-
-
 def markdown(results: dict[str, Any]) -> str:
     rows = results["rows"]
     table = []
@@ -184,9 +179,9 @@ def markdown(results: dict[str, Any]) -> str:
         mine = [r for r in rows if r["variant"] == name]
         table.append({
             "variant": name, "selected on": on, "pool": mine[0]["pool"],
-            "test lift (pts)": mean_std([r["test_lift_pts"] for r in mine]),
+            "test lift (pts)": fmt([r["test_lift_pts"] for r in mine], sign=True),
             "each seed": ", ".join(f"{r['test_lift_pts']:+.2f}" for r in mine),
-            "val lift (pts)": mean_std([r["val_lift_pts"] for r in mine]),
+            "val lift (pts)": fmt([r["val_lift_pts"] for r in mine], sign=True),
             "test NLL": f"{statistics.fmean(r['test_nll'] for r in mine):.4f}",
         })
     seeds = sorted({r["seed"] for r in rows})

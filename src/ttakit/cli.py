@@ -116,6 +116,17 @@ def _add_device_args(parser: argparse.ArgumentParser, max_batch: bool = False) -
         parser.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
 
 
+def _add_vote_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, calibrated_on: str) -> None:
+    """--vote, --weights, --tie-break, --seed and --no-calibrate: how several models' predictions merge."""
+    parser.add_argument("--vote", default="soft", choices=("soft", "hard"),
+                        help="soft: mean of calibrated probabilities (default); hard: majority class")
+    parser.add_argument("--weights", type=_weights, default=None, help="one weight per model, e.g. 1,1,2")
+    parser.add_argument("--tie-break", default="mean", choices=("mean", "random"),
+                        help="hard vote ties: mean (higher mean probability, then seeded random) or random")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random tie-break")
+    parser.add_argument("--no-calibrate", action="store_true", help=f"do not temperature-scale {calibrated_on}")
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     """How to read a model whose file does not say (the names of ttakit.predictors.load's options)."""
     group = parser.add_argument_group("model options (where the model file does not say)")
@@ -151,15 +162,8 @@ def _add_predict_parser(commands) -> None:
                          help="add each image's conformal prediction set covering 1 - ALPHA (ttakit checkpoints: "
                          "calibrated on their validation split)")
     predict.add_argument("--conformal-method", default="lac", choices=("lac", "aps"), help="lac (default) or aps")
-    group = predict.add_argument_group("several models (as in ttakit ensemble)")
-    group.add_argument("--vote", default="soft", choices=("soft", "hard"),
-                       help="soft: mean of calibrated probabilities (default); hard: majority class")
-    group.add_argument("--weights", type=_weights, default=None, help="one weight per model, e.g. 1,1,2")
-    group.add_argument("--tie-break", default="mean", choices=("mean", "random"),
-                       help="hard vote ties: mean (higher mean probability, then seeded random) or random")
-    group.add_argument("--seed", type=int, default=0, help="seed of the random tie-break")
-    group.add_argument("--no-calibrate", action="store_true",
-                       help="do not temperature-scale the models on their shared validation split")
+    _add_vote_args(predict.add_argument_group("several models (as in ttakit ensemble)"),
+                   calibrated_on="the models on their shared validation split")
     _add_device_args(predict, max_batch=True)
     _add_model_args(predict)
 
@@ -645,14 +649,7 @@ def _add_ensemble_parser(commands) -> None:
     )
     _add_data_args(ensemble, default=None)
     ensemble.add_argument("--split", default="test", choices=SPLITS, help="held-out split to score (default test)")
-    ensemble.add_argument("--vote", default="soft", choices=("soft", "hard"),
-                          help="soft: mean of calibrated probabilities; hard: majority class")
-    ensemble.add_argument("--weights", type=_weights, default=None, help="one weight per member, e.g. 1,1,2")
-    ensemble.add_argument("--tie-break", default="mean", choices=("mean", "random"),
-                          help="hard vote ties: mean (higher mean probability, then seeded random) or random")
-    ensemble.add_argument("--seed", type=int, default=0, help="seed of the random tie-break")
-    ensemble.add_argument("--no-calibrate", action="store_true",
-                          help="do not temperature-scale members on the validation split")
+    _add_vote_args(ensemble, calibrated_on="members on the validation split")
     ensemble.add_argument("--limit", type=_positive_int, default=None, help="score the first N images")
     ensemble.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
     ensemble.add_argument("--out", default=None, help="results folder (default: FIRST_MODEL/ensemble)")

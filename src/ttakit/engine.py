@@ -827,11 +827,9 @@ class TTAEngine:
     # ------------------------------------------------------------------------------ checks
 
     def _check_finite(self, result: torch.Tensor, views: list[int], per_view: int) -> None:
-        # One reduction per forward pass; the exact (slower) check and the culprit view only if the
-        # sum is not finite (NaN/inf, or finite values whose sum overflows).
-        if not result.is_floating_point():
-            return
-        if math.isfinite(float(result.detach().sum() if result.requires_grad else result.sum())):
+        # One sum per forward pass; the exact (slower) check and the culprit view only if the sum
+        # is not finite (NaN/inf, or finite values whose sum overflows).
+        if _is_finite(result):
             return
         if bool(torch.isfinite(result).all()):
             return
@@ -906,13 +904,11 @@ class TTAEngine:
 
 
 def _is_finite(x: torch.Tensor) -> bool:
-    """Whether every value of ``x`` is finite, or at least their sum is (a finite sum proves it).
-    A few numbers on the CPU are summed in Python: one copy, no tensor reduction to dispatch."""
+    """Whether the sum of ``x`` is finite, which proves every value is (False also when finite
+    values overflow the sum: callers then check value by value)."""
     if not x.is_floating_point():
         return True
-    if x.numel() <= 256 and x.device.type == "cpu" and not x.requires_grad:
-        return math.isfinite(sum(x.reshape(-1).tolist()))
-    return math.isfinite(float(x.detach().sum()))
+    return math.isfinite(float(x.detach().sum() if x.requires_grad else x.sum()))
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
