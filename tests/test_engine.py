@@ -12,7 +12,7 @@ from ttakit import transforms as T
 from ttakit.engine import TTAEngine, as_policy
 from ttakit.errors import InvalidInputError, ModelOutputError, NotInvertibleError, UnknownNameError
 from ttakit.evaluate import evaluate_policies, predict_probs
-from ttakit.merge import apply_temperature, merge
+from ttakit.merge import apply_matrix_scaling, apply_temperature, merge
 from ttakit.policy import Compose, Policy, Step, View
 from ttakit.uncertainty import view_uncertainty
 
@@ -336,16 +336,29 @@ def _by_hand(model, policy, x):
     return plain, merged, plain.max(1).values
 
 
-def test_engine_wrapper_and_evaluate_agree_on_a_full_policy(logits_classifier):
+def _matrix(classes: int = 5, seed: int = 0) -> dict[str, list]:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.eye(classes) + 0.3 * torch.randn(classes, classes, generator=g)
+    return {"weight": weight.tolist(), "bias": torch.randn(classes, generator=g).tolist()}
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["temperature", "temperature+matrix"])
+def test_engine_wrapper_and_evaluate_agree_on_a_full_policy(logits_classifier, scaled):
     x = torch.rand(40, 3, 6, 6, generator=torch.Generator().manual_seed(3))
     plain, merged, conf = _by_hand(logits_classifier, _policy(), x)
     gate = float(conf.median())
     policy = _policy(gate=gate, temperature=1.7)
+    matrix = _matrix() if scaled else None
+    policy.matrix_scaling = matrix
     gated = conf < gate
     assert 0 < int(gated.sum()) < 40
-    # By hand: gated rows get the weighted merge, temperature-scaled; the others the plain softmax.
+    # By hand: gated rows get the weighted merge, temperature-scaled (then matrix-scaled); the
+    # others the plain softmax.
     expected = plain.clone()
     expected[gated] = apply_temperature(merged[gated], 1.7)
+    if scaled:
+        expected[gated] = apply_matrix_scaling(expected[gated], matrix["weight"], matrix["bias"])
+        assert not torch.equal(expected.argmax(1), apply_temperature(merged, 1.7).where(gated[:, None], plain).argmax(1))
     engine = TTAEngine(logits_classifier, policy, max_batch=16).run(x)
     wrapper = ttakit.ClassificationTTAWrapper(logits_classifier, policy, activation="softmax", max_batch=16)(x)
     probs, passes = predict_probs(logits_classifier, x, policy, max_batch=16)
@@ -358,6 +371,33 @@ def test_engine_wrapper_and_evaluate_agree_on_a_full_policy(logits_classifier):
     assert engine.passes_per_image == pytest.approx(1 + 2 * int(gated.sum()) / 40)
     assert passes == evaluated.forward_passes_per_image == pytest.approx(engine.passes_per_image)
     assert engine.passes.tolist() == [3 if g else 1 for g in gated.tolist()]
+
+
+def test_matrix_scaling_follows_the_temperature_on_every_path(logits_classifier):
+    """Without a gate, run(), repeated plain calls (the short path) and raw logits all apply the
+    temperature and then the matrix; sigmoid outputs refuse a matrix."""
+    x = torch.rand(6, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    matrix = _matrix()
+    policy = _policy(temperature=2.0)
+    policy.matrix_scaling = matrix
+    _, merged, _ = _by_hand(logits_classifier, policy, x)
+    expected = apply_matrix_scaling(apply_temperature(merged, 2.0), matrix["weight"], matrix["bias"])
+    engine = TTAEngine(logits_classifier, policy)
+    assert torch.allclose(engine.run(x).merged, expected, atol=1e-6)
+    for _ in range(3):
+        assert torch.allclose(engine(x), expected, atol=1e-6)
+    raw = TTAEngine(logits_classifier, policy, activation=None)(x)
+    views = manual_views(logits_classifier, policy, x)
+    w = torch.tensor([2.0, 1.0, 0.5])[:, None, None]
+    z = (views * w).sum(0) / w.sum() / 2.0
+    assert torch.allclose(raw, z @ torch.tensor(matrix["weight"]).T + torch.tensor(matrix["bias"]), atol=1e-5)
+    off = TTAEngine(logits_classifier, policy, matrix_scaling=None)(x)
+    assert torch.allclose(off, apply_temperature(merged, 2.0), atol=1e-6)
+    with pytest.raises(InvalidInputError, match="matrix_scaling.*sigmoid"):
+        TTAEngine(logits_classifier, policy, activation="sigmoid")
+    policy.matrix_scaling = _matrix(classes=3)
+    with pytest.raises(InvalidInputError, match="3-class weights, but the merged output has 5 classes"):
+        TTAEngine(logits_classifier, policy)(x)
 
 
 def test_gate_zero_runs_only_the_identity(logits_classifier):

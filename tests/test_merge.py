@@ -10,7 +10,15 @@ import torch
 import ttach
 
 from ttakit.errors import InvalidInputError, UnknownNameError
-from ttakit.merge import MERGE_MODES, MergeAccumulator, Merger, apply_temperature, merge
+from ttakit.merge import (
+    MERGE_MODES,
+    MergeAccumulator,
+    Merger,
+    apply_matrix_scaling,
+    apply_temperature,
+    check_matrix_scaling,
+    merge,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -230,6 +238,37 @@ def test_apply_temperature_by_hand():
     assert apply_temperature(out, None) is out
     with pytest.raises(InvalidInputError, match="`temperature` to be a positive number.*got -1"):
         apply_temperature(out, -1)
+
+
+def test_matrix_scaling_by_hand():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    # W = I / T, b = 0 is temperature scaling.
+    assert torch.allclose(apply_matrix_scaling(p, torch.eye(3) / 2, torch.zeros(3)), apply_temperature(p, 2.0))
+    weight, bias = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.2, 0.0, 2.0]]), torch.tensor([0.1, -0.2, 0.3])
+    expected = torch.softmax(p.log() @ weight.T + bias, dim=1)
+    assert torch.allclose(apply_matrix_scaling(p, weight, bias), expected)
+    # Class dimension 1 of (B, C, H, W) masks; raw logits are mapped without a softmax.
+    masks = p.T.reshape(1, 3, 2, 1).expand(2, 3, 2, 1)
+    got = apply_matrix_scaling(masks, weight, bias, class_dim=1)
+    assert torch.allclose(got[1, :, :, 0].T, expected)
+    z = torch.tensor([[1.0, -1.0, 0.5]])
+    assert torch.allclose(apply_matrix_scaling(z, weight, bias, probs=False), z @ weight.T + bias)
+    with pytest.raises(InvalidInputError, match="2-class weights, but the merged output has 3 classes"):
+        apply_matrix_scaling(p, torch.eye(2), torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "value, pattern",
+    [
+        ([[1.0]], 'Expected argument `matrix_scaling` to be {"weight"'),
+        ({"weight": [[1.0, 0.0], [0.0, 1.0]], "bias": [0.0, 0.0], "x": 1}, '"bias": C numbers'),
+        ({"weight": [[1.0]], "bias": [0.0]}, "C >= 2"),
+        ({"weight": [[1.0, 0.0], [0.0, math.inf]], "bias": [0.0, 0.0]}, "NaN/inf"),
+    ],
+)
+def test_bad_matrix_scaling_is_named(value, pattern):
+    with pytest.raises(InvalidInputError, match=pattern):
+        check_matrix_scaling(value)
 
 
 @pytest.mark.parametrize(

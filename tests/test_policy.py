@@ -135,6 +135,21 @@ def test_policy_json_round_trip(tmp_path):
     assert loaded.views[-1].steps[2].transform.padding_mode == "reflect"
 
 
+def test_matrix_scaling_round_trips_and_only_its_files_say_format_version_2(tmp_path):
+    policy = Compose([T.HorizontalFlip()]).to_policy("hflip", temperature=1.2)
+    assert policy.to_json()["format_version"] == 1 and policy.to_json()["matrix_scaling"] is None
+    policy.matrix_scaling = None
+    scaled = Compose([T.HorizontalFlip()]).to_policy(
+        "hflip", temperature=1.2, matrix_scaling={"weight": torch.eye(3) * 2, "bias": torch.tensor([0.5, 0, -0.5])}
+    )
+    assert scaled.matrix_scaling == {"weight": [[2, 0, 0], [0, 2, 0], [0, 0, 2]], "bias": [0.5, 0.0, -0.5]}
+    scaled.save(tmp_path / "scaled.json")
+    data = json.loads((tmp_path / "scaled.json").read_text())
+    assert data["format_version"] == 2  # a version-1 reader refuses it instead of dropping the matrix
+    loaded = Policy.load(tmp_path / "scaled.json")
+    assert loaded.matrix_scaling == scaled.matrix_scaling and loaded.temperature == 1.2
+
+
 def good_json():
     return Compose([T.HorizontalFlip()]).to_policy("hflip").to_json()
 
@@ -162,6 +177,11 @@ def good_json():
         (lambda d: d.update(temperature=0), "temperature must be a positive number, got 0"),
         (lambda d: d.update(gate_threshold=1.5), r"gate_threshold must be a number in \[0, 1\], got 1.5"),
         (lambda d: d["views"][1]["steps"][0]["args"].update(bogus=1), "malformed"),
+        (lambda d: d.update(matrix_scaling=[1]), 'field "matrix_scaling" must be an object'),
+        (lambda d: d.update(matrix_scaling={"weight": [[1, 0], [0, 1]]}), 'matrix_scaling.*"bias"'),
+        (lambda d: d.update(matrix_scaling={"weight": [[1, 0]], "bias": [0, 0]}), r"weight \(1, 2\) and bias \(2,\)"),
+        (lambda d: d.update(matrix_scaling={"weight": [[1, 0], [0, "x"]], "bias": [0, 0]}), "hold numbers"),
+        (lambda d: d.update(matrix_scaling={"weight": [[1, 0], [0, float("nan")]], "bias": [0, 0]}), "NaN/inf"),
     ],
 )
 def test_bad_policy_json_is_refused_naming_the_problem(edit, pattern):

@@ -43,8 +43,10 @@ from .functional import check_image
 from .merge import (
     MergeAccumulator,
     apply_activation,
+    apply_matrix_scaling,
     apply_temperature,
     check_activation,
+    check_matrix_scaling,
     check_merge_mode,
     check_temperature,
     check_weights,
@@ -270,6 +272,9 @@ class TTAEngine:
         temperature: scales the merged output: probabilities ``p -> softmax(log(p) / T)``, raw
             logits ``z -> z / T``, sigmoid outputs ``p -> sigmoid(logit(p) / T)``. Default
             ``"policy"``: the policy's (None: no scaling).
+        matrix_scaling: ``{"weight": (C, C), "bias": (C,)}`` applied after the temperature:
+            probabilities ``p -> softmax(W log(p) + b)``, raw logits ``z -> W z + b`` (not for
+            sigmoid outputs). Default ``"policy"``: the policy's (None: none).
         gate_threshold: in ``[0, 1]``: run the identity view first and the other views only on
             images whose plain top-class probability is ``< gate_threshold`` (0: plain inference;
             1: every view on every image not predicted with probability exactly 1). Images not
@@ -313,6 +318,7 @@ class TTAEngine:
         weights: Sequence[float] | torch.Tensor | None = None,
         activation: str | None = "auto",
         temperature: float | str | None = FROM_POLICY,
+        matrix_scaling: dict | str | None = FROM_POLICY,
         gate_threshold: float | str | None = FROM_POLICY,
         max_batch: int = 256,
         pass_size: int | None = None,
@@ -380,6 +386,10 @@ class TTAEngine:
         self.temperature = check_temperature(
             self.policy.temperature if temperature == FROM_POLICY else temperature, "temperature"
         )
+        self.matrix_scaling = check_matrix_scaling(
+            self.policy.matrix_scaling if matrix_scaling == FROM_POLICY else matrix_scaling, "matrix_scaling"
+        )
+        self._matrix_tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         threshold = self.policy.gate_threshold if gate_threshold == FROM_POLICY else gate_threshold
         self.gate_threshold = self._check_gate(threshold)
 
@@ -407,6 +417,11 @@ class TTAEngine:
             self._space = "probs"
         else:
             self._space = "raw"
+        if self.matrix_scaling is not None and self._space == "sigmoid":
+            raise InvalidInputError(
+                "matrix_scaling recalibrates one class among C (softmax probabilities or logits), but activation="
+                "'sigmoid' makes independent per-class outputs; pass activation='softmax' or matrix_scaling=None"
+            )
         if self._class_weights and self._space != "probs":
             raise InvalidInputError(
                 f"class-by-view weights (policy {self.policy.name!r}) merge class probabilities, but activation="
@@ -662,7 +677,7 @@ class TTAEngine:
             acc = self._template.fresh()
             acc.add_stack(stack, range(n))
             merged = acc.result()
-        if self.temperature is not None:
+        if self.temperature is not None or self.matrix_scaling is not None:
             merged = self._temper(merged)
         return _as_normal_tensor(merged)
 
@@ -862,9 +877,9 @@ class TTAEngine:
     # ------------------------------------------------------------------------------ temperature, uncertainty
 
     def _scale(self, merged: torch.Tensor, gated: torch.Tensor | None) -> torch.Tensor:
-        """The temperature on the merged output (under the gate: on the gated rows only)."""
-        temperature = self.temperature
-        if temperature is None:
+        """The temperature and matrix scaling on the merged output (under the gate: on the gated
+        rows only)."""
+        if self.temperature is None and self.matrix_scaling is None:
             return merged
         if gated is None:
             return self._temper(merged)
@@ -879,12 +894,25 @@ class TTAEngine:
 
     def _temper(self, x: torch.Tensor) -> torch.Tensor:
         t = self.temperature
-        if self._space == "probs":
-            return apply_temperature(x, t, self.class_dim)
-        if self._space == "sigmoid":
-            p = _at_least_float32(x).clamp(1e-7, 1 - 1e-7)
-            return torch.sigmoid(torch.logit(p) / t)
-        return _at_least_float32(x) / t
+        if t is not None:
+            if self._space == "probs":
+                x = apply_temperature(x, t, self.class_dim)
+            elif self._space == "sigmoid":
+                p = _at_least_float32(x).clamp(1e-7, 1 - 1e-7)
+                x = torch.sigmoid(torch.logit(p) / t)
+            else:
+                x = _at_least_float32(x) / t
+        if self.matrix_scaling is not None:
+            x = _at_least_float32(x)
+            key = (x.device, x.dtype)
+            if key not in self._matrix_tensors:
+                self._matrix_tensors[key] = (
+                    torch.tensor(self.matrix_scaling["weight"], dtype=x.dtype, device=x.device),
+                    torch.tensor(self.matrix_scaling["bias"], dtype=x.dtype, device=x.device),
+                )
+            weight, bias = self._matrix_tensors[key]
+            x = apply_matrix_scaling(x, weight, bias, self.class_dim, probs=self._space == "probs")
+        return x
 
     def _uncertainty(self, views: torch.Tensor, merged: torch.Tensor, gated: torch.Tensor | None):
         if views.ndim != 3 or self.class_dim % 2 != 1:

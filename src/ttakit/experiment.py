@@ -298,15 +298,18 @@ def _is_plain(policy: Policy) -> bool:
         len(policy) == 1
         and policy.views[0].is_identity
         and policy.temperature is None
+        and policy.matrix_scaling is None
         and policy.gate_threshold is None
     )
 
 
 def policy_fingerprint(policy: Policy) -> dict[str, Any]:
-    """What a policy computes, as JSON: name, views, merge mode, weights, temperature, gate
-    (not its provenance ``meta`` nor the ttakit version). Equal fingerprints give equal results."""
+    """What a policy computes, as JSON: name, views, merge mode, weights, temperature, matrix
+    scaling, gate (not its provenance ``meta`` nor the ttakit version). Equal fingerprints give
+    equal results."""
     data = policy.to_json()
-    return {k: data[k] for k in ("name", "merge_mode", "weights", "temperature", "gate_threshold", "views")}
+    keys = ("name", "merge_mode", "weights", "temperature", "matrix_scaling", "gate_threshold", "views")
+    return {k: data[k] for k in keys}
 
 
 def resolve_named_policies(specs: Sequence[str | Policy], meta: CheckpointMeta | None = None) -> list[Policy]:
@@ -843,6 +846,7 @@ def search_checkpoint(
     learn_weights: bool = True,
     gate: bool = True,
     halving: bool = True,
+    matrix_scaling: bool = True,
     max_batch: int = 256,
     progress: bool = True,
     device: str | None = None,
@@ -880,6 +884,7 @@ def search_checkpoint(
         learn_weights=learn_weights,
         gate=gate,
         halving=halving,
+        matrix_scaling=matrix_scaling,
         max_batch=max_batch,
         progress=progress,
     )
@@ -895,6 +900,7 @@ def search_checkpoint(
         "views": result.policy.view_names,
         "weights": result.policy.weights,
         "temperature": result.policy.temperature,
+        "matrix_scaling": result.policy.matrix_scaling is not None,
         "gate_threshold": result.policy.gate_threshold,
         "search_seconds": result.search_seconds,
         "forward_passes": cost.get("forward_passes"),

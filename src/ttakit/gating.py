@@ -107,7 +107,8 @@ def gated_predict(
     threshold = _resolve_threshold(policy, threshold)
     _identity_index(policy)
     engine = TTAEngine(
-        model, policy, activation=activation, temperature=None, gate_threshold=threshold, max_batch=max_batch
+        model, policy, activation=activation, temperature=None, matrix_scaling=None, gate_threshold=threshold,
+        max_batch=max_batch,
     )
     with eval_mode(model):
         return _gated_output(engine.run(images))
@@ -122,14 +123,15 @@ def policy_predict(
     calibrate: bool = True,
     max_batch: int = 256,
 ) -> GatedOutput:
-    """Predict with everything a policy stores: views, merge mode, weights, gate and temperature.
+    """Predict with everything a policy stores: views, merge mode, weights, gate, temperature and
+    matrix scaling.
 
     One :class:`~ttakit.engine.TTAEngine` call (the model in eval mode): with ``use_gate`` and a
     stored ``gate_threshold`` the gate applies (the identity view first, the other views only
     where the plain prediction is unsure); otherwise every image gets every view. With
-    ``calibrate`` the merged probabilities are temperature-scaled by ``policy.temperature``
-    (under the gate only the gated rows: the others are the plain softmax the temperature was
-    not fitted for).
+    ``calibrate`` the merged probabilities are temperature-scaled by ``policy.temperature``, then
+    matrix-scaled by ``policy.matrix_scaling`` (under the gate only the gated rows: the others
+    are the plain softmax neither was fitted for).
 
     Returns:
         :class:`GatedOutput`; ``probs`` ``(N, C)`` calibrated when ``calibrate``.
@@ -140,6 +142,7 @@ def policy_predict(
         policy,
         activation="softmax",
         temperature="policy" if calibrate else None,
+        matrix_scaling="policy" if calibrate else None,
         gate_threshold="policy" if use_gate else None,
         max_batch=max_batch,
     )

@@ -29,8 +29,9 @@ so ``activation="softmax"`` merges probabilities while ``None`` merges raw outpu
 Views that are already probabilities (a model declaring ``outputs = "probs"``) are merged with
 ``activation=None, renormalize=True``: the same numbers as softmax of their logits would give.
 
-:func:`apply_temperature` temperature-scales merged probabilities (``softmax(log(p) / T)``); the
-engine applies it to a policy's merged output.
+:func:`apply_temperature` temperature-scales merged probabilities (``softmax(log(p) / T)``), and
+:func:`apply_matrix_scaling` recalibrates them with a class-by-class matrix (``softmax(W log(p) + b)``,
+matrix scaling, Guo et al. 2017); the engine applies both to a policy's merged output.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ __all__ = [
     "merge",
     "apply_activation",
     "apply_temperature",
+    "apply_matrix_scaling",
+    "check_matrix_scaling",
     "check_weights",
     "Merger",
 ]
@@ -127,6 +130,72 @@ def apply_temperature(probs: torch.Tensor, temperature: float | None, class_dim:
     if temperature is None:
         return probs
     return torch.softmax(torch.log(_at_least_float32(probs).clamp_min(PROB_FLOOR)) / temperature, dim=class_dim)
+
+
+def check_matrix_scaling(value: object, name: str = "matrix_scaling") -> dict[str, list] | None:
+    """``None``, or matrix scaling as plain lists: ``{"weight": C lists of C numbers, "bias": C numbers}``.
+
+    Accepts lists or tensors for either entry; every number must be finite.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"weight", "bias"}:
+        raise InvalidInputError(
+            f'Expected argument `{name}` to be {{"weight": C lists of C numbers, "bias": C numbers}} (or None), '
+            f"but got {_show(value)}"
+        )
+    try:
+        weight = torch.as_tensor(value["weight"], dtype=torch.float64)
+        bias = torch.as_tensor(value["bias"], dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidInputError(f"Expected `{name}` to hold numbers, but got {_show(value)}") from None
+    if weight.ndim != 2 or weight.shape[0] != weight.shape[1] or weight.shape[0] < 2 or bias.shape != weight.shape[:1]:
+        raise InvalidInputError(
+            f"Expected `{name}` to hold a (C, C) weight and a (C,) bias with C >= 2, but got weight "
+            f"{tuple(weight.shape)} and bias {tuple(bias.shape)}"
+        )
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise InvalidInputError(f"Expected `{name}` to hold finite numbers, but it holds NaN/inf")
+    return {"weight": weight.tolist(), "bias": bias.tolist()}
+
+
+def apply_matrix_scaling(
+    x: torch.Tensor,
+    weight: torch.Tensor | Sequence[Sequence[float]],
+    bias: torch.Tensor | Sequence[float],
+    class_dim: int = -1,
+    *,
+    probs: bool = True,
+) -> torch.Tensor:
+    """Matrix scaling (Guo et al. 2017) of merged scores ``x`` ``(..., C, ...)`` over ``class_dim``.
+
+    Probabilities (``probs=True``): ``softmax(W log(p) + b)``; raw logits: ``W z + b``. ``W = I / T``,
+    ``b = 0`` is temperature scaling; a full ``W`` and ``b`` also correct the class biases a model
+    shows on held-out data, so unlike a temperature it can change the argmax.
+
+    Args:
+        x: merged probabilities or logits, ``C`` classes along ``class_dim``.
+        weight: ``(C, C)``; bias: ``(C,)``.
+
+    Example:
+        >>> p = torch.tensor([[0.8, 0.2]])
+        >>> apply_matrix_scaling(p, torch.eye(2) / 2, torch.zeros(2))  # = apply_temperature(p, 2.0)
+        tensor([[0.6667, 0.3333]])
+    """
+    x = _at_least_float32(x)
+    w = torch.as_tensor(weight, dtype=x.dtype, device=x.device)
+    b = torch.as_tensor(bias, dtype=x.dtype, device=x.device)
+    if x.ndim == 0 or not -x.ndim <= class_dim < x.ndim:
+        raise InvalidInputError(f"class_dim={class_dim} does not fit merged scores of shape {tuple(x.shape)}")
+    classes = x.shape[class_dim]
+    if w.shape != (classes, classes) or b.shape != (classes,):
+        raise InvalidInputError(
+            f"matrix scaling holds {w.shape[0]}-class weights, but the merged output has {classes} classes along "
+            f"dimension {class_dim} (shape {tuple(x.shape)}): it was fitted for another model"
+        )
+    z = x.clamp_min(PROB_FLOOR).log() if probs else x
+    z = z.movedim(class_dim, -1) @ w.T + b
+    return (torch.softmax(z, dim=-1) if probs else z).movedim(-1, class_dim)
 
 
 class MergeAccumulator:

@@ -22,7 +22,7 @@ from . import __version__
 from ._io import atomic_write_json, read_json
 from .errors import InvalidInputError, NotInvertibleError, PolicyFormatError, UnknownNameError
 from .functional import check_points
-from .merge import check_merge_mode, check_weights
+from .merge import check_matrix_scaling, check_merge_mode, check_weights
 from .transforms import (
     TARGETS,
     BaseTransform,
@@ -34,7 +34,7 @@ from .transforms import (
 __all__ = ["Step", "View", "Transformer", "Compose", "Policy", "POLICY_FORMAT", "POLICY_FORMAT_VERSION"]
 
 POLICY_FORMAT = "ttakit-policy"
-POLICY_FORMAT_VERSION = 1
+POLICY_FORMAT_VERSION = 2  # 2: matrix scaling (files without it are still written as 1)
 _DEFAULT_TARGETS = frozenset({"image", "mask", "label", "keypoints"})
 
 
@@ -320,6 +320,10 @@ class Policy:
         temperature: optional temperature the merged logits/probabilities are calibrated with.
         gate_threshold: optional confidence below which the extra views run (gated TTA).
         meta: free-form provenance (how the policy was found, validation scores).
+        matrix_scaling: optional ``{"weight": C lists of C numbers, "bias": C numbers}`` applied to the
+            merged output after the temperature: ``softmax(W log(p) + b)`` (Guo et al. 2017). Fitted
+            on validation by the search, which keeps it only when it wins under cross-validation;
+            under a gate it applies, like the temperature, to the gated rows only.
 
     Example:
         >>> from ttakit.transforms import HorizontalFlip
@@ -335,6 +339,7 @@ class Policy:
     temperature: float | None = None
     gate_threshold: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    matrix_scaling: dict[str, list] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.views, (str, bytes, dict, View)) or not isinstance(self.views, Iterable):
@@ -390,6 +395,7 @@ class Policy:
             raise InvalidInputError(f"temperature must be a positive number, got {self.temperature!r}")
         if self.gate_threshold is not None and not (_is_number(self.gate_threshold) and 0 <= self.gate_threshold <= 1):
             raise InvalidInputError(f"gate_threshold must be a number in [0, 1], got {self.gate_threshold!r}")
+        self.matrix_scaling = check_matrix_scaling(self.matrix_scaling)
 
     @property
     def class_weights(self) -> bool:
@@ -429,13 +435,15 @@ class Policy:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": POLICY_FORMAT,
-            "format_version": POLICY_FORMAT_VERSION,
+            # Version 1 readers would silently drop matrix scaling: only such files say 2.
+            "format_version": 2 if self.matrix_scaling is not None else 1,
             "ttakit_version": __version__,
             "name": self.name,
             "merge_mode": self.merge_mode,
             "weights": self.weights,
             "temperature": self.temperature,
             "gate_threshold": self.gate_threshold,
+            "matrix_scaling": self.matrix_scaling,
             "views": [v.to_json() for v in self.views],
             "meta": self.meta,
         }
@@ -452,7 +460,7 @@ class Policy:
         if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= POLICY_FORMAT_VERSION:
             raise PolicyFormatError(
                 f"{source} has policy format version {_short(version)}; this ttakit reads versions 1 to "
-                f"{POLICY_FORMAT_VERSION}" + (": upgrade ttakit" if _is_number(version) and version > 1 else "")
+                f"{POLICY_FORMAT_VERSION}" + (": upgrade ttakit" if _is_number(version) and version > POLICY_FORMAT_VERSION else "")
             )
         views = data.get("views")
         if not isinstance(views, list) or not views:
@@ -463,6 +471,7 @@ class Policy:
             "weights": (list, "a list of numbers or null"),
             "temperature": ((int, float), "a positive number or null"),
             "gate_threshold": ((int, float), "a number in [0, 1] or null"),
+            "matrix_scaling": (dict, 'an object {"weight": [[...]], "bias": [...]} or null'),
             "meta": (dict, "an object or null"),
         }
         for key, (types, what) in expected.items():
@@ -478,6 +487,7 @@ class Policy:
                 temperature=data.get("temperature"),
                 gate_threshold=data.get("gate_threshold"),
                 meta=dict(data.get("meta") or {}),
+                matrix_scaling=data.get("matrix_scaling"),
             )
         except PolicyFormatError as err:
             raise PolicyFormatError(f"{source}: {err}") from None

@@ -787,6 +787,21 @@ def _search_weights_text(policy) -> str:
     return ", learned weights " + str([round(w, 3) for w in policy.weights])
 
 
+def _search_scaling_text(policy) -> str:
+    """Whether matrix scaling follows the temperature, with its cross-validated NLL."""
+    cv = policy.meta.get("matrix_scaling")
+    if not cv:
+        return ""
+    scores = ""
+    if cv.get("cv_nll_matrix") is not None:
+        scores = (f" (2-fold CV NLL {_search_fmt(cv['cv_nll_matrix'])} vs temperature alone "
+                  f"{_search_fmt(cv['cv_nll_temperature'])})")
+    if policy.matrix_scaling is None:
+        return f"; matrix scaling not kept{scores}"
+    return (f"; then matrix scaling{scores}: it corrects class biases and would help without TTA too, "
+            "see the `none (matrix-scaled)` row")
+
+
 def search_markdown(result: Any) -> str:
     """The Markdown report of a search."""
     policy = result.policy
@@ -800,7 +815,7 @@ def search_markdown(result: Any) -> str:
         f"- selected ({len(policy)} views): {', '.join(f'`{n}`' for n in policy.view_names)}",
         f"- stopped: {result.stop_reason}",
         f"- merge: mean of probabilities{_search_weights_text(policy)}; "
-        f"temperature {_search_fmt(policy.temperature, 3)}",
+        f"temperature {_search_fmt(policy.temperature, 3)}{_search_scaling_text(policy)}",
         f"- search time (after caching): {result.search_seconds:.2f} s"
         + (f"; caching: {result.cache_seconds:.1f} s" if result.cache_seconds is not None else ""),
     ]

@@ -8,9 +8,9 @@ invert the task's target fails when the wrapper is built, views share forward pa
 ``inference_mode=False`` (pass that to backpropagate through TTA).
 
 Given a :class:`~ttakit.policy.Policy`, a wrapper runs everything it holds, exactly as
-:class:`~ttakit.engine.TTAEngine` does: views, weights, temperature and gate, and its merge mode
-unless ``merge_mode`` names another than ttach's default ``"mean"``. A ttach ``Compose`` holds
-no weights, temperature or gate, so ttach code gets ttach's numbers.
+:class:`~ttakit.engine.TTAEngine` does: views, weights, temperature, matrix scaling and gate, and
+its merge mode unless ``merge_mode`` names another than ttach's default ``"mean"``. A ttach
+``Compose`` holds none of these, so ttach code gets ttach's numbers.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class _TTAWrapper(nn.Module):
         activation: str | None = None,
         weights: Sequence[float] | None = None,
         temperature: float | str | None = FROM_POLICY,
+        matrix_scaling: dict | str | None = FROM_POLICY,
         gate_threshold: float | str | None = FROM_POLICY,
         max_batch: int = 256,
         pass_size: int | None = None,
@@ -65,6 +66,7 @@ class _TTAWrapper(nn.Module):
             weights=weights,
             activation=activation,
             temperature=temperature,
+            matrix_scaling=matrix_scaling,
             gate_threshold=gate_threshold,
             max_batch=max_batch,
             pass_size=pass_size,

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..policy import Policy
-from .calibration import apply_temperature
+from .calibration import apply_calibration
 
 if TYPE_CHECKING:
     from .cache import ViewCache
@@ -354,8 +354,8 @@ def evaluate_gated_on_cache(
     """Gated prediction computed from cached per-view logits (no model).
 
     Confident images keep the identity view's softmax; the others get the policy's merge. With
-    ``calibrate`` the policy's temperature is applied to the gated rows' merged output, as a
-    policy's temperature is fitted to its merge.
+    ``calibrate`` the policy's temperature and matrix scaling are applied to the gated rows' merged
+    output, as they are fitted to its merge.
 
     Args:
         cache: a :class:`ttakit.search.ViewCache` holding every view of ``policy``.
@@ -369,7 +369,7 @@ def evaluate_gated_on_cache(
     full_probs = cache.policy_probs(policy)
     gated = plain_probs.max(dim=1).values < threshold
     if calibrate:
-        full_probs = apply_temperature(full_probs, policy.temperature)
+        full_probs = apply_calibration(full_probs, policy)
     probs = torch.where(gated[:, None], full_probs, plain_probs)
     n_gated = int(gated.sum())
     return GatedOutput(

@@ -40,7 +40,9 @@ from .cache import ViewCache
 from .calibration import (
     NLL_CAP,
     PROB_FLOOR,
+    apply_calibration,
     apply_temperature,
+    compare_matrix_scaling,
     fit_beta_cm,
     fit_chunked,
     scores,
@@ -63,8 +65,10 @@ class SearchResult:
     Attributes:
         policy: the searched :class:`Policy`: the selected views in selection order, merge
             ``"mean"`` of probabilities, ``weights`` when learned aggregation won out of sample
-            (``K`` numbers, or ``K`` lists of ``C`` for class-by-view weights; else None), ``temperature`` fitted on validation, ``gate_threshold`` (None without
-            gating), and ``meta`` with the objective, validation scores, pool size and timings.
+            (``K`` numbers, or ``K`` lists of ``C`` for class-by-view weights; else None),
+            ``temperature`` fitted on validation, ``matrix_scaling`` when it won under
+            cross-validation, ``gate_threshold`` (None without gating), and ``meta`` with the
+            objective, validation scores, pool size and timings.
         objective: ``"nll"`` or ``"accuracy"``.
         budget: the most views allowed.
         path: one dict per step: ``step``, ``added``, ``n_views``, ``accuracy``, ``nll``,
@@ -78,6 +82,8 @@ class SearchResult:
         copies_curve: validation scores of the mean of the first k random copies, if any.
         cost: forward passes spent and saved by successive halving (``ttakit.search.halving``),
             or None when every candidate was cached in full.
+        fallback: the identity alone, calibrated as the search would save it (the policy
+            returned when no candidate is at least as good).
     """
 
     policy: Policy
@@ -97,6 +103,7 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
     cache: ViewCache | None = field(default=None, repr=False)
     cost: dict[str, Any] | None = None
+    fallback: Policy | None = field(default=None, repr=False)
 
     def rows(self) -> list[dict[str, Any]]:
         """The report's main table: one row per policy on the validation split."""
@@ -109,6 +116,7 @@ class SearchResult:
             "selected": self.policy.view_names,
             "weights": self.policy.weights,
             "temperature": self.policy.temperature,
+            "matrix_scaling": self.policy.matrix_scaling is not None,
             "gate_threshold": self.policy.gate_threshold,
             "stop_reason": self.stop_reason,
             "n_images": self.n_images,
@@ -237,6 +245,7 @@ def greedy_search(
     random_copies: Sequence[str] | None = None,
     prior: float = 0.01,
     class_weights: bool = True,
+    matrix_scaling: bool = True,
     seed: int = 0,
     name: str = "searched",
 ) -> SearchResult:
@@ -249,7 +258,8 @@ def greedy_search(
     are broken by NLL. A step must gain more than ``min_gain`` (default 1e-4 nats for NLL,
     0 for accuracy, i.e. at least one more correct image) and keep the other metric no worse
     than the identity's; otherwise the search stops. Then, optionally, learned weights
-    (kept only if they win under 2-fold cross-validation) and the gate threshold.
+    (kept only if they win under 2-fold cross-validation), the gate threshold and matrix
+    scaling after the temperature (kept only if it wins under 2-fold cross-validation).
 
     Args:
         cache: per-view logits; must hold the ``identity`` view.
@@ -260,6 +270,10 @@ def greedy_search(
         class_weights: also try class-by-view weights (ClassTTA) under cross-validation; the
             policy stores them (``K`` lists of ``C`` numbers) when they beat both the plain mean
             and the per-view weights out of sample.
+        matrix_scaling: also try matrix scaling after the temperature
+            (:func:`~ttakit.search.calibration.compare_matrix_scaling`), for the policy and for the
+            identity it falls back to; the comparison gains a ``none (matrix-scaled)`` row, the
+            same calibration without TTA, so the views' own share of a lift stays visible.
         gate: tune a gate threshold keeping ``keep`` of the accuracy lift (and of the NLL
             reduction, on the data), on the data and on
             ``gate_confidence`` of bootstrap resamples (:func:`ttakit.gating.tune_gate_threshold`),
@@ -323,6 +337,7 @@ def greedy_search(
             random_copies=random_copies,
             prior=float(prior),
             class_weights=bool(class_weights),
+            matrix_scaling=bool(matrix_scaling),
             seed=seed,
             name=name,
         )
@@ -347,6 +362,7 @@ def _greedy(
     random_copies: Sequence[str] | None,
     prior: float,
     class_weights: bool,
+    matrix_scaling: bool,
     seed: int,
     name: str,
 ) -> SearchResult:
@@ -480,6 +496,29 @@ def _greedy(
         candidates_saved.insert(0, replace(full, gate_threshold=tuning.threshold, temperature=temperature))
     identity = Policy([cache.views[ident]], name=name, temperature=base["temperature"])
 
+    # -- matrix scaling after the temperature, fitted on the rows each candidate calibrates
+    #    (under a gate: the gated rows), kept only where it wins under cross-validation
+    scaling_info: dict[str, dict[str, Any]] = {}
+    identity_scaled = None
+    if matrix_scaling:
+        for k, candidate in enumerate(candidates_saved if len(selected) >= 2 else []):
+            rows = torch.ones_like(y, dtype=torch.bool)
+            if candidate.gate_threshold is not None:
+                rows = probs[ident].max(1).values < candidate.gate_threshold
+            merged_rows = final_probs[rows]
+            info = compare_matrix_scaling(
+                merged_rows, y[rows], candidate.temperature, seed=seed,
+                accuracy_floor=float((merged_rows.argmax(1) == y[rows]).double().mean()),
+            )
+            scaling_info[describe(candidate)] = _scaling_summary(info)
+            if info["used"]:
+                candidates_saved[k] = replace(candidate, matrix_scaling=info["matrix_scaling"])
+        info = compare_matrix_scaling(probs[ident], y, base["temperature"], seed=seed, accuracy_floor=base["accuracy"])
+        scaling_info["identity"] = _scaling_summary(info)
+        if info["used"]:
+            identity = replace(identity, matrix_scaling=info["matrix_scaling"])
+            identity_scaled = _output_scores(cache_output(cache, identity)[0], y)
+
     # -- the policy as saved, gate and temperature included, is never worse than the identity
     policy, saved, notes = never_worse(
         candidates_saved if len(selected) >= 2 else [], identity, base, lambda p: cache_output(cache, p), y
@@ -501,9 +540,16 @@ def _greedy(
         },
         "stop_reason": stop_reason,
     }
+    if scaling_info:
+        policy.meta["matrix_scaling"] = scaling_info.get(
+            "identity" if len(policy) == 1 else describe(policy), {"used": False}
+        )
 
     # -- comparison table (validation)
     comparison = [{"policy": "none", "views": 1.0, **base}]
+    if identity_scaled is not None:  # the same calibration without TTA: what the views add is the rest
+        comparison.append({"policy": "none (matrix-scaled)", "views": 1.0, **identity_scaled, "nll_ts": None,
+                           "temperature": base["temperature"]})
     skipped = []
     for label, baseline in (baselines or {}).items():
         if all(n in cache for n in baseline.view_names):
@@ -544,17 +590,18 @@ def _greedy(
         copies_curve=_copies_curve(cache, random_copies),
         notes=notes,
         cache=cache,
+        fallback=identity,
     )
 
 
 def cache_output(cache: ViewCache, policy: Policy) -> tuple[torch.Tensor, float]:
     """``(N, C)`` probabilities :class:`ttakit.TTAEngine` returns for ``policy`` on the cached
     images, computed from the cache (the merge, the gate: plain softmax for confident rows, and
-    the temperature on the merged rows), and the forward passes per image it costs."""
+    the temperature and matrix scaling on the merged rows), and the forward passes per image it costs."""
     if policy.gate_threshold is not None and len(policy) > 1:
         out = evaluate_gated_on_cache(cache, policy, calibrate=True)
         return out.probs, out.forward_passes_per_image
-    return apply_temperature(cache.policy_probs(policy), policy.temperature), float(len(policy))
+    return apply_calibration(cache.policy_probs(policy), policy), float(len(policy))
 
 
 def _output_scores(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -563,6 +610,11 @@ def _output_scores(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         "accuracy": float((probs.argmax(1) == y).double().mean()),
         "nll": float(-picked.clamp_min(1e-12).log().double().mean()),
     }
+
+
+def _scaling_summary(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What the report shows of :func:`compare_matrix_scaling` (without the matrix itself)."""
+    return {k: info.get(k) for k in ("used", "cv_nll_temperature", "cv_nll_matrix")}
 
 
 def describe(policy: Policy) -> str:
@@ -599,5 +651,6 @@ def never_worse(
             f"on validation, worse than the identity's {base['accuracy']:.4f}, {base['nll_ts']:.4f}: dropped"
         )
     if candidates:
-        notes.append("returning the identity view with a fitted temperature")
+        scaled = " and matrix scaling" if fallback.matrix_scaling is not None else ""
+        notes.append(f"returning the identity view with a fitted temperature{scaled}")
     return fallback, measure(fallback), notes

@@ -1,5 +1,6 @@
 """The orchestration behind ``ttakit search``: pool -> view cache (successive halving) -> greedy
-selection, weights, gate and temperature -> the saved policy checked through the engine.
+selection, weights, gate, temperature and matrix scaling -> the saved policy checked through the
+engine.
 
 :func:`search_policy` takes a model and validation tensors (loading data is the caller's job:
 :func:`ttakit.experiment.search_checkpoint`) and returns a :class:`SearchResult`.
@@ -96,6 +97,7 @@ def search_policy(
     objective: Objective = "nll",
     learn_weights: bool = True,
     class_weights: bool = True,
+    matrix_scaling: bool = True,
     gate: bool = True,
     keep: float = 0.95,
     gate_confidence: float = 0.9,
@@ -128,8 +130,8 @@ def search_policy(
         labels: ``(N,)`` class indices.
         pool: candidate views; the identity is added if missing.
         train_augmentations: a checkpoint's ``meta.train_augmentations``.
-        budget, objective, learn_weights, class_weights, gate, keep, gate_confidence,
-            gate_max_cost: see :func:`~ttakit.search.greedy_search`.
+        budget, objective, learn_weights, class_weights, matrix_scaling, gate, keep,
+            gate_confidence, gate_max_cost: see :func:`~ttakit.search.greedy_search`.
         fixed_size: whether the model only takes its training size (crops are resized back);
             None probes the model with a smaller image.
         halving, first_rung, eta, survivors: successive halving and its schedule
@@ -198,6 +200,7 @@ def search_policy(
         objective,
         learn_weights=learn_weights,
         class_weights=class_weights,
+        matrix_scaling=matrix_scaling,
         gate=gate,
         keep=keep,
         gate_confidence=gate_confidence,
@@ -212,12 +215,11 @@ def search_policy(
     # used the same numbers computed another way; this one is what inference will do).
     checked = time.perf_counter()
     policy = result.policy
-    identity = cache.index("identity")
     base = result.comparison[0]
     check_passes = 0.0
     if len(policy) > 1:
         candidates = [policy] + ([replace(policy, gate_threshold=None)] if policy.gate_threshold is not None else [])
-        fallback = Policy([cache.views[identity]], name=name, temperature=base["temperature"], meta=dict(policy.meta))
+        fallback = replace(result.fallback, meta=dict(policy.meta))
         spent: list[float] = []
 
         def output(p: Policy) -> tuple[torch.Tensor, float]:
