@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from ttakit.cli import main
 from ttakit.errors import InvalidInputError
 from ttakit.experiment import search_checkpoint
+from ttakit.policy import Policy
 
 
 def test_search_checkpoint_refuses_the_test_split(tmp_path) -> None:
@@ -43,3 +46,20 @@ def test_demo_lesson_names_the_views_chosen() -> None:
     assert "21% of caching all 119 candidates" in text and "gated at plain confidence < 0.800" in text
     plain = _searched_lesson("no-aug", {"views": ["identity"], "gate_threshold": None}, {**row, "lift_accuracy": 0.0}, {"nll": 0.27})
     assert "kept the identity view alone" in plain
+    assert "matrix" not in text
+    control = {"accuracy": 0.9050, "lift_accuracy": 0.0039}
+    scaled = _searched_lesson("flip+shift", search, row, {"nll": 0.27}, control)
+    assert "none (matrix-scaled) gives 90.50% (+0.39 points)" in scaled
+    assert "the views' own share is +0.62 points" in scaled
+
+
+def test_the_demo_control_is_the_identity_with_the_searched_calibration() -> None:
+    from ttakit.experiment import _matrix_control
+
+    matrix = {"weight": [[1.0, 0.1], [0.0, 1.0]], "bias": [0.2, 0.0]}
+    searched = Policy.identity()
+    assert _matrix_control(searched) is None
+    searched = replace(searched, matrix_scaling=matrix, meta={"demo_search": {"control": {"temperature": 1.3, "matrix_scaling": matrix}}})
+    control = _matrix_control(searched)
+    assert control.name == "none (matrix-scaled)" and control.view_names == ["identity"]
+    assert (control.temperature, control.matrix_scaling) == (1.3, matrix)

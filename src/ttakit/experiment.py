@@ -629,9 +629,11 @@ def run_demo(
         if test is None:
             test = load_eval_data(meta, "fashion-mnist", "test", data_dir, test_limit)
         searched, search_info = _demo_search(model, meta, model_dir, out / "search" / model_name, quick, data_dir, max_batch, progress)
+        control = _matrix_control(searched)
         if progress:
             print(f"evaluating {model_name} on {len(test)} test images", flush=True)
-        run, evaluations = _evaluate_run(model, meta, test, [*DEMO_POLICIES, searched], max_batch, progress)
+        policies = [*DEMO_POLICIES, *([control] if control is not None else []), searched]
+        run, evaluations = _evaluate_run(model, meta, test, policies, max_batch, progress)
         summary = summarize_runs([run])
         per_model[model_name] = {
             "checkpoint": str(model_dir),
@@ -753,10 +755,15 @@ def _demo_search(
     )
     write_search_report(result, report_dir)
     cost = result.cost or {}
+    fallback = result.fallback
     info = {
         "views": result.policy.view_names,
         "gate_threshold": result.policy.gate_threshold,
         "temperature": result.policy.temperature,
+        "matrix_scaling": result.policy.matrix_scaling is not None,
+        # The identity with the calibration the search fitted for it: the demo's no-TTA control.
+        "control": None if fallback is None or fallback.matrix_scaling is None else
+        {"temperature": fallback.temperature, "matrix_scaling": fallback.matrix_scaling},
         "validation_images": len(val),
         "pool_size": cost.get("pool_size"),
         "forward_passes": cost.get("forward_passes"),
@@ -767,6 +774,19 @@ def _demo_search(
     policy = replace(result.policy, name="searched", meta={**result.policy.meta, "weights_sha256": digest, "quick": quick, "demo_search": info})
     policy.save(path)
     return policy, info
+
+
+MATRIX_CONTROL = "none (matrix-scaled)"
+
+
+def _matrix_control(searched: Policy) -> Policy | None:
+    """The identity with the temperature and matrix scaling the search fitted for it, when the
+    searched policy holds a matrix: what the calibration gives without TTA."""
+    control = (searched.meta.get("demo_search") or {}).get("control")
+    if searched.matrix_scaling is None or not control:
+        return None
+    return replace(Policy.identity(), name=MATRIX_CONTROL, temperature=control["temperature"],
+                   matrix_scaling=control["matrix_scaling"])
 
 
 def _demo_lessons(per_model: dict[str, Any]) -> list[str]:
@@ -780,7 +800,7 @@ def _demo_lessons(per_model: dict[str, Any]) -> list[str]:
             if row is None:
                 continue
             if policy == "searched":
-                lessons.append(_searched_lesson(model_name, info.get("search") or {}, row, rows[BASELINE]))
+                lessons.append(_searched_lesson(model_name, info.get("search") or {}, row, rows[BASELINE], rows.get(MATRIX_CONTROL)))
                 continue
             if row["views"] == 1:
                 lessons.append(
@@ -804,7 +824,9 @@ def _demo_lessons(per_model: dict[str, Any]) -> list[str]:
     return lessons
 
 
-def _searched_lesson(model_name: str, search: dict[str, Any], row: dict[str, Any], plain: dict[str, Any]) -> str:
+def _searched_lesson(
+    model_name: str, search: dict[str, Any], row: dict[str, Any], plain: dict[str, Any], control: dict[str, Any] | None = None
+) -> str:
     views = search.get("views") or []
     extra = [v for v in views if v != "identity"]
     lift = 100 * row.get("lift_accuracy", 0.0)
@@ -821,11 +843,19 @@ def _searched_lesson(model_name: str, search: dict[str, Any], row: dict[str, Any
         if search.get("forward_passes") and search.get("full_caching_passes")
         else ""
     )
+    share = ""
+    if control is not None:
+        share = (
+            f" It calibrates with a temperature and then matrix scaling, which corrects class biases without TTA too: "
+            f"{MATRIX_CONTROL} gives {100 * control['accuracy']:.2f}% "
+            f"({100 * control['lift_accuracy']:+.2f} points), so the views' own share is "
+            f"{100 * (row['accuracy'] - control['accuracy']):+.2f} points."
+        )
     return (
         f"{model_name}: search on {search.get('validation_images', '?')} validation images {chosen}"
         f"{f', gated at plain confidence < {gate:.3f}' if gate is not None else ''}; on test it gives "
         f"{100 * row['accuracy']:.2f}% ({lift:+.2f} points{f', McNemar p={_format_p(p)}' if p is not None else ''}) at "
-        f"{row['passes_per_image']:.2f} passes per image; NLL {plain['nll']:.4f} -> {row['nll']:.4f}.{cost}"
+        f"{row['passes_per_image']:.2f} passes per image; NLL {plain['nll']:.4f} -> {row['nll']:.4f}.{share}{cost}"
     )
 
 

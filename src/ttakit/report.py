@@ -896,7 +896,7 @@ def write_search_report(result: Any, out_dir: str | os.PathLike) -> dict[str, Pa
     key, label = (
         (
             "pair_nll_lift",
-            "NLL reduction of identity + view over identity (nats, temperature-scaled)",
+            "NLL reduction of identity + view over identity\n(nats, after temperature scaling)",
         )
         if result.objective == "nll"
         else ("pair_accuracy_lift", "accuracy lift of identity + view over identity")

@@ -52,6 +52,19 @@ BETA_RANGE = (1e-2, 1e2)  # inverse temperatures searched: T in [0.01, 100]
 MATRIX_L2 = 1e-3  # pull of matrix scaling toward the identity map (per squared entry of W - I)
 
 
+def _check_scores_labels(scores: object, labels: object, name: str, min_classes: int = 1) -> None:
+    """``scores``: a finite, non-empty ``(N, C)`` tensor with ``C >= min_classes``; ``labels``: ``(N,)``."""
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] < min_classes:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        wanted = f" with C >= {min_classes}" if min_classes > 1 else ""
+        raise InvalidInputError(f"Expected argument `{name}` to be a non-empty (N, C) tensor{wanted}, but got {shape}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != scores.shape[:1]:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise InvalidInputError(f"Expected argument `labels` to be a ({scores.shape[0]},) tensor, but got {got}")
+    if not torch.isfinite(scores).all():
+        raise InvalidInputError(f"Expected argument `{name}` to be finite, but it holds NaN/inf")
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature ``T`` minimising the NLL of ``softmax(logits / T)``.
 
@@ -70,14 +83,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         >>> round(fit_temperature(z, y), 1)
         2.0
     """
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] == 0:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise InvalidInputError(f"Expected argument `logits` to be a non-empty (N, C) tensor, but got {shape}")
-    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:1]:
-        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise InvalidInputError(f"Expected argument `labels` to be a ({logits.shape[0]},) tensor, but got {got}")
-    if not torch.isfinite(logits).all():
-        raise InvalidInputError("Expected argument `logits` to be finite, but it holds NaN/inf")
+    _check_scores_labels(logits, labels, "logits")
     with SingleThread():
         beta, _ = fit_beta_cm(*shifted_logits(cm(logits.detach())[None], labels.long()))
     return float(1.0 / beta[0])
@@ -261,14 +267,7 @@ def fit_matrix_scaling(
         >>> bool(after > before)
         True
     """
-    if not isinstance(probs, torch.Tensor) or probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[1] < 2:
-        shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
-        raise InvalidInputError(f"Expected argument `probs` to be a non-empty (N, C) tensor with C >= 2, but got {shape}")
-    if not isinstance(labels, torch.Tensor) or labels.shape != probs.shape[:1]:
-        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise InvalidInputError(f"Expected argument `labels` to be a ({probs.shape[0]},) tensor, but got {got}")
-    if not torch.isfinite(probs).all():
-        raise InvalidInputError("Expected argument `probs` to be finite, but it holds NaN/inf")
+    _check_scores_labels(probs, labels, "probs", min_classes=2)
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0:
         raise InvalidInputError(f"Expected argument `l2` to be a number >= 0, but got {l2!r}")
     with SingleThread():
