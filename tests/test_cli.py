@@ -153,6 +153,40 @@ def test_search_then_evaluate_the_saved_policy(checkpoint, capsys, tmp_path):
     assert searched["lift_accuracy_mean"] >= 0.0
 
 
+def test_search_writes_the_no_tta_control_when_the_policy_holds_a_matrix(checkpoint, capsys, tmp_path, monkeypatch):
+    """When the saved policy holds matrix scaling, search also writes the identity with the same
+    calibration (what the matrix gives without TTA) and the evaluate hint scores it beside."""
+    import torch
+    import torch.nn.functional as F
+
+    from ttakit.policy import Compose, View
+    from ttakit.search import ViewCache, greedy_search
+    from ttakit.transforms import VerticalFlip
+
+    _, _, ckpt = checkpoint
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (1500,), generator=g)
+    logits = 1.5 * F.one_hot(y, 2) + torch.randn(2, 1500, 2, generator=g) + torch.tensor([1.0, 0.0])
+    views = [View.identity(), Compose([VerticalFlip()]).views[1]]
+    result = greedy_search(ViewCache(logits, y, views), budget=2)  # a biased "model": the matrix wins
+    assert result.policy.matrix_scaling is not None and result.fallback.matrix_scaling is not None
+    monkeypatch.setattr("ttakit.search.search_policy", lambda *args, **kwargs: result)
+    policy_path = tmp_path / "policy.json"
+    code = main(["--no-progress", "search", str(ckpt), "--out", str(policy_path), "--report-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    control_path = tmp_path / "policy-no-tta.json"
+    assert code == 0 and "then matrix scaling" in out and f"(no TTA) written to {control_path}" in out
+    assert f"--policy none,{control_path},{policy_path}" in out
+    control = json.loads(control_path.read_text())
+    assert control["name"] == "none (matrix-scaled)" and [v["name"] for v in control["views"]] == ["identity"]
+    assert control["matrix_scaling"] == result.fallback.matrix_scaling and control["format_version"] == 2
+    code = main(["--no-progress", "evaluate", str(ckpt), "--policy", f"none,{control_path},{policy_path}",
+                 "--out", str(tmp_path / "ev")])
+    assert code == 0
+    summary = json.loads((tmp_path / "ev" / "results.json").read_text())["summary"]
+    assert [s["policy"] for s in summary] == ["none", "none (matrix-scaled)", "searched"]
+
+
 def test_search_refuses_the_test_split(checkpoint, capsys):
     _, _, ckpt = checkpoint
     _fails_cleanly(capsys, ["search", str(ckpt), "--split", "test"], "--split test", "val")

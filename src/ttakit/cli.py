@@ -583,11 +583,14 @@ def _run(args: argparse.Namespace) -> int:
         if results.get("cost_line"):
             print(results["cost_line"])
         print(f"\nselected {len(results['views'])} views: {', '.join(results['views'])}")
+        control = results.get("control_policy")
         if results.get("matrix_scaling"):
             print("calibration: temperature, then matrix scaling (it won under cross-validation; it corrects class "
                   "biases without TTA too: compare the 'none (matrix-scaled)' row)")
         print(f"policy written to {results['policy']}; report in {results['reports']['markdown']}")
-        print(f"evaluate it with: ttakit evaluate {args.checkpoint} --policy none,{results['policy']}")
+        if control:
+            print(f"the identity with the same calibration (no TTA) written to {control}")
+        print(f"evaluate it with: ttakit evaluate {args.checkpoint} --policy none,{control + ',' if control else ''}{results['policy']}")
         return 0
     if args.command == "predict":
         return _run_predict(args)

@@ -923,10 +923,16 @@ def search_checkpoint(
     reports = write_search_report(result, Path(report_dir) if report_dir is not None else folder / "search")
     result.policy.name = "searched"
     result.policy.save(policy_path)
+    # The same calibration without TTA, to score beside the policy: what the views add is the rest.
+    control_path = None
+    if result.policy.matrix_scaling is not None and result.fallback is not None and result.fallback.matrix_scaling is not None:
+        control_path = policy_path.with_name(f"{policy_path.stem}-no-tta.json")
+        replace(result.fallback, name=MATRIX_CONTROL, meta={"kind": "search-control", "for": str(policy_path)}).save(control_path)
     table = format_table(result.rows(), title=f"Policies on {len(dataset)} validation images ({split} split)")
     cost = result.cost or {}
     return {
         "policy": str(policy_path),
+        "control_policy": None if control_path is None else str(control_path),
         "views": result.policy.view_names,
         "weights": result.policy.weights,
         "temperature": result.policy.temperature,
