@@ -701,6 +701,45 @@ def test_repeated_calls_of_one_shape_skip_to_the_one_pass_path_with_the_same_res
         engine(torch.full((3, 2, 6, 6), float("nan")))
 
 
+@pytest.mark.parametrize("merge_mode", ["mean", "sum"])
+@pytest.mark.parametrize("weights", [None, [2.0, 1.0, 0.5, 0.25]])
+@pytest.mark.parametrize("activation", [None, "softmax"])
+def test_one_view_per_pass_merges_as_a_running_sum(merge_mode, weights, activation):
+    # With one view per forward pass (ttach's plan) a linear merge is a running sum of the
+    # outputs, on both the full path and the short path of repeated calls; the numbers equal the
+    # views merged by hand, and the model's own output tensor is never handed back or written to.
+    torch.manual_seed(0)
+    model = Recorder(nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 4)).eval())
+    policy = Policy(Compose([T.HorizontalFlip(), T.VerticalFlip()]).views, weights=weights)
+    engine = TTAEngine(model, policy, merge_mode=merge_mode, activation=activation, pass_size=3)
+    x = torch.rand(3, 2, 6, 6)
+    views = manual_views(model, policy, x)
+    if activation == "softmax":
+        views = torch.softmax(views, dim=2)
+    w = torch.tensor(weights or [1.0] * 4)[:, None, None]
+    expected = (views * w).sum(0) / (w.sum() if merge_mode == "mean" else 1)
+    model.batches.clear()
+    for _ in range(3):
+        out = engine(x)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        assert not out.is_inference()
+    assert model.batches == [3] * 12  # one view of 3 images per pass, every call
+    with pytest.raises(ModelOutputError, match="NaN/inf values for view"):
+        engine(torch.full((3, 2, 6, 6), float("nan")))
+
+
+def test_integer_scores_still_merge_one_view_per_pass():
+    def model(x):
+        return (x.flatten(1)[:, :3] * 10).long()
+
+    x = torch.rand(2, 1, 4, 4)
+    views = torch.stack([model(x), model(x.flip(-1))])
+    mean = TTAEngine(model, "hflip", activation=None, pass_size=2)(x)
+    torch.testing.assert_close(mean, views.float().mean(0))
+    summed = TTAEngine(model, "hflip", activation=None, merge_mode="sum", pass_size=2)(x)
+    assert torch.equal(summed, views.sum(0))
+
+
 @pytest.mark.parametrize("merge_mode", ["mean", "max"])
 def test_huge_finite_outputs_are_not_reported_as_nan(merge_mode):
     # Sums of float32 values near their maximum overflow; the check then looks at each value

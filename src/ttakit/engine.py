@@ -647,30 +647,46 @@ class TTAEngine:
         # A linear merge carries any NaN/inf of a view into the merged output: one check there, on
         # B x C numbers, instead of one per forward pass (the culprit is found only on failure).
         check_each_pass = not linear
+        # One view per pass (ttach's plan) merged linearly: a running sum of the outputs, as ttach
+        # does, instead of concatenating them first.
+        as_list = linear and per_pass == 1 and n > 1
         if self.inference_mode and not torch.is_inference_mode_enabled():
             with torch.inference_mode():
-                stack = self._one_pass_stack(images, per_pass, check_each_pass)
+                stack = self._one_pass_stack(images, per_pass, check_each_pass, as_list)
         else:
-            stack = self._one_pass_stack(images, per_pass, check_each_pass)
+            stack = self._one_pass_stack(images, per_pass, check_each_pass, as_list)
         if stack is None:
             return None
+        if isinstance(stack, list):
+            if stack[0].is_floating_point():
+                merged = self._running_sum(stack)
+                if self.check_outputs and not _is_finite(merged):
+                    self._check_finite(torch.cat(stack), range(n), stack[0].shape[0])
+                if self.temperature is not None or self.matrix_scaling is not None:
+                    merged = self._temper(merged)
+                return _as_normal_tensor(merged)
+            stack = torch.stack(stack)  # integer scores: the general merge below
         if linear:
             class_dim = self.class_dim if self.class_dim < 0 else self.class_dim + 1
             x = apply_activation(stack, self._merge_activation, class_dim)
-            if weights is None:
-                if n > 1:
-                    merged = x.mean(dim=0) if mode == "mean" else x.sum(dim=0)
-                else:  # never hand back (a view of) the model's own output tensor
-                    merged = x[0].clone() if x is stack else x[0]
+            if n == 1 and weights is None:  # never hand back (a view of) the model's own output tensor
+                merged = x[0].clone() if x is stack else x[0]
+            elif not x.is_floating_point():  # integer scores: the accumulator's exact arithmetic
+                acc = self._template.fresh()
+                acc.add_stack(x, range(n))
+                merged = acc.result()
             else:
+                # One (1, K) x (K, B*...) product: right after a forward pass it costs about half
+                # a mean or a weighted sum over the views (fewer kernels to bring back into cache).
                 key = (x.device, x.dtype)
                 w = self._mean_weights.get(key)
                 if w is None:
-                    w = torch.tensor(weights, dtype=x.dtype, device=x.device).view(n, *([1] * (x.ndim - 1)))
+                    w = torch.tensor(weights if weights is not None else [1.0] * n, dtype=torch.float64)
+                    if mode == "mean":
+                        w = w / (self._template.total_weight if weights is not None else n)
+                    w = w.to(dtype=x.dtype, device=x.device).view(1, n)
                     self._mean_weights[key] = w
-                merged = (x * w).sum(dim=0)
-                if mode == "mean":
-                    merged = merged / self._template.total_weight
+                merged = torch.mm(w, x.reshape(n, -1)).view(x.shape[1:])
             if self.check_outputs and not _is_finite(merged):
                 self._check_finite(stack.reshape(-1, *stack.shape[2:]), range(n), stack.shape[1])
         else:
@@ -681,9 +697,27 @@ class TTAEngine:
             merged = self._temper(merged)
         return _as_normal_tensor(merged)
 
-    def _one_pass_stack(self, chunk: torch.Tensor, per_pass: int, check: bool = True) -> torch.Tensor | None:
+    def _running_sum(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The linear merge (mean or sum, plain or weighted) of K >= 2 floating outputs ``(B, ...)``
+        as a running sum; never written into a model's own output tensor."""
+        weights, n = self.weights, len(outputs)
+        parts = [apply_activation(o, self._merge_activation, self.class_dim) for o in outputs]
+        if weights is None:
+            total = parts[0] + parts[1]
+            for part in parts[2:]:
+                total += part
+            return total.div_(n) if self.merge_mode == "mean" else total
+        total = parts[0] * weights[0]
+        for part, w in zip(parts[1:], weights[1:], strict=True):
+            total.add_(part, alpha=w)
+        return total.div_(self._template.total_weight) if self.merge_mode == "mean" else total
+
+    def _one_pass_stack(
+        self, chunk: torch.Tensor, per_pass: int, check: bool = True, as_list: bool = False
+    ) -> torch.Tensor | list[torch.Tensor] | None:
         """``(K, B, ...)``: the model's outputs on every view of ``chunk``, ``per_pass`` views
-        stacked per forward pass (each checked for NaN/inf if ``check``)."""
+        stacked per forward pass (each checked for NaN/inf if ``check``); with ``as_list`` and one
+        view per pass, the K outputs ``(B, ...)`` as a list."""
         n, b = len(self._aug_plans), chunk.shape[0]
         size = None
         results = []
@@ -706,6 +740,9 @@ class TTAEngine:
             if check and self.check_outputs:
                 self._check_finite(output, range(first, min(first + per_pass, n)), b)
             results.append(output)
+        if as_list and per_pass == 1:
+            self._check_view_shape(tuple(results[0].shape), 0, [])
+            return results
         result = torch.cat(results) if len(results) > 1 else results[0]
         del results
         stack = result.view(n, b, *result.shape[1:]) if result.is_contiguous() else result.reshape(n, b, *result.shape[1:])
@@ -936,7 +973,10 @@ def _is_finite(x: torch.Tensor) -> bool:
     values overflow the sum: callers then check value by value)."""
     if not x.is_floating_point():
         return True
-    return math.isfinite(float(x.detach().sum() if x.requires_grad else x.sum()))
+    x = x.detach()
+    if x.numel() <= 64 and x.device.type == "cpu":  # a few class scores: summed in Python, no kernel
+        return math.isfinite(sum(x.reshape(-1).tolist()))
+    return math.isfinite(float(x.sum()))
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
