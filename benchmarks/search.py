@@ -308,12 +308,13 @@ def claims(runs: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
         lifts = [100 * (r["test"]["searched"]["accuracy"] - r["test"]["none"]["accuracy"]) for r in aug]
         mean, std = mean_std(lifts)
         out.append((f"flip+shift: searched lifts test accuracy >= +1.0 pt over plain (mean of {len(aug)} seeds)", mean >= 1.0, f"{mean:+.2f} ± {std:.2f} pts"))
-        if all("none (matrix-scaled)" in r["test"] for r in aug):
+        controlled = all("none (matrix-scaled)" in r["test"] for r in aug)
+        if controlled:
             shares = [100 * (r["test"]["searched"]["accuracy"] - r["test"]["none (matrix-scaled)"]["accuracy"]) for r in aug]
             mean, std = mean_std(shares)
             out.append((f"flip+shift: searched above the same calibration without TTA, none (matrix-scaled) (mean of {len(aug)} seeds)",
                         mean > 0, f"{mean:+.2f} ± {std:.2f} pts: the views' own share of the lift"))
-        rivals = ["none", "hflip", "fastai-4"] + (["none (matrix-scaled)"] if all("none (matrix-scaled)" in r["test"] for r in aug) else [])
+        rivals = ["none", "hflip", "fastai-4"] + (["none (matrix-scaled)"] if controlled else [])
         for rival in rivals:
             ours = statistics.fmean(r["test"]["searched"]["nll"] for r in aug)
             theirs = statistics.fmean(r["test"][rival]["nll"] for r in aug)

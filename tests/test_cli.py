@@ -170,7 +170,8 @@ def test_search_writes_the_no_tta_control_when_the_policy_holds_a_matrix(checkpo
     views = [View.identity(), Compose([VerticalFlip()]).views[1]]
     result = greedy_search(ViewCache(logits, y, views), budget=2)  # a biased "model": the matrix wins
     assert result.policy.matrix_scaling is not None and result.fallback.matrix_scaling is not None
-    monkeypatch.setattr("ttakit.search.search_policy", lambda *args, **kwargs: result)
+    calls = []
+    monkeypatch.setattr("ttakit.search.search_policy", lambda *args, **kwargs: calls.append(kwargs) or result)
     policy_path = tmp_path / "policy.json"
     code = main(["--no-progress", "search", str(ckpt), "--out", str(policy_path), "--report-dir", str(tmp_path / "r")])
     out = capsys.readouterr().out
@@ -185,6 +186,10 @@ def test_search_writes_the_no_tta_control_when_the_policy_holds_a_matrix(checkpo
     assert code == 0
     summary = json.loads((tmp_path / "ev" / "results.json").read_text())["summary"]
     assert [s["policy"] for s in summary] == ["none", "none (matrix-scaled)", "searched"]
+    assert calls[0]["matrix_scaling"] is True
+    main(["--no-progress", "search", str(ckpt), "--no-matrix-scaling", "--out", str(tmp_path / "p2.json"),
+          "--report-dir", str(tmp_path / "r2")])
+    assert calls[1]["matrix_scaling"] is False
 
 
 def test_search_refuses_the_test_split(checkpoint, capsys):

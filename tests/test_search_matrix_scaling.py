@@ -111,14 +111,17 @@ def test_search_saves_matrix_scaling_and_the_engine_applies_it_as_scored():
     rows = {r["policy"]: r for r in result.rows()}
     assert "none (matrix-scaled)" in rows and rows["none (matrix-scaled)"]["accuracy"] > rows["none"]["accuracy"]
     assert result.fallback is not None and result.fallback.view_names == ["identity"]
-    assert result.fallback.matrix_scaling is not None
+    assert result.fallback.matrix_scaling is not None and result.fallback.meta["matrix_scaling"]["used"]
     # The engine returns what the search scored (gate, temperature and matrix included).
     scored, passes = cache_output(cache, policy)
     out = TTAEngine(model, policy, activation="softmax").run(images)
     assert torch.allclose(out.merged, scored, atol=1e-5)
     assert out.passes_per_image == pytest.approx(passes)
-    if policy.gate_threshold is None:
-        assert torch.allclose(scored, apply_calibration(cache.policy_probs(policy), policy), atol=1e-6)
+    assert policy.gate_threshold is not None  # the matrix applies to the gated rows only
+    plain = torch.softmax(cache.logits[cache.index("identity")], 1)
+    gated = plain.max(1).values < policy.gate_threshold
+    assert torch.allclose(scored[gated], apply_calibration(cache.policy_probs(policy), policy)[gated], atol=1e-6)
+    assert torch.allclose(scored[~gated], plain[~gated], atol=1e-6)
     back = Policy.from_json(policy.to_json())
     assert torch.allclose(TTAEngine(model, back, activation="softmax").run(images).merged, scored, atol=1e-5)
     assert "matrix scaling" in search_markdown(result)

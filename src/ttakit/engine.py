@@ -657,27 +657,20 @@ class TTAEngine:
             stack = self._one_pass_stack(images, per_pass, check_each_pass, as_list)
         if stack is None:
             return None
+        if isinstance(stack, list) and not stack[0].is_floating_point():
+            stack = torch.stack(stack)  # integer scores: the accumulator's exact arithmetic below
         if isinstance(stack, list):
-            if stack[0].is_floating_point():
-                merged = self._running_sum(stack)
-                if self.check_outputs and not _is_finite(merged):
-                    self._check_finite(torch.cat(stack), range(n), stack[0].shape[0])
-                if self.temperature is not None or self.matrix_scaling is not None:
-                    merged = self._temper(merged)
-                return _as_normal_tensor(merged)
-            stack = torch.stack(stack)  # integer scores: the general merge below
-        if linear:
+            merged = self._running_sum(stack)
+            if self.check_outputs and not _is_finite(merged):
+                self._check_finite(torch.cat(stack), range(n), stack[0].shape[0])
+        elif linear and stack.is_floating_point():
             class_dim = self.class_dim if self.class_dim < 0 else self.class_dim + 1
             x = apply_activation(stack, self._merge_activation, class_dim)
             if n == 1 and weights is None:  # never hand back (a view of) the model's own output tensor
                 merged = x[0].clone() if x is stack else x[0]
-            elif not x.is_floating_point():  # integer scores: the accumulator's exact arithmetic
-                acc = self._template.fresh()
-                acc.add_stack(x, range(n))
-                merged = acc.result()
             else:
-                # One (1, K) x (K, B*...) product: right after a forward pass it costs about half
-                # a mean or a weighted sum over the views (fewer kernels to bring back into cache).
+                # One (1, K) x (K, B*...) product instead of a reduction over the views: one kernel
+                # to bring back into cache right after a forward pass, where every step runs slower.
                 key = (x.device, x.dtype)
                 w = self._mean_weights.get(key)
                 if w is None:
@@ -693,9 +686,7 @@ class TTAEngine:
             acc = self._template.fresh()
             acc.add_stack(stack, range(n))
             merged = acc.result()
-        if self.temperature is not None or self.matrix_scaling is not None:
-            merged = self._temper(merged)
-        return _as_normal_tensor(merged)
+        return _as_normal_tensor(self._scale(merged, None))
 
     def _running_sum(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """The linear merge (mean or sum, plain or weighted) of K >= 2 floating outputs ``(B, ...)``

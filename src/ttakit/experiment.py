@@ -37,6 +37,7 @@ from .report import (
     plot_reliability_diagram,
     write_results,
 )
+from .search.calibration import MATRIX_CONTROL
 from .train import TrainConfig, TrainResult, train_model
 
 __all__ = [
@@ -774,9 +775,6 @@ def _demo_search(
     policy = replace(result.policy, name="searched", meta={**result.policy.meta, "weights_sha256": digest, "quick": quick, "demo_search": info})
     policy.save(path)
     return policy, info
-
-
-MATRIX_CONTROL = "none (matrix-scaled)"
 
 
 def _matrix_control(searched: Policy) -> Policy | None:

@@ -4,7 +4,8 @@
 ``pool``           the candidate views (:func:`default_pool`), Keras random copies, fastai TTA
 ``cache``          the view cache ``(V, N, C)`` and its file format (:class:`ViewCache`)
 ``halving``        successive halving: score on a growing subset, cache only the survivors
-``calibration``    the temperature: fit (:func:`fit_temperature`) and apply, in one place
+``calibration``    the temperature and matrix scaling: fit (:func:`fit_temperature`,
+                   :func:`fit_matrix_scaling`) and apply, in one place
 ``weights``        learned aggregation: per-view and class-by-view weights, cross-validated
 ``greedy``         greedy selection (:func:`greedy_search`) and the never-worse check
 ``gate``           gate tuning (:func:`tune_gate_threshold`) and gated outputs from a cache
@@ -40,6 +41,8 @@ _EXPORTS = {
     "fastai_merge": "pool",
     "fit_temperature": "calibration",
     "apply_temperature": "calibration",
+    "fit_matrix_scaling": "calibration",
+    "compare_matrix_scaling": "calibration",
     "fit_view_weights": "weights",
     "fit_class_view_weights": "weights",
     "GateTuning": "gate",

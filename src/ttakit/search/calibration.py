@@ -49,6 +49,8 @@ __all__ = [
 # search optimises the number the reports show, and a few confident mistakes cannot dominate.
 NLL_CAP = -math.log(1e-12)
 BETA_RANGE = (1e-2, 1e2)  # inverse temperatures searched: T in [0.01, 100]
+# The name of the identity with the same calibration as a policy: the no-TTA control in reports.
+MATRIX_CONTROL = "none (matrix-scaled)"
 MATRIX_L2 = 1e-3  # pull of matrix scaling toward the identity map (per squared entry of W - I)
 
 

@@ -38,6 +38,7 @@ from ..policy import Policy
 from ._util import SCORE_CHUNK, SingleThread, check_count, check_labels, cm, gather_cm
 from .cache import ViewCache
 from .calibration import (
+    MATRIX_CONTROL,
     NLL_CAP,
     PROB_FLOOR,
     apply_calibration,
@@ -515,6 +516,7 @@ def _greedy(
                 candidates_saved[k] = replace(candidate, matrix_scaling=info["matrix_scaling"])
         info = compare_matrix_scaling(probs[ident], y, base["temperature"], seed=seed, accuracy_floor=base["accuracy"])
         scaling_info["identity"] = _scaling_summary(info)
+        identity.meta = {"matrix_scaling": scaling_info["identity"]}  # what the fallback's report says
         if info["used"]:
             identity = replace(identity, matrix_scaling=info["matrix_scaling"])
             identity_scaled = _output_scores(cache_output(cache, identity)[0], y)
@@ -548,7 +550,7 @@ def _greedy(
     # -- comparison table (validation)
     comparison = [{"policy": "none", "views": 1.0, **base}]
     if identity_scaled is not None:  # the same calibration without TTA: what the views add is the rest
-        comparison.append({"policy": "none (matrix-scaled)", "views": 1.0, **identity_scaled, "nll_ts": None,
+        comparison.append({"policy": MATRIX_CONTROL, "views": 1.0, **identity_scaled, "nll_ts": None,
                            "temperature": base["temperature"]})
     skipped = []
     for label, baseline in (baselines or {}).items():

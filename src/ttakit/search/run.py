@@ -219,7 +219,7 @@ def search_policy(
     check_passes = 0.0
     if len(policy) > 1:
         candidates = [policy] + ([replace(policy, gate_threshold=None)] if policy.gate_threshold is not None else [])
-        fallback = replace(result.fallback, meta=dict(policy.meta))
+        fallback = result.fallback
         spent: list[float] = []
 
         def output(p: Policy) -> tuple[torch.Tensor, float]:
@@ -230,8 +230,8 @@ def search_policy(
         final, saved, notes = never_worse(candidates, fallback, base, output, labels)
         check_passes = sum(spent) * n
         result.notes += notes
-        if final is not policy:
-            final.meta = dict(policy.meta)
+        if final is not policy:  # the fallback keeps what it says of its own calibration
+            final.meta = {**policy.meta, **(fallback.meta if final is fallback else {})}
             result.gate = None if final.gate_threshold is None else result.gate
         final.meta.setdefault("validation", {})["saved"] = saved
         final.meta["validation"]["checked_through"] = "TTAEngine"
