@@ -91,36 +91,60 @@ def time_rounds(
     rounds: int,
     device: torch.device,
     warmup: int = 1,
-    shuffle: bool = False,
+    order: str = "rotate",
 ) -> dict[str, list[list[float]]]:
     """Seconds each contender takes for each batch, in each round: ``{name: [round][batch]}``.
 
-    Within a round the contenders take turns batch by batch, in an order rotated at every batch
-    (as :func:`time_side_by_side`), so a slow moment hits all of them alike. Summarise with
-    :func:`least_disturbed`: on a shared machine the fastest of a call's repetitions is the one
-    least disturbed by other jobs. ``shuffle``: a seeded random order at every batch instead, so
-    each contender follows each other one about equally often (a call can run faster right
-    after a call of the same shapes, whose data is still in the CPU caches; a rotation always
-    puts the same contender after the same one).
+    ``order`` says how the contenders take turns within a round:
+
+    - ``"rotate"``: batch by batch, in an order rotated at every batch (as
+      :func:`time_side_by_side`), so a slow moment hits all of them alike.
+    - ``"shuffle"``: batch by batch, in a seeded random order drawn at every batch, so each
+      contender follows each other one about equally often.
+    - ``"after-itself"``: batch by batch, in a seeded random order drawn at every batch, each
+      contender's timed call right after an untimed call of its own (on the previous batch), as a
+      user's repeated calls of one wrapper run. A call runs faster right after a call of the same
+      shapes, whose data is still in the CPU caches (a few per cent for the seed CNN at batch 1,
+      measured in ``benchmarks/engine_profile.py``): in the orders above, a contender whose passes have the
+      shapes of the others' (ttach's batch-1 passes, like plain inference's) follows calls of its
+      own shapes more often than one whose passes have shapes no other contender runs (ttakit's
+      stacked views), and so gains from the order alone. Taking turns batch by batch keeps a slow
+      moment of a shared machine from landing on one contender's calls only.
+
+    Summarise with :func:`least_disturbed`: on a shared machine the fastest of a call's
+    repetitions is the one least disturbed by other jobs.
     """
+    if order not in ("rotate", "shuffle", "after-itself"):
+        raise ValueError(f"order must be 'rotate', 'shuffle' or 'after-itself', got {order!r}")
     names = list(contenders)
     rng = random.Random(0)
     for _ in range(warmup):
         for name in names:
             contenders[name](batches[0])
     times: dict[str, list[list[float]]] = {name: [] for name in names}
+
+    def timed(name: str, batch: torch.Tensor) -> float:
+        sync(device)
+        start = time.perf_counter()
+        contenders[name](batch)
+        sync(device)
+        return time.perf_counter() - start
+
     turn = 0
     for _ in range(rounds):
         spent: dict[str, list[float]] = {name: [] for name in names}
+        previous = batches[-1]
         for batch in batches:
-            order = rng.sample(names, len(names)) if shuffle else names[turn % len(names) :] + names[: turn % len(names)]
+            if order == "rotate":
+                turns = names[turn % len(names) :] + names[: turn % len(names)]
+            else:
+                turns = rng.sample(names, len(names))
+            for name in turns:
+                if order == "after-itself":
+                    contenders[name](previous)
+                spent[name].append(timed(name, batch))
             turn += 1
-            for name in order:
-                sync(device)
-                start = time.perf_counter()
-                contenders[name](batch)
-                sync(device)
-                spent[name].append(time.perf_counter() - start)
+            previous = batch
         for name in names:
             times[name].append(spent[name])
     return times

@@ -5,10 +5,17 @@ size (1, 2, 4, 8, 64, 256) and policy (hflip: 2 views, d4: 8, hflip x 5 shifts: 
 contenders classify the same Fashion-MNIST test images in batches of that size (ttakit's
 ``max_batch`` is 256, so views of a small batch share forward passes; ttach runs one view per
 pass). In each of ``--rounds`` rounds every contender classifies all the images, taking turns
-batch by batch in a seeded random order (so each follows each other one about equally often: a
-call runs faster right after one of the same shapes, whose data is still in the CPU caches); the table shows each contender's least disturbed run: every
-batch's fastest round, summed, since other jobs share this machine's cores. ttakit's target: no
-slower than ttach anywhere (``ttakit/ttach <= 1``).
+batch by batch in a seeded random order, each timed call right after an untimed call of the same
+contender on the previous batch, as a user's repeated calls of one wrapper run. The table shows
+each contender's least disturbed run: every batch's fastest round, summed, since other jobs share
+this machine's cores. ttakit's target: no slower than ttach anywhere (``ttakit/ttach <= 1``).
+
+Why the untimed call: a call runs faster right after a call of the same shapes, whose data is
+still in the CPU caches (``benchmarks/engine_profile.py`` measures it: a few per cent for the
+seed CNN at batch 1). Without it (``--order shuffle``), ttach's passes of one image follow passes
+of the same shapes (plain inference's, the A/A copy's) in about three calls of four, ttakit's
+stacked passes follow their own shapes in one of four: the order alone can favour ttach at
+batch 1, by as much as the margin measured there.
 
 Each policy is timed in rounds of its own (plain, ttakit, ttach, and a second ttach wrapper as an
 A/A control: ``ttach/ttach`` is how far two copies of the same code land apart, the noise floor
@@ -64,6 +71,15 @@ MAX_BATCH = 256
 CPU_PASS = 32  # ttakit.engine's default pass size on CPU
 TUNING_CALLS = 15  # calls ttakit's engine may spend choosing its pass plan for one input shape
 RESULTS = Path(__file__).resolve().parent / "results"
+ORDER_TEXT = {
+    "after-itself": "In a round the contenders take turns batch by batch in a seeded random order, each timed "
+    "call right after an untimed call of the same contender on the previous batch, as a user's repeated calls "
+    "run (without it the order favoured ttach: a call runs faster right after a call of its own shapes, see "
+    "engine-profile.md).",
+    "shuffle": "In a round the contenders take turns batch by batch, in a seeded random order drawn at every "
+    "batch (this order favours ttach at batch 1: a call runs faster right after a call of its own shapes, see "
+    "engine-profile.md).",
+}
 
 
 # --------------------------------------------------------------------------- the same views in ttach
@@ -178,10 +194,10 @@ def make_plain_in_passes(model, size: int):
     return forward
 
 
-def time_configuration(arch, device, images, batch_size, policies, rounds) -> list[dict[str, Any]]:
+def time_configuration(arch, device, images, batch_size, policies, rounds, order="after-itself") -> list[dict[str, Any]]:
     """One model and batch size, one policy at a time: plain, ttakit and ttach (and a second ttach
     wrapper, the A/A control: how far two copies of the same code differ on this machine)
-    interleaved; per-image times of each contender's least disturbed run (each batch's fastest
+    interleaved round by round; per-image times of each contender's least disturbed run (each batch's fastest
     round, summed).
 
     Each policy gets its own rounds, as a user's repeated calls of one policy would run."""
@@ -203,7 +219,7 @@ def time_configuration(arch, device, images, batch_size, policies, rounds) -> li
         for _ in range(TUNING_CALLS):
             ours(batches[0])
         tuned = ours.engine.tuned_pass_sizes.get(tuple(batches[0].shape))
-        times = time_rounds(contenders, batches, rounds, device, shuffle=True)
+        times = time_rounds(contenders, batches, rounds, device, order=order)
         n_images = batch_size * len(batches)
         best = {name: least_disturbed(t) / n_images for name, t in times.items()}
         best.setdefault("plain-pass", best["plain"])
@@ -304,7 +320,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"torch {info['torch']}, {info['torch_threads']} torch thread(s); load average at start "
         f"{info.get('load_average_at_start')}. Other jobs were running on the same cores: timings are the "
         f"least disturbed: each batch's fastest of {args['small_rounds']} (batch < 32) or {args['rounds']} "
-        "(batch >= 32) interleaved rounds (contenders in a seeded random order at every batch), summed over the batches; each policy timed in its own rounds (plain, ttakit, ttach and a second ttach wrapper, the A/A control).",
+        "(batch >= 32) rounds, summed over the batches. "
+        + ORDER_TEXT[args.get("order", "after-itself")]
+        + " Each policy is timed in its own rounds (plain, ttakit, ttach and a second ttach wrapper, the A/A "
+        "control).",
         f"- command: `python benchmarks/engine.py {' '.join(results['argv'])}`".rstrip(),
         f"- images per configuration: {args['small_images']} at batch < 32, {args['images']} at batch >= 32 "
         f"(Fashion-MNIST test set, 1x28x28); ttakit max_batch = {MAX_BATCH}; random weights.",
@@ -373,6 +392,9 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=5,
                         help="interleaved rounds at batch sizes >= 32; the table shows each batch's fastest")
     parser.add_argument("--small-rounds", type=int, default=10, help="interleaved rounds at batch sizes < 32")
+    parser.add_argument("--order", choices=["after-itself", "shuffle"], default="after-itself",
+                        help="after-itself: each timed call right after an untimed call of the same contender "
+                             "(default); shuffle: without it (favours ttach at batch 1, see engine_profile.py)")
     parser.add_argument("--memory-batch", type=int, default=128, help="batch size = max_batch of the 36-view check")
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--policies", default=",".join(POLICIES))
@@ -413,7 +435,7 @@ def main(argv=None) -> dict[str, Any]:
             n = min(args.small_images if batch_size < 32 else args.images, images_all.shape[0])
             n = max(n, batch_size)
             rounds = args.small_rounds if batch_size < 32 else args.rounds
-            rows += time_configuration(arch, device, images_all[:n], batch_size, args.policies, rounds)
+            rows += time_configuration(arch, device, images_all[:n], batch_size, args.policies, rounds, args.order)
             print(f"  timed {arch} at batch size {batch_size} on {n} images, {rounds} rounds "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
     fixed = fixed_cost(args.rounds)
