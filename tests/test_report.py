@@ -310,3 +310,23 @@ def test_plot_candidate_lifts(tmp_path: Path) -> None:
         plot_candidate_lifts(["a", "b"], [0.1], tmp_path / "x.png")
     with pytest.raises(InvalidInputError, match=r"`lifts`.*finite"):
         plot_candidate_lifts(["a"], [float("nan")], tmp_path / "x.png")
+
+
+def test_long_titles_are_wrapped_to_the_figures_width() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ttakit.report import _fit_title
+
+    title = "lr-find: seed-cnn-gap, Fashion-MNIST (recipe: Adam, label smoothing 0.1, batch 128, diverged)"
+    fig = Figure(figsize=(6.4, 4.2), dpi=110, layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    fitted = _fit_title(fig, title)
+    assert fitted.count("\n") >= 1 and fitted.replace("\n", " ") == title  # wrapped, no word lost
+    ax.set_title(fitted)
+    canvas.draw()
+    extent = ax.title.get_window_extent(canvas.get_renderer())
+    assert 0 <= extent.x0 and extent.x1 <= fig.bbox.width  # the whole title is on the figure
+    assert _fit_title(fig, "short title") == "short title"
+    assert _fit_title(fig, "two\nlines") == "two\nlines"

@@ -252,6 +252,8 @@ def plot_lr_find(result: LRFindResult, path: str | os.PathLike, title: str | Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from .report import _fit_title
+
     if not isinstance(result, LRFindResult):
         raise InvalidInputError(f"result must be an LRFindResult, got {type(result).__name__}")
     path = Path(path)
@@ -275,7 +277,8 @@ def plot_lr_find(result: LRFindResult, path: str | os.PathLike, title: str | Non
         ax.plot([rate], [y], marker="o", color=color, markersize=7, label=f"{name}: {rate:.1e}")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
-    ax.set_title(title or f"lr-find: {result.arch} ({result.optimizer}, batch {result.batch_size}, {result.stopped})")
+    default = f"lr-find: {result.arch} ({result.optimizer}, batch {result.batch_size}, {result.stopped})"
+    ax.set_title(_fit_title(fig, title or default))
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="lower left", fontsize=9)
     try:
