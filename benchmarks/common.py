@@ -1,8 +1,10 @@
 """Shared helpers for the benchmarks: devices, data, timing side by side, peak memory in a
 child process, tables and JSON results.
 
-Timing lets the contenders take turns batch by batch, in a rotated order, and summarises with
-medians: on a shared machine a slow moment then hits every contender alike. Peak memory is read
+Timing lets the contenders take turns batch by batch (rotated, shuffled, or shuffled with each
+timed call right after an untimed call of the same contender: :func:`time_rounds`), so on a
+shared machine a slow moment hits every contender alike, and keeps each batch's fastest round
+(:func:`least_disturbed`) or the median (:func:`time_side_by_side`). Peak memory is read
 in a fresh child process per configuration (the resident set's high-water mark on CPU: VmHWM,
 or ``ru_maxrss`` where there is no /proc; ``max_memory_allocated`` on CUDA), with the mark reset
 after setup, so loading the data does not count.

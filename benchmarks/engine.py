@@ -12,10 +12,9 @@ this machine's cores. ttakit's target: no slower than ttach anywhere (``ttakit/t
 
 Why the untimed call: a call runs faster right after a call of the same shapes, whose data is
 still in the CPU caches (``benchmarks/engine_profile.py`` measures it: a few per cent for the
-seed CNN at batch 1). Without it (``--order shuffle``), ttach's passes of one image follow passes
-of the same shapes (plain inference's, the A/A copy's) in about three calls of four, ttakit's
-stacked passes follow their own shapes in one of four: the order alone can favour ttach at
-batch 1, by as much as the margin measured there.
+seed CNN at batch 1). Without it (``--order shuffle``), ttach's passes of one image follow a call
+of one image (plain inference's, the A/A copy's, its own) in 11 calls of 16, ttakit's stacked
+passes follow their own shapes in 1 of 16: the order then favours ttach.
 
 Each policy is timed in rounds of its own (plain, ttakit, ttach, and a second ttach wrapper as an
 A/A control: ``ttach/ttach`` is how far two copies of the same code land apart, the noise floor
@@ -197,7 +196,7 @@ def make_plain_in_passes(model, size: int):
 def time_configuration(arch, device, images, batch_size, policies, rounds, order="after-itself") -> list[dict[str, Any]]:
     """One model and batch size, one policy at a time: plain, ttakit and ttach (and a second ttach
     wrapper, the A/A control: how far two copies of the same code differ on this machine)
-    interleaved round by round; per-image times of each contender's least disturbed run (each batch's fastest
+    taking turns batch by batch; per-image times of each contender's least disturbed run (each batch's fastest
     round, summed).
 
     Each policy gets its own rounds, as a user's repeated calls of one policy would run."""

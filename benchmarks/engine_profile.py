@@ -1,6 +1,6 @@
 """Where the time goes at batch 1: the seed CNN with hflip, the configuration of
-``benchmarks/engine.py`` where ttakit landed above ttach beyond the noise while the contenders
-took turns batch by batch.
+``benchmarks/engine.py`` where ttakit landed 2-3% above ttach in earlier runs, when each timed
+call followed whichever contender ran before it (``--order shuffle``).
 
 Four measurements, in one run:
 
@@ -16,8 +16,9 @@ Four measurements, in one run:
    (almost free): how much each small operation costs right after a CNN's forward pass.
 4. **Each call by the call before it.** Plain inference, ttakit and ttach called in a seeded
    random sequence on random test images; each call's time grouped by which one ran just before:
-   a call right after one of its own shapes runs faster, and with turns taken batch by batch
-   ttach's passes of one image follow such calls more often than ttakit's stacked pass does.
+   whether a call right after one of its own shapes runs faster. In ``--order shuffle`` ttach's
+   passes of one image follow a call of one image (plain inference's, the A/A copy's, its own)
+   in 11 calls of 16, ttakit's stacked pass follows its own shapes in 1 of 16.
 
     python benchmarks/engine_profile.py   # ~2 min; writes benchmarks/results/engine-profile.{md,json}
 """
@@ -98,9 +99,10 @@ def by_predecessor(model, images, calls: int) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         for previous in names:
-            t = sorted(spent.get((name, previous), [math.nan]))
+            t = sorted(spent.get((name, previous), []))
             rows.append({"call": name, "right after": previous, "calls": len(t),
-                         "p10_us": 1e6 * t[len(t) // 10], "median_us": 1e6 * statistics.median(t)})
+                         "p10_us": 1e6 * t[len(t) // 10] if t else math.nan,
+                         "median_us": 1e6 * statistics.median(t) if t else math.nan})
     return rows
 
 

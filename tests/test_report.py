@@ -312,21 +312,47 @@ def test_plot_candidate_lifts(tmp_path: Path) -> None:
         plot_candidate_lifts(["a"], [float("nan")], tmp_path / "x.png")
 
 
-def test_long_titles_are_wrapped_to_the_figures_width() -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+LONG_TITLE = "Accuracy lift over plain inference of every candidate view, searched on validation, flip+shift model seed 0"
+
+
+@pytest.fixture
+def title_extents(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float, float]]:
+    """(left, right, figure width) in pixels of every title and suptitle of each figure saved."""
     from matplotlib.figure import Figure
 
-    from ttakit.report import _fit_title
+    extents: list[tuple[float, float, float]] = []
+    savefig = Figure.savefig
 
-    title = "lr-find: seed-cnn-gap, Fashion-MNIST (recipe: Adam, label smoothing 0.1, batch 128, diverged)"
-    fig = Figure(figsize=(6.4, 4.2), dpi=110, layout="constrained")
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    fitted = _fit_title(fig, title)
-    assert fitted.count("\n") >= 1 and fitted.replace("\n", " ") == title  # wrapped, no word lost
-    ax.set_title(fitted)
-    canvas.draw()
-    extent = ax.title.get_window_extent(canvas.get_renderer())
-    assert 0 <= extent.x0 and extent.x1 <= fig.bbox.width  # the whole title is on the figure
-    assert _fit_title(fig, "short title") == "short title"
-    assert _fit_title(fig, "two\nlines") == "two\nlines"
+    def measuring_savefig(fig, *args, **kwargs):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        texts = [ax.title for ax in fig.axes if ax.get_title()] + [t for t in fig.texts if t.get_text()]
+        for text in texts:
+            box = text.get_window_extent(renderer)
+            extents.append((box.x0, box.x1, fig.bbox.width))
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", measuring_savefig)
+    return extents
+
+
+def test_long_titles_wrap_instead_of_running_off_the_figure(tmp_path: Path, title_extents) -> None:
+    # A long candidate name narrows the axes and pushes them right, under a long title.
+    names = ["transform-with-a-rather-long-name(param=0.1)", "hflip", "shift(1, 0)"]
+    plot_candidate_lifts(names, [0.01, -0.002, 0.004], tmp_path / "lifts.png", title=LONG_TITLE)
+    plot_views_curve([1, 2, 3], {"accuracy": [0.9, 0.91, 0.915]}, tmp_path / "views.png", title=LONG_TITLE)
+    assert len(title_extents) == 2
+    for left, right, width in title_extents:
+        assert 0 <= left and right <= width, (left, right, width)
+
+
+def test_lr_find_plot_title_wraps(tmp_path: Path, title_extents) -> None:
+    from ttakit.lr_find import LRFindResult, plot_lr_find
+
+    lrs = np.logspace(-7, 0, 30).tolist()
+    losses = [2.3 - 1.5 / (1 + math.exp(-2 * (math.log10(lr) + 3))) for lr in lrs]
+    result = LRFindResult(lrs=lrs, losses=losses, smoothed=losses, steepest=1e-3, min10=1e-2,
+                          stopped="end", arch="seed-cnn", optimizer="adam", batch_size=128)
+    plot_lr_find(result, tmp_path / "lr.png", title=LONG_TITLE)
+    (left, right, width), = title_extents
+    assert 0 <= left and right <= width

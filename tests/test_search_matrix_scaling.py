@@ -5,6 +5,8 @@ control row so the views' own share of a lift stays visible."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,3 +145,48 @@ def test_a_cache_of_only_the_identity_still_gets_its_matrix():
     result = greedy_search(cache, budget=3)
     assert result.policy.view_names == ["identity"] and result.policy.matrix_scaling is not None
     assert accuracy(cache_output(cache, result.policy)[0], y) > accuracy(probs, y) + 0.05
+
+
+def _first_per_class(ds, keep: list[int], per_class: int | None):
+    """The first ``per_class`` images of each class in ``keep`` (all for None), relabelled 0..len(keep)-1."""
+    from ttakit.data.core import ImageDataset
+
+    rows = torch.cat([torch.nonzero(ds.labels == c).flatten()[:per_class] for c in keep]).sort().values
+    relabel = torch.full((len(ds.classes),), -1, dtype=torch.long)
+    relabel[torch.tensor(keep)] = torch.arange(len(keep))
+    return ImageDataset(ds.images[rows], relabel[ds.labels[rows]], [ds.classes[c] for c in keep], name="subset")
+
+
+@pytest.mark.slow
+def test_matrix_scaling_is_refused_on_a_few_hundred_validation_rows():
+    """Real data, the case that showed the risk (benchmarks/recipes.py, part 2): a seed CNN trained
+    from scratch on 100 Fashion-MNIST images of each of classes 5-9, searched on 250 validation
+    images. A 5 x 5 matrix fitted on those rows wins 2-fold cross-validation there, yet costs test
+    accuracy; with 20 rows per fitted number required (600 here) the search does not keep it."""
+    from ttakit.data import load_fashion_mnist
+    from ttakit.data.core import train_val_split
+    from ttakit.evaluate import evaluate_policies
+    from ttakit.search import search_policy
+    from ttakit.train import TrainConfig, train_model
+
+    classes = [5, 6, 7, 8, 9]
+    train_all, val_all = train_val_split(load_fashion_mnist("train"), 0.1, seed=0)
+    train = _first_per_class(train_all, classes, 100)
+    val = _first_per_class(val_all, classes, 50)
+    test = _first_per_class(load_fashion_mnist("test"), classes, None)
+    config = TrainConfig(epochs=15, batch_size=32, lr=1e-2, schedule="onecycle", augment=("flip", "shift"), seed=2)
+    model = train_model(train, config, progress=False).model.eval()
+
+    searched = search_policy(model, val.images, val.labels, train_augmentations=("flip", "shift"), budget=4,
+                             progress=False)
+    assert searched.policy.matrix_scaling is None
+    assert "needs 600" in searched.policy.meta["matrix_scaling"]["not_used_because"]
+    plain, tta = evaluate_policies(model, test, [searched.policy], progress=False)[:2]
+    assert tta.metrics["accuracy"] >= plain.metrics["accuracy"] - 0.005
+
+    # What the rule prevents: the same policy with a matrix fitted on the 250 rows anyway.
+    merged_val = cache_output(searched.cache, searched.policy)[0] if searched.cache is not None else None
+    assert merged_val is not None
+    forced = replace(searched.policy, matrix_scaling=fit_matrix_scaling(merged_val, val.labels))
+    forced_tta = evaluate_policies(model, test, [forced], progress=False)[1]
+    assert forced_tta.metrics["accuracy"] < plain.metrics["accuracy"] - 0.005

@@ -385,7 +385,7 @@ def contact_sheet(
         images: ``(N, C, H, W)`` in ``[0, 1]``, indexed by :attr:`Issue.row`.
         rows: the row of each image in the data as given (shown as ``#row``).
     """
-    from .report import _fit_title, _new_figure, _save
+    from .report import _new_figure, _save
 
     entries = _sheet_order(issues)
     mis = [i for i in entries if i.kind == "mislabelled"]
@@ -420,12 +420,9 @@ def contact_sheet(
             loc="left",
         )
     fig.suptitle(
-        _fit_title(
-            fig,
-            title or "Flagged images (red: probably mislabelled, orange: ambiguous); given label → suggested, probability",
-            fontsize=9,
-        ),
+        title or "Flagged images (red: probably mislabelled, orange: ambiguous); given label → suggested, probability",
         fontsize=9,
+        wrap=True,
     )
     return _save(fig, path)
 

@@ -252,8 +252,6 @@ def plot_lr_find(result: LRFindResult, path: str | os.PathLike, title: str | Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .report import _fit_title
-
     if not isinstance(result, LRFindResult):
         raise InvalidInputError(f"result must be an LRFindResult, got {type(result).__name__}")
     path = Path(path)
@@ -278,7 +276,7 @@ def plot_lr_find(result: LRFindResult, path: str | os.PathLike, title: str | Non
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
     default = f"lr-find: {result.arch} ({result.optimizer}, batch {result.batch_size}, {result.stopped})"
-    ax.set_title(_fit_title(fig, title or default))
+    ax.set_title(title or default, wrap=True)  # wrapped at the figure's edges, not clipped
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="lower left", fontsize=9)
     try:
@@ -307,5 +305,6 @@ def run_lr_find(
     full = load_dataset(data, split="train", data_dir=data_dir)
     train = train_val_split(full, val_fraction, seed=SPLIT_SEED)[0] if val_fraction > 0 else full
     result = lr_find(train, arch=arch, config=config, progress=progress, **sweep)
-    written = plot_lr_find(result, plot, title=f"lr-find: {arch} on {data}") if plot is not None else None
+    shown = Path(str(data)).name or str(data)  # a file or folder by its name: a long path would crowd the title
+    written = plot_lr_find(result, plot, title=f"lr-find: {arch} on {shown}") if plot is not None else None
     return {"result": result, "plot": str(written) if written else None, **result.to_json(curve=False)}

@@ -21,7 +21,6 @@ import json
 import math
 import numbers
 import os
-import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -296,14 +295,6 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _fit_title(fig: Figure, text: str, fontsize: float = 12.0) -> str:
-    """``text`` broken into lines as wide as ``fig`` (matplotlib clips a title wider than the
-    figure instead of wrapping it); ``fontsize`` in points, 12 for a default title."""
-    # An average glyph of the default font is a little under 0.6 of the font size wide.
-    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
-    return "\n".join(textwrap.fill(line, chars) if line else line for line in text.split("\n"))
-
-
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
@@ -457,7 +448,7 @@ def plot_policy_metrics(
     last.set_xlabel("policy")
     if grouped:
         axes[0].legend(title="model", fontsize=8, loc="best")
-    fig.suptitle(_fit_title(fig, title))
+    fig.suptitle(title, wrap=True)  # wrapped at the figure's edges, not clipped
     return _save(fig, path)
 
 
@@ -587,7 +578,7 @@ def _plot_lifts(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Pa
         fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(models)), fontsize=8, title="model")
     elif not math.isnan(plain.get("", math.nan)):
         ax_lift.set_title(f"plain inference: {100 * plain['']:.2f}% accuracy", fontsize=9)
-    fig.suptitle(_fit_title(fig, title))
+    fig.suptitle(title, wrap=True)  # wrapped at the figure's edges, not clipped
     return _save(fig, path)
 
 
@@ -656,7 +647,7 @@ def plot_reliability_diagram(
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy")
-    ax.set_title(_fit_title(fig, title))
+    ax.set_title(title, wrap=True)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     hist.set_xlabel("confidence (top-label probability)")
@@ -716,7 +707,7 @@ def plot_views_curve(
     axes[-1].set_xlabel("number of views")
     if len(xs) <= 30 and all(float(x).is_integer() for x in xs):
         axes[-1].set_xticks(sorted(set(xs)))
-    fig.suptitle(_fit_title(fig, title))
+    fig.suptitle(title, wrap=True)  # wrapped at the figure's edges, not clipped
     return _save(fig, path)
 
 
@@ -772,7 +763,7 @@ def plot_candidate_lifts(
     pad = 0.18 * span if span > 0 else 1.0
     ax.set_xlim(min(min(vals), 0) - pad, max(max(vals), 0) + pad)
     ax.set_xlabel(xlabel)
-    ax.set_title(_fit_title(fig, title))
+    ax.set_title(title, wrap=True)
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     return _save(fig, path)
@@ -806,7 +797,8 @@ def _search_scaling_text(policy) -> str:
         scores = (f" (2-fold CV NLL {_search_fmt(cv['cv_nll_matrix'])} vs temperature alone "
                   f"{_search_fmt(cv['cv_nll_temperature'])})")
     if policy.matrix_scaling is None:
-        return f"; matrix scaling not kept{scores}"
+        why = f": {cv['not_used_because']}" if cv.get("not_used_because") else ""
+        return f"; matrix scaling not kept{scores}{why}"
     return (f"; then matrix scaling{scores}: it corrects class biases and would help without TTA too, "
             "see the `none (matrix-scaled)` row")
 

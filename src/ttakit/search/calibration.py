@@ -52,6 +52,11 @@ BETA_RANGE = (1e-2, 1e2)  # inverse temperatures searched: T in [0.01, 100]
 # The name of the identity with the same calibration as a policy: the no-TTA control in reports.
 MATRIX_CONTROL = "none (matrix-scaled)"
 MATRIX_L2 = 1e-3  # pull of matrix scaling toward the identity map (per squared entry of W - I)
+# Validation rows matrix scaling needs per number it fits (C * C + C): with fewer it fits the
+# validation rows' own noise. 250 rows for 5 classes won both halves of a 2-fold split yet cost
+# 1.4-2.2 points of test accuracy (benchmarks/recipes.py, transfer from scratch at 15 epochs);
+# about 3,700 rows for 10 classes held up on test (benchmarks/search.py).
+MATRIX_ROWS_PER_NUMBER = 20
 
 
 def _check_scores_labels(scores: object, labels: object, name: str, min_classes: int = 1) -> None:
@@ -280,19 +285,70 @@ def fit_matrix_scaling(
 def compare_matrix_scaling(
     merged: torch.Tensor, y: torch.Tensor, temperature: float | None, *, seed: int, accuracy_floor: float
 ) -> dict[str, Any]:
-    """Temperature alone vs temperature then matrix scaling, by 2-fold cross-validated NLL.
+    """Temperature alone vs temperature then matrix scaling, by 2-fold cross-validation.
 
     ``merged`` ``(N, C)``: a policy's merged probabilities before calibration, over the rows the
     calibration applies to. In each fold the temperature is refitted on the fitting half and the
-    matrix fitted after it; both are scored on the other half. Matrix scaling is ``used`` only if
-    its cross-validated NLL beats the temperature's by more than 1e-4 and its accuracy on all the
-    rows (fitted there, after ``temperature``) is at least ``accuracy_floor``; ``matrix_scaling``
-    then holds it, ready for :attr:`ttakit.Policy.matrix_scaling`.
+    matrix fitted after it; both are scored on the other half, so every row is scored once by a
+    fit that did not see it. Matrix scaling is ``used`` only if all of these hold:
+
+    - there are at least ``MATRIX_ROWS_PER_NUMBER`` rows per number it fits (C * C + C): on
+      fewer, a matrix can win both halves of a split and still lose on new data;
+    - its held-out NLL beats the temperature's by more than 1e-4, and its held-out accuracy is
+      at least the temperature's;
+    - its accuracy on all the rows (fitted there, after ``temperature``) is at least
+      ``accuracy_floor``.
+
+    ``matrix_scaling`` then holds the matrix fitted on all the rows, ready for
+    :attr:`ttakit.Policy.matrix_scaling`.
     """
     n = int(y.shape[0])
     out: dict[str, Any] = {"cv_nll_temperature": None, "cv_nll_matrix": None, "used": False, "matrix_scaling": None}
     if n < 40:  # too few rows to fit C * C + C numbers and judge them
         return out
+    y = y.long()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    folds = [perm[: n // 2], perm[n // 2 :]]
+    nll = {"temperature": torch.empty(n, dtype=torch.float64), "matrix": torch.empty(n, dtype=torch.float64)}
+    hits = {"temperature": 0, "matrix": 0}
+    with SingleThread():
+        for fit, held in ((folds[0], folds[1]), (folds[1], folds[0])):
+            t = fit_temperature(_log(merged[fit]).float(), y[fit])
+            scaled = _log(apply_temperature(merged, t))
+            weight, bias = _fit_matrix(scaled[fit], y[fit], MATRIX_L2, 100)
+            for name, logits in (("temperature", scaled[held]), ("matrix", scaled[held] @ weight.T + bias)):
+                nll[name][held] = F.cross_entropy(logits, y[held], reduction="none")
+                hits[name] += int((logits.argmax(1) == y[held]).sum())
+        calibrated = apply_temperature(merged, temperature)
+        weight, bias = _fit_matrix(_log(calibrated), y, MATRIX_L2, 100)
+    accuracy = float(((_log(calibrated) @ weight.T + bias).argmax(1) == y).double().mean())
+    gain = nll["temperature"] - nll["matrix"]  # per row, > 0 where the matrix helps
+    c = int(merged.shape[1])
+    needed = MATRIX_ROWS_PER_NUMBER * c * (c + 1)
+    reasons = []
+    if n < needed:
+        reasons.append(f"{n} rows for {c * (c + 1)} numbers (needs {needed})")
+    if not float(gain.mean()) > 1e-4:
+        reasons.append("no better held-out NLL")
+    if hits["matrix"] < hits["temperature"]:
+        reasons.append("lower held-out accuracy")
+    if accuracy < accuracy_floor - 1e-12:
+        reasons.append("lower accuracy than the merged views")
+    used = not reasons
+    out.update(
+        {
+            "cv_nll_temperature": float(nll["temperature"].mean()),
+            "cv_nll_matrix": float(nll["matrix"].mean()),
+            "cv_nll_gain_se": float(gain.std() / math.sqrt(n)),
+            "cv_accuracy_temperature": hits["temperature"] / n,
+            "cv_accuracy_matrix": hits["matrix"] / n,
+            "accuracy_matrix": accuracy,
+            "used": used,
+            "not_used_because": "; ".join(reasons) or None,
+            "matrix_scaling": {"weight": weight.tolist(), "bias": bias.tolist()} if used else None,
+        }
+    )
+    return out
     y = y.long()
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     folds = [perm[: n // 2], perm[n // 2 :]]
@@ -313,7 +369,8 @@ def compare_matrix_scaling(
             "cv_nll_temperature": totals["temperature"],
             "cv_nll_matrix": totals["matrix"],
             "accuracy_matrix": accuracy,
-            "used": bool(used),
+            "used": used,
+            "not_used_because": "; ".join(reasons) or None,
             "matrix_scaling": {"weight": weight.tolist(), "bias": bias.tolist()} if used else None,
         }
     )

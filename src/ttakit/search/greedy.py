@@ -260,7 +260,8 @@ def greedy_search(
     0 for accuracy, i.e. at least one more correct image) and keep the other metric no worse
     than the identity's; otherwise the search stops. Then, optionally, learned weights
     (kept only if they win under 2-fold cross-validation), the gate threshold and matrix
-    scaling after the temperature (kept only if it wins under 2-fold cross-validation).
+    scaling after the temperature (kept only on at least 20 rows per fitted number and if it
+    wins under 2-fold cross-validation).
 
     Args:
         cache: per-view logits; must hold the ``identity`` view.
@@ -616,7 +617,7 @@ def _output_scores(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
 def _scaling_summary(info: Mapping[str, Any]) -> dict[str, Any]:
     """What the report shows of :func:`compare_matrix_scaling` (without the matrix itself)."""
-    return {k: info.get(k) for k in ("used", "cv_nll_temperature", "cv_nll_matrix")}
+    return {k: info.get(k) for k in ("used", "cv_nll_temperature", "cv_nll_matrix", "not_used_because")}
 
 
 def describe(policy: Policy) -> str:
