@@ -54,8 +54,9 @@ MATRIX_CONTROL = "none (matrix-scaled)"
 MATRIX_L2 = 1e-3  # pull of matrix scaling toward the identity map (per squared entry of W - I)
 # Validation rows matrix scaling needs per number it fits (C * C + C): with fewer it fits the
 # validation rows' own noise. 250 rows for 5 classes won both halves of a 2-fold split yet cost
-# 1.4-2.2 points of test accuracy (benchmarks/recipes.py, transfer from scratch at 15 epochs);
-# about 3,700 rows for 10 classes held up on test (benchmarks/search.py).
+# 1.4-2.2 points of test accuracy (benchmarks/recipes.py's transfer from scratch at 15 epochs,
+# kept as test_matrix_scaling_is_refused_on_a_few_hundred_validation_rows); about 3,700 rows for
+# 10 classes held up on test (benchmarks/search.py).
 MATRIX_ROWS_PER_NUMBER = 20
 
 
