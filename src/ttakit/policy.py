@@ -322,7 +322,8 @@ class Policy:
         meta: free-form provenance (how the policy was found, validation scores).
         matrix_scaling: optional ``{"weight": C lists of C numbers, "bias": C numbers}`` applied to the
             merged output after the temperature: ``softmax(W log(p) + b)`` (Guo et al. 2017). Fitted
-            on validation by the search, which keeps it only when it wins under cross-validation;
+            on validation by the search, which keeps it only on enough rows and when it wins under
+            cross-validation (:func:`ttakit.search.compare_matrix_scaling`);
             under a gate it applies, like the temperature, to the gated rows only.
 
     Example:
