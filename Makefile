@@ -11,9 +11,9 @@ PYTEST_ARGS ?=
 TORCH ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 
-.PHONY: setup data demo demo-quick test test-fast bench lint clean
+.PHONY: setup data browser demo demo-quick test test-fast bench lint wheel clean
 
-setup: $(STAMP) data
+setup: $(STAMP) data browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 
 data: $(STAMP)
 	bash scripts/install-data.sh $(PY)
+
+# Headless Chromium for the browser tests of review.html and report.html (apt-get where it exists).
+browser:
+	bash scripts/install-browser.sh
 
 demo: setup
 	$(VENV)/bin/ttakit demo --out runs/demo
@@ -52,5 +56,12 @@ fuzz: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# The wheel and the sdist, into dist/. `python -m build` builds in an isolated environment (it
+# fetches setuptools>=77 from the index); BUILD_ARGS=--no-isolation uses the venv's setuptools.
+BUILD_ARGS ?=
+wheel: $(STAMP)
+	rm -rf dist
+	$(PY) -m build $(BUILD_ARGS) --outdir dist .
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis .ruff_cache

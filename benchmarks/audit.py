@@ -24,6 +24,11 @@ noisy-label model.
     python benchmarks/audit.py --stage fold0 & python benchmarks/audit.py --stage fold1 & wait
     python benchmarks/audit.py
     python benchmarks/audit.py --quick    # 4,000 images, 1 epoch (retraining 2): a smoke run
+    python benchmarks/audit.py --retrain-seeds 1,2 --seed-arms reviewer,oracle   # the reviewer, 3 seeds
+
+The ``reviewer`` arm simulates a person on the review page (``review.html``): the page's suggestion
+accepted for the first N flagged images in its order, N = the label issues the audit expects, applied
+with ``ttakit.audit_apply`` (relabelled, nothing removed).
 
 Results: ``benchmarks/results/audit.md``, ``audit.json`` and ``audit_retrain.png`` (``audit-quick*``
 with --quick). Trained models and probabilities are kept in ``--work`` and reused when re-run.
@@ -104,6 +109,54 @@ def flagged_mask(probs: torch.Tensor, labels: torch.Tensor, method: str, kinds: 
     return mask
 
 
+def simulated_review(probs: torch.Tensor, noisy: ImageDataset, flipped: torch.Tensor, true_labels: torch.Tensor,
+                     work: Path) -> tuple[ImageDataset, dict[str, Any]]:
+    """A reviewer who accepts the review page's suggestion (relabel to the suggested class) for the
+    first N images in the page's order (:func:`ttakit.review_page.review_entries`), N = the number
+    of label issues the audit expects (cleanlab's ``num_label_issues`` on the same probabilities);
+    the decisions go through ``decisions.csv`` and :func:`ttakit.audit_apply.apply_decisions`, as a
+    person's would. Returns the applied data and what the decisions did to the flips."""
+    import csv
+
+    import numpy as np
+    from cleanlab.count import num_label_issues
+
+    from ttakit.audit_apply import apply_decisions
+    from ttakit.data import load_dataset
+    from ttakit.review_page import review_entries
+
+    pred = probs.double().numpy()
+    expected = int(num_label_issues(noisy.labels.numpy(), pred / pred.sum(1, keepdims=True)))
+    entries = review_entries(probs, noisy.labels, methods=("others", "top", "cleanlab"))[:expected]
+    source = work / "noisy.npz"
+    if not source.exists():
+        x = (noisy.images[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        np.savez(source, x=x, y=noisy.labels.numpy(), classes=np.array(noisy.classes))
+    decisions = work / "reviewer-decisions.csv"
+    with open(decisions, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "file", "given", "decision", "new_label"])
+        for e in entries:
+            writer.writerow([e["row"], "", noisy.classes[e["given"]], "relabel", noisy.classes[e["suggested"]]])
+    started = time.perf_counter()
+    apply_decisions(decisions, source, work / "reviewer-applied")
+    applied = load_dataset(work / "reviewer-applied" / "clean.npz")
+    rows = torch.tensor([e["row"] for e in entries], dtype=torch.long)
+    new = torch.tensor([e["suggested"] for e in entries], dtype=torch.long)
+    summary = {
+        "expected_issues": expected, "decisions": len(entries), "flipped": int(flipped.sum()),
+        "flips_reviewed": int(flipped[rows].sum()),
+        "flips_fixed": int((flipped[rows] & (new == true_labels[rows])).sum()),
+        "flips_relabelled_wrongly": int((flipped[rows] & (new != true_labels[rows])).sum()),
+        "clean_labels_broken": int((~flipped[rows]).sum()),
+        "labels_right_after": int((applied.labels == true_labels).sum()),
+        "labels_right_before": int((noisy.labels == true_labels).sum()),
+        "apply_seconds": time.perf_counter() - started,
+    }
+    data = ImageDataset(applied.images, applied.labels, list(applied.classes), "fashion-mnist[reviewer]")
+    return data, summary
+
+
 def train_or_load(path: Path, dataset: ImageDataset, config: TrainConfig, progress: bool):
     if (path / "checkpoint.json").exists():
         return load_checkpoint(path)[0]
@@ -130,7 +183,7 @@ def main() -> None:
                         "thread per process wastes no time waiting for the others)")
     parser.add_argument("--stage", default="all", help="all (default), or foldK (only fold K's model): run folds in "
                         "parallel processes, then all")
-    parser.add_argument("--arms", default="noisy,precise,oracle,best", help="retraining arms, trained in this "
+    parser.add_argument("--arms", default="noisy,reviewer,precise,oracle,best", help="retraining arms, trained in this "
                         "order (default noisy,precise,oracle,best; noisy first: every comparison is against it)")
     parser.add_argument("--schedule", default=None, choices=("constant", "cosine", "onecycle"),
                         help="learning-rate schedule of the cross-validation models (default: Adam's constant rate); "
@@ -246,7 +299,14 @@ def main() -> None:
         ("cleaned: most precise flags", "precise", removal(precise), precise),
         ("cleaned: best method's flags", "best", removal(best), best),
         ("oracle: exactly the flipped images removed", "oracle", flipped.clone(), None),
+        ("reviewer: the page's suggestion accepted for the first N flagged", "reviewer",
+         torch.zeros(n, dtype=torch.bool), None),
     ]
+    # The simulated reviewer relabels instead of removing: its training data is the applied decisions.
+    datasets: dict[str, ImageDataset] = {}
+    if "reviewer" in [a.strip() for a in args.arms.split(",")]:
+        datasets["reviewer"], setup["reviewer"] = simulated_review(probs["TTA"], noisy, flipped, true_labels, work)
+        log(f"simulated reviewer: {setup['reviewer']}")
     order = [a.strip() for a in args.arms.split(",") if a.strip()]
     plan = sorted((arm for arm in plan if arm[1] in order), key=lambda arm: order.index(arm[1]))
     if not plan or plan[0][1] != "noisy":
@@ -258,7 +318,7 @@ def main() -> None:
                         "lr": retrain_config.lr, "augment": list(retrain_config.augment), "seed": args.seed}
     for label, key, remove, row in plan:
         kept_rows = torch.nonzero(~remove).flatten()
-        data = noisy.subset(kept_rows, f"fashion-mnist[{key}]")
+        data = datasets[key] if key in datasets else noisy.subset(kept_rows, f"fashion-mnist[{key}]")
         log(f"retraining '{label}' on {len(data)} images ({int(remove.sum())} removed, "
             f"{int((remove & flipped).sum())} of them flipped), {retrain_epochs} epochs")
         model, history = train_logged(work / f"retrain-e{retrain_epochs}-cosine-{key}", data, retrain_config, test,
@@ -273,6 +333,9 @@ def main() -> None:
                      "curve": [h.get("val_acc") for h in history],
                      "train_seconds": sum(h.get("seconds", 0.0) for h in history),
                      "train_acc_last_epoch": history[-1].get("train_acc") if history else None}
+        if key == "reviewer":  # relabelled, not removed: the flips left are those it did not fix
+            arms[key]["flipped_left"] = setup["reviewer"]["flipped"] - setup["reviewer"]["flips_fixed"]
+            arms[key]["relabelled"] = setup["reviewer"]["decisions"]
         if key != "noisy":
             arms[key]["lift"] = arms[key]["test_accuracy"] - arms["noisy"]["test_accuracy"]
             arms[key]["mcnemar_p"] = mcnemar_test(arms["noisy"]["correct"], correct).p_value
@@ -293,7 +356,7 @@ def main() -> None:
     for s in extra_seeds:
         by_seed[s] = {}
         for key in ["noisy", *seed_arms]:
-            data = noisy.subset(torch.nonzero(~masks[key]).flatten(), f"fashion-mnist[{key}]")
+            data = datasets[key] if key in datasets else noisy.subset(torch.nonzero(~masks[key]).flatten(), f"fashion-mnist[{key}]")
             log(f"seed {s}: retraining '{arms[key]['label']}' on {len(data)} images, {retrain_epochs} epochs")
             model, _ = train_logged(work / f"retrain-e{retrain_epochs}-cosine-{key}-seed{s}", data,
                                     replace(retrain_config, seed=s), test, args.progress)
@@ -482,6 +545,14 @@ def write_report(args, info, setup, rows, best, tta_help, arms, started, cv_seco
                           f"noisy: {100 * arms[key]['lift']:+.2f} points (McNemar p = {arms[key]['mcnemar_p']:.3g}).")
         if "oracle" in arms:
             md.append(f"Oracle: {100 * arms['oracle']['lift']:+.2f} points (p = {arms['oracle']['mcnemar_p']:.3g}).")
+        if "reviewer" in arms and setup.get("reviewer"):
+            r = setup["reviewer"]
+            md.append(f"Simulated reviewer (the review page's suggestion accepted for its first {r['decisions']} images, "
+                      f"the number of label issues cleanlab expects): {r['flips_fixed']} of {r['flipped']} flips "
+                      f"fixed, {r['flips_relabelled_wrongly']} flips given another wrong label, {r['clean_labels_broken']} "
+                      f"right labels changed; retrained {100 * arms['reviewer']['lift']:+.2f} points vs noisy "
+                      f"(p = {arms['reviewer']['mcnemar_p']:.3g}). Time per decision in the page: see "
+                      "tests/test_review_page.py::test_thousand_flagged_images_stay_responsive (1,000 flagged images).")
         seeded = {k: a["seeds"] for k, a in arms.items() if "seeds" in a and k != "noisy"}
         if seeded:
             seeds = setup["retrain_seeds"]

@@ -1,10 +1,13 @@
 """Speed and memory of test-time augmentation: plain inference vs ttakit vs ttach, side by side.
 
 For each model (the seed CNN, ResNet-20; random weights: speed does not depend on them), batch
-size (1, 2, 4, 8, 64, 256) and policy (hflip: 2 views, d4: 8, hflip x 5 shifts: 10), the three
-contenders classify the same Fashion-MNIST test images in batches of that size (ttakit's
-``max_batch`` is 256, so views of a small batch share forward passes; ttach runs one view per
-pass). In each of ``--rounds`` rounds every contender classifies all the images, taking turns
+size (1, 2, 4, 8, 64, 256) and policy (hflip: 2 views, d4: 8, hflip x 5 shifts: 10), the
+contenders classify the same Fashion-MNIST test images in batches of that size: plain inference,
+ttakit with its default (fixed) pass plan, ttakit with ``pass_size="auto"`` (the plan chosen by
+timing its first calls, opt-in) and ttach (ttakit's ``max_batch`` is 256; its default plan on
+CPU stacks the views of a batch into passes of up to 32 images and cuts a larger batch into
+chunks of 32; ttach runs one view of the whole batch per pass). In each of ``--rounds``
+rounds every contender classifies all the images, taking turns
 batch by batch in a seeded random order, each timed call right after an untimed call of the same
 contender on the previous batch, as a user's repeated calls of one wrapper run. The table shows
 each contender's least disturbed run: every batch's fastest round, summed, since other jobs share
@@ -28,8 +31,9 @@ at most ``max_batch`` augmented images at a time, whatever the number of views (
 
 Usage::
 
-    python benchmarks/engine.py          # the full run, writes benchmarks/results/engine.{md,json}
-    python benchmarks/engine.py --quick  # a smoke run (writes nothing unless --out is given)
+    python benchmarks/engine.py          # the full run (about 20-25 min on 2 CPU cores), writes
+                                         # benchmarks/results/engine.{md,json}
+    python benchmarks/engine.py --quick  # a smoke run (about 1 min; writes nothing unless --out is given)
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ POLICIES = ("hflip", "d4", "hflip-shift")
 BATCH_SIZES = (1, 2, 4, 8, 64, 256)
 MAX_BATCH = 256
 CPU_PASS = 32  # ttakit.engine's default pass size on CPU
-TUNING_CALLS = 15  # calls ttakit's engine may spend choosing its pass plan for one input shape
+TUNING_CALLS = 15  # calls pass_size="auto" may spend choosing its pass plan for one input shape
 RESULTS = Path(__file__).resolve().parent / "results"
 ORDER_TEXT = {
     "after-itself": "In a round the contenders take turns batch by batch in a seeded random order, each timed "
@@ -136,13 +140,15 @@ def ttakit_policy(policy: str):
 
 
 def make_forward(method: str, model, policy: str | None, max_batch: int):
-    """``forward(batch)``: one contender's prediction for one batch, without autograd."""
+    """``forward(batch)``: one contender's prediction for one batch, without autograd.
+    ``ttakit``: the default (fixed) pass plan; ``ttakit-auto``: ``pass_size="auto"``."""
     import ttach
 
     import ttakit
 
-    if method == "ttakit":  # runs under inference_mode itself
-        return ttakit.ClassificationTTAWrapper(model, ttakit_policy(policy), max_batch=max_batch)
+    if method in ("ttakit", "ttakit-auto"):  # runs under inference_mode itself
+        pass_size = "auto" if method == "ttakit-auto" else None
+        return ttakit.ClassificationTTAWrapper(model, ttakit_policy(policy), max_batch=max_batch, pass_size=pass_size)
     if method == "ttach":
         model = ttach.ClassificationTTAWrapper(model, ttach_transforms(policy))
     elif method != "plain":
@@ -210,25 +216,29 @@ def time_configuration(arch, device, images, batch_size, policies, rounds, order
             # gain at a large batch comes from (a large pass runs slower per image here).
             contenders["plain-pass"] = make_plain_in_passes(model, CPU_PASS)
         contenders["ttakit"] = ours = make_forward("ttakit", model, policy, MAX_BATCH)
+        contenders["ttakit-auto"] = auto = make_forward("ttakit-auto", model, policy, MAX_BATCH)
         contenders["ttach"] = theirs = make_forward("ttach", model, policy, batch_size)
         contenders["ttach-again"] = make_forward("ttach", model, policy, batch_size)
         agreement = float((ours(batches[0]) - theirs(batches[0])).abs().max())
-        # ttakit measures its pass plans on the first calls of each input shape (5 calls per
+        # pass_size="auto" times its pass plans on the first calls of each input shape (5 calls per
         # candidate, at most 3 candidates): let it settle, as a long-running user's calls would.
         for _ in range(TUNING_CALLS):
-            ours(batches[0])
-        tuned = ours.engine.tuned_pass_sizes.get(tuple(batches[0].shape))
+            auto(batches[0])
+        tuned = auto.engine.tuned_pass_sizes.get(tuple(batches[0].shape))
+        auto_agreement = float((auto(batches[0]) - ours(batches[0])).abs().max())
         times = time_rounds(contenders, batches, rounds, device, order=order)
         n_images = batch_size * len(batches)
         best = {name: least_disturbed(t) / n_images for name, t in times.items()}
         best.setdefault("plain-pass", best["plain"])
         k = len(ttakit_policy(policy))
-        plain, ours_t, theirs_t = best["plain"], best["ttakit"], best["ttach"]
+        plain, ours_t, theirs_t, auto_t = best["plain"], best["ttakit"], best["ttach"], best["ttakit-auto"]
         rows.append({
             "arch": arch, "batch_size": batch_size, "max_batch": MAX_BATCH, "policy": policy, "views": k,
             "images": n_images, "rounds": rounds,
             "plain_us_per_image": plain * 1e6, "plain_pass_us_per_image": best["plain-pass"] * 1e6,
             "ttakit_us_per_image": ours_t * 1e6, "ttach_us_per_image": theirs_t * 1e6,
+            "ttakit_auto_us_per_image": auto_t * 1e6, "ttakit_auto_over_ttach": auto_t / theirs_t,
+            "ttakit_auto_over_ttakit": auto_t / ours_t, "max_abs_diff_auto_vs_default": auto_agreement,
             "ttach_again_us_per_image": best["ttach-again"] * 1e6,
             "ttakit_over_k_plain_pass": ours_t / (k * best["plain-pass"]),
             "ttakit_over_k_plain": ours_t / (k * plain), "ttach_over_k_plain": theirs_t / (k * plain),
@@ -237,7 +247,8 @@ def time_configuration(arch, device, images, batch_size, policies, rounds, order
             "ttakit_fixed_us_per_call": (ours_t - k * plain) * batch_size * 1e6,
             "ttach_fixed_us_per_call": (theirs_t - k * plain) * batch_size * 1e6,
             "max_abs_diff_vs_ttach": agreement,
-            "ttakit_pass_size": tuned,
+            "ttakit_pass_size": min(CPU_PASS, MAX_BATCH) if device.type == "cpu" else MAX_BATCH,
+            "ttakit_auto_pass_size": tuned,
             "round_seconds": {name: [sum(r) for r in t] for name, t in times.items()},
         })
     return rows
@@ -271,6 +282,9 @@ def fixed_cost(rounds: int, calls: int = 400) -> list[dict[str, Any]]:
         for batch_size in (1, 8):
             x = torch.rand(batch_size, 1, 28, 28)
             ours = ttakit.ClassificationTTAWrapper(model, ttakit_policy(policy), max_batch=MAX_BATCH)
+            auto = ttakit.ClassificationTTAWrapper(model, ttakit_policy(policy), max_batch=MAX_BATCH, pass_size="auto")
+            for _ in range(TUNING_CALLS):
+                auto(x)
             theirs = ttach.ClassificationTTAWrapper(model, ttach_transforms(policy))
 
             def plain(x=x):
@@ -281,7 +295,8 @@ def fixed_cost(rounds: int, calls: int = 400) -> list[dict[str, Any]]:
                 with torch.inference_mode():
                     return theirs(x)
 
-            contenders = {"plain": plain, "ttakit": lambda x=x, ours=ours: ours(x), "ttach": ttach_call}
+            contenders = {"plain": plain, "ttakit": lambda x=x, ours=ours: ours(x),
+                          "ttakit-auto": lambda x=x, auto=auto: auto(x), "ttach": ttach_call}
             best = dict.fromkeys(contenders, float("inf"))
             for name in contenders:
                 contenders[name]()
@@ -292,17 +307,19 @@ def fixed_cost(rounds: int, calls: int = 400) -> list[dict[str, Any]]:
                     best[name] = min(best[name], time.perf_counter() - start)
             rows.append({"policy": policy, "views": len(ttakit_policy(policy)), "batch_size": batch_size,
                          **{f"{name}_us_per_call": t * 1e6 for name, t in best.items()},
-                         "ttakit_over_ttach": best["ttakit"] / best["ttach"]})
+                         "ttakit_over_ttach": best["ttakit"] / best["ttach"],
+                         "ttakit_auto_over_ttach": best["ttakit-auto"] / best["ttach"]})
     return rows
 
 
 def timing_table(rows) -> str:
-    headers = ["model", "batch", "policy", "K", "plain", "plain/32", "ttakit", "ttach", "ttakit/ttach",
-               "ttach/ttach (A/A)", "ttakit/(K*plain)", "ttach/(K*plain)", "|diff|"]
+    headers = ["model", "batch", "policy", "K", "plain", "plain/32", "ttakit", "auto", "auto pass", "ttach",
+               "ttakit/ttach", "auto/ttach", "ttach/ttach (A/A)", "ttakit/(K*plain)", "ttach/(K*plain)", "|diff|"]
     body = [
         [r["arch"], r["batch_size"], r["policy"], r["views"], f"{r['plain_us_per_image']:.0f}",
          f"{r['plain_pass_us_per_image']:.0f}",
-         f"{r['ttakit_us_per_image']:.0f}", f"{r['ttach_us_per_image']:.0f}", f"{r['ttakit_over_ttach']:.3f}",
+         f"{r['ttakit_us_per_image']:.0f}", f"{r['ttakit_auto_us_per_image']:.0f}", r.get("ttakit_auto_pass_size"),
+         f"{r['ttach_us_per_image']:.0f}", f"{r['ttakit_over_ttach']:.3f}", f"{r['ttakit_auto_over_ttach']:.3f}",
          f"{r['ttach_again_over_ttach']:.3f}", f"{r['ttakit_over_k_plain']:.3f}", f"{r['ttach_over_k_plain']:.3f}", f"{r['max_abs_diff_vs_ttach']:.0e}"]
         for r in rows
     ]
@@ -329,22 +346,26 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Microseconds per image (least disturbed run). ttakit/ttach <= 1 is the target; "
         "max diff = max abs(ttakit - ttach) on one batch (both merge raw logits). plain and ttach run the whole "
-        "batch in one forward pass per view. On CPU ttakit's engine chooses, per input shape, how many images "
-        f"a forward pass holds by timing its first calls (up to {TUNING_CALLS}, run before the timed rounds) "
-        f"among passes of {CPU_PASS} (views of a small batch stacked, a large batch cut into chunks of {CPU_PASS}), "
-        "the whole batch (one view per pass, ttach's plan) and max_batch; `pass` is its choice. "
+        "batch in one forward pass per view. `ttakit` is the engine's default, fixed plan (`pass`: passes of up "
+        f"to {CPU_PASS} images on CPU, views of a small batch stacked, a large batch cut into chunks of {CPU_PASS}). "
+        "`auto` is `pass_size=\"auto\"` (opt-in): the engine chooses, per input shape, how many images a forward "
+        f"pass holds by timing its first calls (up to {TUNING_CALLS}, run before the timed rounds) among passes of "
+        f"{CPU_PASS}, the whole batch (one view per pass, ttach's plan) and max_batch; `auto pass` is its choice "
+        "(its answers equal the default's to float rounding). "
         f"plain/32 is plain inference in passes of {CPU_PASS} images: at batch 64 and 256 much of ttakit's gain "
         "over ttach is the pass size (a large pass can run slower per image on this machine), not TTA.",
         "",
-        "| model | batch | policy | K | pass | plain | plain/32 | ttakit | ttach | ttakit/ttach | ttach/ttach (A/A) | ttakit/(K·plain/32) | max diff |",
-        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| model | batch | policy | K | pass | plain | plain/32 | ttakit | auto | auto pass | ttach | ttakit/ttach | auto/ttach | ttach/ttach (A/A) | ttakit/(K·plain/32) | max diff |",
+        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results["timing"]:
         lines.append(
             f"| {r['arch']} | {r['batch_size']} | {r['policy']} | {r['views']} | {r.get('ttakit_pass_size')} | "
             f"{r['plain_us_per_image']:.0f} | "
-            f"{r['plain_pass_us_per_image']:.0f} | {r['ttakit_us_per_image']:.0f} | {r['ttach_us_per_image']:.0f} | "
-            f"{r['ttakit_over_ttach']:.3f} | {r['ttach_again_over_ttach']:.3f} | {r['ttakit_over_k_plain_pass']:.3f} | "
+            f"{r['plain_pass_us_per_image']:.0f} | {r['ttakit_us_per_image']:.0f} | "
+            f"{r['ttakit_auto_us_per_image']:.0f} | {r.get('ttakit_auto_pass_size')} | {r['ttach_us_per_image']:.0f} | "
+            f"{r['ttakit_over_ttach']:.3f} | {r['ttakit_auto_over_ttach']:.3f} | {r['ttach_again_over_ttach']:.3f} | "
+            f"{r['ttakit_over_k_plain_pass']:.3f} | "
             f"{r['max_abs_diff_vs_ttach']:.0e} |"
         )
     lines += [
@@ -356,15 +377,22 @@ def markdown(results: dict[str, Any]) -> str:
         + f" (the largest |ttach/ttach - 1| over that batch size's configurations); ttakit is above ttach by more "
         f"than that in {summary['n_above_ttach_beyond_noise']} of {len(results['timing'])} configurations.",
         f"Worst ttakit/(K·plain/32) at batch >= 64: {summary['worst_ttakit_over_k_plain_pass_at_large_batch']:.3f}.",
+        f"What opt-in tuning adds: `pass_size=\"auto\"` took {summary['ttakit_auto_over_ttakit_median']:.3f} of the "
+        f"default plan's time (median; range {summary['ttakit_auto_over_ttakit_range'][0]:.3f}–"
+        f"{summary['ttakit_auto_over_ttakit_range'][1]:.3f}); worst auto/ttach "
+        f"{summary['worst_ttakit_auto_over_ttach']:.3f}; largest |auto - default| "
+        f"{summary['max_abs_diff_auto_vs_default']:.0e}.",
     ]
     if results.get("fixed_cost"):
         lines += ["", "Cost per call around a near-free model (a linear layer on the flattened image), so the "
                   "model costs almost nothing: what a call costs besides the model. Microseconds per call, the "
                   f"minimum over {args['rounds'] * 400} calls, contenders alternating call by call.", "",
-                  "| policy | K | batch | plain | ttakit | ttach | ttakit/ttach |", "|---|--:|--:|--:|--:|--:|--:|"]
+                  "| policy | K | batch | plain | ttakit | auto | ttach | ttakit/ttach | auto/ttach |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in results["fixed_cost"]:
             lines.append(f"| {r['policy']} | {r['views']} | {r['batch_size']} | {r['plain_us_per_call']:.1f} | "
-                         f"{r['ttakit_us_per_call']:.1f} | {r['ttach_us_per_call']:.1f} | {r['ttakit_over_ttach']:.2f} |")
+                         f"{r['ttakit_us_per_call']:.1f} | {r['ttakit-auto_us_per_call']:.1f} | "
+                         f"{r['ttach_us_per_call']:.1f} | {r['ttakit_over_ttach']:.2f} | {r['ttakit_auto_over_ttach']:.2f} |")
     if results.get("memory"):
         lines += ["", f"Peak memory at batch size {MAX_BATCH} (fresh process each; MB over the baseline after setup):",
                   "", "| model | method | policy | peak MB | over baseline MB |", "|---|---|---|--:|--:|"]
@@ -439,10 +467,12 @@ def main(argv=None) -> dict[str, Any]:
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
     fixed = fixed_cost(args.rounds)
     print(f"\nCost per call around a near-free model (a linear layer), minimum over {args.rounds * 400} calls:")
-    print(format_table(["policy", "K", "batch", "plain us", "ttakit us", "ttach us", "ttakit/ttach"],
+    print(format_table(["policy", "K", "batch", "plain us", "ttakit us", "auto us", "ttach us", "ttakit/ttach",
+                        "auto/ttach"],
                        [[r["policy"], r["views"], r["batch_size"], f"{r['plain_us_per_call']:.1f}",
-                         f"{r['ttakit_us_per_call']:.1f}", f"{r['ttach_us_per_call']:.1f}",
-                         f"{r['ttakit_over_ttach']:.2f}"] for r in fixed]))
+                         f"{r['ttakit_us_per_call']:.1f}", f"{r['ttakit-auto_us_per_call']:.1f}",
+                         f"{r['ttach_us_per_call']:.1f}", f"{r['ttakit_over_ttach']:.2f}",
+                         f"{r['ttakit_auto_over_ttach']:.2f}"] for r in fixed]))
     print(f"\nMicroseconds per image: each batch's fastest of {args.small_rounds} (batch < 32) or {args.rounds} "
           "interleaved rounds, summed "
           f"(ttakit max_batch = {MAX_BATCH}); |diff| = max |ttakit - ttach| on one batch.")
@@ -475,8 +505,13 @@ def main(argv=None) -> dict[str, Any]:
     worst = max(rows, key=lambda r: r["ttakit_over_ttach"])
     aa_noise = aa_noise_by_batch(rows)
     ratio = views[1]["over_baseline_mb"] / max(views[0]["over_baseline_mb"], 1e-9) if views else None
+    auto_ratios = sorted(r["ttakit_auto_over_ttakit"] for r in rows)
     summary = {
         "worst_ttakit_over_ttach": worst["ttakit_over_ttach"],
+        "worst_ttakit_auto_over_ttach": max(r["ttakit_auto_over_ttach"] for r in rows),
+        "ttakit_auto_over_ttakit_median": auto_ratios[len(auto_ratios) // 2],
+        "ttakit_auto_over_ttakit_range": [auto_ratios[0], auto_ratios[-1]],
+        "max_abs_diff_auto_vs_default": max(r["max_abs_diff_auto_vs_default"] for r in rows),
         "worst_ttakit_over_ttach_at": f"{worst['arch']}, batch {worst['batch_size']}, {worst['policy']}",
         "n_above_ttach": sum(r["ttakit_over_ttach"] > 1.0 for r in rows),
         "aa_noise_by_batch": aa_noise,

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_test_images, machine_info, make_model, save_results  # noqa: E402
 from ttakit import ClassificationTTAWrapper, get_policy  # noqa: E402
 from ttakit._io import atomic_write_text  # noqa: E402
-from ttakit.engine import _is_finite  # noqa: E402
+from ttakit.engine import _sum_is_finite  # noqa: E402
 from ttakit.report import markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -149,7 +149,6 @@ def engine_steps(model, x: torch.Tensor, calls: int) -> dict[str, float]:
     engine = ClassificationTTAWrapper(model, get_policy("hflip"), max_batch=256).engine
     for _ in range(20):
         engine(x)
-    weights = torch.full((1, 2), 0.5)
     spent: dict[str, list[int]] = {}
 
     def tick(name: str, since: int) -> int:
@@ -161,24 +160,22 @@ def engine_steps(model, x: torch.Tensor, calls: int) -> dict[str, float]:
         t = time.perf_counter_ns()
         with torch.inference_mode():
             t = tick("enter inference mode", t)
-            views = []
-            for plan in engine._aug_plans:
-                image = x
-                for apply, kwargs in plan:
-                    image = apply(image, **kwargs)
-                views.append(image)
+            views = [augment(x) for augment in engine._augment]
             t = tick("augment (flip)", t)
             batch = torch.cat(views)
             t = tick("stack the views (cat)", t)
             output = engine._forward(batch, ())
             t = tick("model", t)
-            stack = output.view(2, 1, *output.shape[1:])
+            _sum_is_finite(output)
+            t = tick("NaN/inf check (the pass)", t)
+            stack = output.reshape(2, 1, *output.shape[1:])
             t = tick("view", t)
+            acc = engine._template.fresh()
+            acc.add_stack(stack, [0, 1])  # the mean, as the engine runs it
+            t = tick("merge (mean)", t)
         t = tick("leave inference mode", t)
-        merged = torch.mm(weights, stack.reshape(2, -1)).view(stack.shape[1:])  # the mean, as the engine runs it
-        t = tick("merge (mean)", t)
-        _is_finite(merged)
-        tick("NaN/inf check (merged output)", t)
+        acc.result()
+        tick("merge's result", t)
     return {name: sorted(v)[len(v) // 10] / 1000 for name, v in spent.items()}
 
 

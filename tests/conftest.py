@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -157,9 +158,11 @@ def _on_ci(environ=os.environ) -> bool:
 
 def data_skip_failure(reason: str, environ=os.environ) -> str | None:
     """The failure message for a skip with ``reason`` under ``CI=true`` when the skip is for a
-    missing Fashion-MNIST, else None (the skip stands)."""
+    missing Fashion-MNIST or a missing headless browser, else None (the skip stands)."""
     if _on_ci(environ) and "fashion" in reason.lower():
         return f"skipped for a missing data set under CI=true (make setup installs it): {reason}"
+    if _on_ci(environ) and "no headless browser" in reason.lower():  # tests/_browser.py
+        return f"skipped for a missing browser under CI=true (make setup installs chromium): {reason}"
     return None
 
 
@@ -176,3 +179,32 @@ def pytest_runtest_makereport(item, call):
     if failure is not None:
         report.outcome = "failed"
         report.longrepr = failure
+
+
+# --------------------------------------------------------------------------- figures
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """``{file name: matplotlib Figure}`` of every figure saved during the test, so a test checks
+    what a plot shows (its bars, lines, titles) rather than that a PNG exists."""
+    from matplotlib.figure import Figure
+
+    figures: dict = {}
+    savefig = Figure.savefig
+
+    def recording_savefig(fig, fname, *args, **kwargs):
+        name = os.path.basename(str(fname))
+        # atomic_write saves to ``.<name>.<12 hex>.tmp`` first: record it under the final name
+        temporary = re.fullmatch(r"\.(.+)\.[0-9a-f]{12}\.tmp", name)
+        figures[temporary.group(1) if temporary else name] = fig
+        return savefig(fig, fname, *args, **kwargs)
+
+    def keep_if_saved(fig, *args, **kwargs):  # the plots clear a figure once saved, to free it
+        if not any(saved is fig for saved in figures.values()):
+            clear(fig, *args, **kwargs)
+
+    clear = Figure.clear
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    monkeypatch.setattr(Figure, "clear", keep_if_saved)
+    return figures

@@ -52,6 +52,9 @@ def paths(tmp_path_factory) -> dict[str, str]:
     (root / "weights-str.json").write_text(json.dumps({**policy, "weights": "1"}))
     (root / "views-str.json").write_text(json.dumps({**policy, "views": "hflip"}))
     ttakit.aliases.multiscale_transform([0.5, 2]).to_policy("multiscale").save(root / "multiscale.json")
+    # a temperature fitted on another checkpoint (as ttakit search records it)
+    Policy([View.identity()], name="searched", temperature=1.5,
+           meta={"weights_sha256": "0" * 64, "checkpoint": "runs/other"}).save(root / "other-model.json")
     for name, text in {
         "malformed": json.dumps({"format": "ttakit-checkpoint", "format_version": 1, "arch": 5}),
         "truncated": '{"format": "ttakit-checkpoint", "format_ver',
@@ -64,7 +67,8 @@ def paths(tmp_path_factory) -> dict[str, str]:
         proc_error = "created"  # not expected on Linux; the row below then fails and says so
     except OSError as err:
         proc_error = err.strerror
-    return {"tmp": str(root), "ckpt": str(ckpt), "data": str(data), "proc_error": proc_error}
+    digest = json.loads((ckpt / "checkpoint.json").read_text())["weights_sha256"][:12]
+    return {"tmp": str(root), "ckpt": str(ckpt), "data": str(data), "proc_error": proc_error, "ckpt_sha": digest}
 
 
 # (id, argv, exact stderr line). Issue 8 section 3 names each of these.
@@ -133,14 +137,13 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     (
         "evaluate --split bogus",
         ["evaluate", "{ckpt}", "--split", "bogus"],
-        "ttakit evaluate: error: argument --split: invalid choice: 'bogus' (choose from 'train', 'val', 'test'); "
+        "ttakit evaluate: error: argument --split: evaluate takes --split test or val or train, got 'bogus'; "
         "see ttakit evaluate --help",
     ),
     (
         "search --split bogus",
         ["search", "{ckpt}", "--split", "bogus"],
-        "ttakit search: error: argument --split: invalid choice: 'bogus' (choose from 'train', 'val', 'test'); "
-        "see ttakit search --help",
+        "ttakit search: error: argument --split: search takes --split val, got 'bogus'; see ttakit search --help",
     ),
     (
         "search --split test",
@@ -184,6 +187,75 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
         "ttakit search: error: argument --budget: expected a positive integer, got 0; see ttakit search --help",
     ),
 ]
+
+# Issue "sound answers": nothing is scored, calibrated or cleaned by something fitted on it.
+SOUND_ANSWER_CASES: list[tuple[str, list[str], str]] = [
+    (
+        "ensemble --split val",
+        ["ensemble", "{ckpt}", "{ckpt}", "--split", "val", "--out", "{tmp}/o"],
+        "ttakit ensemble: error: ensemble --split val: the validation split is where each member's temperature is "
+        "fitted and its searched policy (policy.json) was chosen, so it would be scored on what it was fitted on; "
+        "use --split test (the default)",
+    ),
+    (
+        "ensemble --split train",
+        ["ensemble", "{ckpt}", "{ckpt}", "--split", "train", "--out", "{tmp}/o"],
+        "ttakit ensemble: error: ensemble --split train: the members trained on those images, so their score there "
+        "says nothing about held-out accuracy; use --split test (the default)",
+    ),
+    (
+        "search --split train",
+        ["search", "{ckpt}", "--split", "train", "--out", "{tmp}/o.json"],
+        "ttakit search: error: search --split train: the model trained on those images, so they would choose a "
+        "policy and fit a temperature for images it has memorised; search on 'val' (the held-out validation split)",
+    ),
+    (
+        "evaluate --split val --conformal",
+        ["evaluate", "{ckpt}", "--split", "val", "--conformal", "0.1", "--out", "{tmp}/o"],
+        "ttakit evaluate: error: --conformal 0.1 calibrates on the validation split, so it cannot score sets on it "
+        "too (--split val); score them on the held-out test split (--split test, the default)",
+    ),
+    (
+        "evaluate with a policy fitted on another checkpoint",
+        ["evaluate", "{ckpt}", "--policy", "{tmp}/other-model.json", "--out", "{tmp}/o"],
+        "ttakit evaluate: error: " "policy 'searched' holds temperature fitted on runs/other (weights sha256 000000000000...), but the model is "
+        "{ckpt} (weights sha256 {ckpt_sha}...); search a policy for this model (ttakit search), use a views-only "
+        "policy, or pass --allow-other-model (allow_other_model=True) to use it anyway",
+    ),
+    (
+        "predict with a policy fitted on another checkpoint",
+        ["predict", "{ckpt}", "{tmp}/a-folder", "--policy", "{tmp}/other-model.json", "--out", "{tmp}/p.csv"],
+        "ttakit predict: error: " "policy 'searched' holds temperature fitted on runs/other (weights sha256 000000000000...), but the model is "
+        "{ckpt} (weights sha256 {ckpt_sha}...); search a policy for this model (ttakit search), use a views-only "
+        "policy, or pass --allow-other-model (allow_other_model=True) to use it anyway",
+    ),
+    (
+        "ensemble with a policy fitted on another checkpoint",
+        ["ensemble", "{ckpt}", "{ckpt}:{tmp}/other-model.json", "--out", "{tmp}/o"],
+        "ttakit ensemble: error: " "policy 'searched' holds temperature fitted on runs/other (weights sha256 000000000000...), but the model is "
+        "{ckpt} (weights sha256 {ckpt_sha}...); search a policy for this model (ttakit search), use a views-only "
+        "policy, or pass --allow-other-model (allow_other_model=True) to use it anyway",
+    ),
+    (
+        "audit with a policy fitted on another checkpoint",
+        ["audit", "{ckpt}", "--split", "test", "--policy", "{tmp}/other-model.json", "--out", "{tmp}/o"],
+        "ttakit audit: error: " "policy 'searched' holds temperature fitted on runs/other (weights sha256 000000000000...), but the model is "
+        "{ckpt} (weights sha256 {ckpt_sha}...); search a policy for this model (ttakit search), use a views-only "
+        "policy, or pass --allow-other-model (allow_other_model=True) to use it anyway",
+    ),
+    (
+        "predict --retry-errors without --resume",
+        ["predict", "{ckpt}", "{tmp}/a-folder", "--retry-errors", "--out", "{tmp}/p.csv"],
+        "ttakit predict: error: retry_errors (--retry-errors) retries the files in the errors file of a run being "
+        "resumed; add --resume",
+    ),
+    (
+        "export --opset with a non-ONNX format",
+        ["export", "{ckpt}", "--format", "torchscript", "--opset", "17", "--out", "{tmp}/m.pt"],
+        "ttakit export: error: --opset applies to --format onnx only, got --opset 17 with --format torchscript",
+    ),
+]
+CLI_CASES += SOUND_ANSWER_CASES
 
 
 def _fill(text: str, paths: dict[str, str]) -> str:
@@ -427,7 +499,14 @@ def test_every_issue_8_item_has_a_row():
         "policy_from_augmentations(['rotate'])", "policy_from_augmentations([{'nope': 1}])",
     ]:
         assert item in library, item
-    assert len(CLI_CASES) + len(LIBRARY_CASES) == 44
+    for item in [
+        "ensemble --split val", "ensemble --split train", "search --split train", "evaluate --split val --conformal",
+        "evaluate with a policy fitted on another checkpoint", "predict with a policy fitted on another checkpoint",
+        "ensemble with a policy fitted on another checkpoint", "audit with a policy fitted on another checkpoint",
+        "predict --retry-errors without --resume", "export --opset with a non-ONNX format",
+    ]:
+        assert item in cli, item
+    assert len(CLI_CASES) + len(LIBRARY_CASES) == 44 + len(SOUND_ANSWER_CASES) == 54
 
 
 def test_error_classes_are_the_builtin_ones_users_expect():

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,17 +96,11 @@ def test_not_a_checkpoint(capsys, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST is not installed (make setup installs it)")
-def test_demo_quick_end_to_end(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "ttakit.cli", "--no-progress", "demo", "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "TTA on Fashion-MNIST" in proc.stdout and "d4" in proc.stdout
+def test_demo_quick_end_to_end(tmp_path, capsys, saved_figures):
+    code = main(["--no-progress", "demo", "--quick", "--out", str(tmp_path)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert "TTA on Fashion-MNIST" in printed.out and "d4" in printed.out
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {(m, r["policy"]): r for m, info in results["models"].items() for r in info["run"]["rows"]}
     assert results["n_test_images"] == 2000
@@ -121,6 +112,17 @@ def test_demo_quick_end_to_end(tmp_path):
     assert len(results["lessons"]) >= 4
     for png in ("policy_metrics.png", "reliability.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+    # The lift figure shows one bar per TTA policy and model, each at its lift in points
+    # (clipped to the axis when off scale) and labelled with the lift of results.json.
+    ax_lift = saved_figures["policy_metrics.png"].axes[0]
+    tta_rows = [(model, r) for (model, policy), r in rows.items() if policy != "none"]
+    assert len(ax_lift.patches) == len(tta_rows) == 8
+    limit = max(abs(p.get_width()) for p in ax_lift.patches)
+    for bar, (model, row) in zip(ax_lift.patches, tta_rows, strict=True):
+        lift = 100 * (row["accuracy"] - rows[(model, "none")]["accuracy"])
+        assert bar.get_width() == pytest.approx(max(-limit, min(limit, lift)), abs=1e-6)
+    reliability = saved_figures["reliability.png"].axes[0]
+    assert len(reliability.get_lines()) >= 3  # the diagonal and a curve per policy shown
 
 
 def test_search_then_evaluate_the_saved_policy(checkpoint, capsys, tmp_path):
@@ -153,43 +155,61 @@ def test_search_then_evaluate_the_saved_policy(checkpoint, capsys, tmp_path):
     assert searched["lift_accuracy_mean"] >= 0.0
 
 
-def test_search_writes_the_no_tta_control_when_the_policy_holds_a_matrix(checkpoint, capsys, tmp_path, monkeypatch):
+def _class_biased_checkpoint(root: Path) -> Path:
+    """A real checkpoint whose model favours class 0: trained on 5,000 8x8 images of two
+    overlapping classes, then its last bias shifted by +-1.5. A temperature cannot undo a class
+    bias; matrix scaling can, so a real search keeps it (enough validation rows for 6 numbers)."""
+    import torch
+
+    from ttakit.models import load_checkpoint, save_checkpoint
+
+    rng = np.random.default_rng(0)
+    n, size = 5000, 8
+    labels = np.arange(n) % 2
+    x = rng.uniform(0.0, 1.0, size=(n, size, size)).astype(np.float32)
+    for i, label in enumerate(labels):  # a weak bright half: the classes overlap
+        x[i, :, : size // 2] += rng.uniform(0.0, 0.5) if label == 0 else 0.0
+        x[i, :, size // 2 :] += rng.uniform(0.0, 0.5) if label == 1 else 0.0
+    np.savez(root / "biased.npz", x=x / x.max(), y=labels, classes=np.array(["left", "right"]))
+    ckpt = root / "biased"
+    assert main(["--no-progress", "train", "--data", str(root / "biased.npz"), "--epochs", "1",
+                 "--batch-size", "32", "--out", str(ckpt)]) == 0
+    model, meta = load_checkpoint(ckpt)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias += torch.tensor([1.5, -1.5])
+    save_checkpoint(ckpt, model, meta)
+    return ckpt
+
+
+def test_search_writes_the_no_tta_control_when_the_policy_holds_a_matrix(capsys, tmp_path):
     """When the saved policy holds matrix scaling, search also writes the identity with the same
     calibration (what the matrix gives without TTA) and the evaluate hint scores it beside."""
-    import torch
-    import torch.nn.functional as F
-
-    from ttakit.policy import Compose, View
-    from ttakit.search import ViewCache, greedy_search
-    from ttakit.transforms import VerticalFlip
-
-    _, _, ckpt = checkpoint
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 2, (1500,), generator=g)
-    logits = 1.5 * F.one_hot(y, 2) + torch.randn(2, 1500, 2, generator=g) + torch.tensor([1.0, 0.0])
-    views = [View.identity(), Compose([VerticalFlip()]).views[1]]
-    result = greedy_search(ViewCache(logits, y, views), budget=2)  # a biased "model": the matrix wins
-    assert result.policy.matrix_scaling is not None and result.fallback.matrix_scaling is not None
-    calls = []
-    monkeypatch.setattr("ttakit.search.search_policy", lambda *args, **kwargs: calls.append(kwargs) or result)
+    ckpt = _class_biased_checkpoint(tmp_path)
+    capsys.readouterr()
     policy_path = tmp_path / "policy.json"
-    code = main(["--no-progress", "search", str(ckpt), "--out", str(policy_path), "--report-dir", str(tmp_path / "r")])
+    code = main(["--no-progress", "search", str(ckpt), "--budget", "2", "--out", str(policy_path),
+                 "--report-dir", str(tmp_path / "r")])
     out = capsys.readouterr().out
     control_path = tmp_path / "policy-no-tta.json"
     assert code == 0 and "then matrix scaling" in out and f"(no TTA) written to {control_path}" in out
     assert f"--policy none,{control_path},{policy_path}" in out
-    control = json.loads(control_path.read_text())
+    searched, control = (json.loads(p.read_text()) for p in (policy_path, control_path))
+    assert searched["matrix_scaling"] is not None  # the real search kept the matrix
     assert control["name"] == "none (matrix-scaled)" and [v["name"] for v in control["views"]] == ["identity"]
-    assert control["matrix_scaling"] == result.fallback.matrix_scaling and control["format_version"] == 2
+    assert control["format_version"] == 2 and control["matrix_scaling"]["bias"][0] < 0  # it undoes the bias
     code = main(["--no-progress", "evaluate", str(ckpt), "--policy", f"none,{control_path},{policy_path}",
                  "--out", str(tmp_path / "ev")])
     assert code == 0
     summary = json.loads((tmp_path / "ev" / "results.json").read_text())["summary"]
     assert [s["policy"] for s in summary] == ["none", "none (matrix-scaled)", "searched"]
-    assert calls[0]["matrix_scaling"] is True
-    main(["--no-progress", "search", str(ckpt), "--no-matrix-scaling", "--out", str(tmp_path / "p2.json"),
-          "--report-dir", str(tmp_path / "r2")])
-    assert calls[1]["matrix_scaling"] is False
+    # on the held-out test images the matrix undoes the bias the temperature cannot
+    assert summary[1]["accuracy_mean"] > summary[0]["accuracy_mean"] + 0.05
+    assert main(["--no-progress", "search", str(ckpt), "--budget", "2", "--no-matrix-scaling",
+                 "--out", str(tmp_path / "p2.json"), "--report-dir", str(tmp_path / "r2")]) == 0
+    assert "then matrix scaling" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "p2.json").read_text()).get("matrix_scaling") is None
+    assert not (tmp_path / "p2-no-tta.json").exists()
 
 
 def test_search_refuses_the_test_split(checkpoint, capsys):

@@ -3,6 +3,7 @@ coverage on synthetic and real Fashion-MNIST probabilities, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -226,3 +227,143 @@ def test_format_set_and_calibrate_predictor_needs_a_checkpoint() -> None:
         calibrate_predictor(nn.Linear(2, 2), "none", 0.1)
     with pytest.raises(InvalidInputError, match="alpha"):
         calibrate_predictor(nn.Linear(2, 2), "none", 1.0)
+
+
+# --------------------------------------------------------------------------- sound answers: rows, identity
+
+
+def test_aps_sets_do_not_depend_on_the_batch() -> None:
+    """An image's randomized APS set is drawn from its identity, so the same images give the same
+    sets in batches of 1, of 3 and all at once (and in any order)."""
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(2 * torch.randn(300, 6, generator=g), 1)
+    labels = torch.multinomial(probs, 1, generator=g).squeeze(1)
+    cal = calibrate(probs[:200], labels[:200], 0.2, "aps")
+    test, ids = probs[200:], torch.arange(1000, 1100)
+    whole = cal.predict_sets(test, ids)
+    for size in (1, 3):
+        parts = [cal.predict_sets(test[i : i + size], ids[i : i + size]) for i in range(0, 100, size)]
+        assert torch.equal(torch.cat(parts), whole)
+    order = torch.randperm(100, generator=g)
+    assert torch.equal(cal.predict_sets(test[order], ids[order]), whole[order])
+    # the draw is random across images: some sets differ from the unrandomized ones
+    plain = dataclasses.replace(cal, randomized=False).predict_sets(test, ids)
+    assert not torch.equal(plain, whole)
+    with pytest.raises(InvalidInputError, match="`ids`"):
+        cal.predict_sets(test, ids[:5])
+
+
+def _tiny_checkpoint(root, seed: int = 0, name: str = "ckpt"):
+    from ttakit.cli import main
+
+    from ._fixtures import write_halves_npz
+
+    data = root / "halves.npz"
+    if not data.exists():
+        write_halves_npz(data, n=400)
+    out = root / name
+    assert main(["--no-progress", "train", "--data", str(data), "--epochs", "2", "--batch-size", "32",
+                 "--val-fraction", "0.3", "--seed", str(seed), "--out", str(out)]) == 0
+    return data, out
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A tiny checkpoint (102 validation rows) and a policy searched on it."""
+    from ttakit.cli import main
+
+    root = tmp_path_factory.mktemp("conformal-rows")
+    data, ckpt = _tiny_checkpoint(root)
+    assert main(["--no-progress", "search", str(ckpt), "--budget", "3"]) == 0
+    return root, data, ckpt
+
+
+def _one_line_error(capsys, argv, *fragments) -> str:
+    from ttakit.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_search_leaves_validation_rows_for_conformal_and_evaluate_calibrates_on_them(searched, capsys) -> None:
+    import json
+
+    from ttakit.cli import main
+    from ttakit.experiment import load_eval_data
+    from ttakit.models import load_checkpoint
+
+    root, _, ckpt = searched
+    policy = json.loads((ckpt / "policy.json").read_text())
+    rows = policy["meta"]["validation_rows"]
+    _, meta = load_checkpoint(ckpt)
+    n_val = len(load_eval_data(meta, split="val"))
+    assert rows["split"] == "val" and rows["n"] == n_val
+    held = rows["held_out"]
+    assert 0 < len(held) < n_val and rows["searched"] == n_val - len(held) and len(set(held)) == len(held)
+    assert rows["conformal_holdout"] == 0.2
+    capsys.readouterr()
+    assert main(["--no-progress", "evaluate", str(ckpt), "--policy", f"none,hflip,{ckpt / 'policy.json'}",
+                 "--conformal", "0.2", "--no-plots", "--no-uncertainty", "--out", str(root / "ev")]) == 0
+    assert "rows no policy was fitted on" in capsys.readouterr().out
+    results = json.loads((root / "ev" / "results.json").read_text())
+    assert {r["n_calibration"] for r in results["conformal"]} == {len(held)}
+    # views-only policies, with nothing fitted on validation, calibrate on every validation row
+    assert main(["--no-progress", "evaluate", str(ckpt), "--policy", "none,hflip", "--conformal", "0.2",
+                 "--no-plots", "--no-uncertainty", "--out", str(root / "ev-views")]) == 0
+    results = json.loads((root / "ev-views" / "results.json").read_text())
+    assert {r["n_calibration"] for r in results["conformal"]} == {n_val}
+
+
+def test_conformal_refuses_rows_a_policy_was_fitted_on(searched, tmp_path, capsys) -> None:
+    import json
+
+    from ttakit.cli import main
+
+    _, _, ckpt = searched
+    policy = json.loads((ckpt / "policy.json").read_text())
+    # calibrating and scoring the same validation rows
+    _one_line_error(capsys, ["--no-progress", "evaluate", str(ckpt), "--policy", "none", "--conformal", "0.2",
+                             "--split", "val", "--out", str(tmp_path / "a")], "--split val", "--split test")
+    # a fitted policy that does not record its rows (as files written before this check)
+    del policy["meta"]["validation_rows"]
+    (tmp_path / "old.json").write_text(json.dumps(policy))
+    _one_line_error(capsys, ["--no-progress", "evaluate", str(ckpt), "--policy", f"none,{tmp_path / 'old.json'}",
+                             "--conformal", "0.2", "--out", str(tmp_path / "b")], "does not record", "--conformal-holdout")
+    # a search on every validation row leaves none
+    assert main(["--no-progress", "search", str(ckpt), "--budget", "2", "--conformal-holdout", "0",
+                 "--out", str(tmp_path / "all.json"), "--report-dir", str(tmp_path / "rep")]) == 0
+    _one_line_error(capsys, ["--no-progress", "evaluate", str(ckpt), "--policy", f"none,{tmp_path / 'all.json'}",
+                             "--conformal", "0.2", "--out", str(tmp_path / "c")], "all", "--conformal-holdout")
+    _one_line_error(capsys, ["--no-progress", "search", str(ckpt), "--conformal-holdout", "1.5",
+                             "--out", str(tmp_path / "x.json")], "--conformal-holdout", "1.5")
+
+
+def test_predict_aps_sets_are_the_same_in_any_batch_size(searched, tmp_path) -> None:
+    """`predict --conformal --conformal-method aps`: each image's set is the same with
+    --batch-size 1, 3 and all images in one batch."""
+    import csv
+
+    from PIL import Image
+
+    from ttakit.cli import main
+
+    _, data, ckpt = searched
+    x = np.load(data)["x"][:13]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(x):
+        Image.fromarray((image * 255).round().astype(np.uint8)).save(folder / f"{i:02d}.png")
+    sets = {}
+    for size in (1, 3, 13):
+        out = tmp_path / f"p{size}.csv"
+        assert main(["--no-progress", "predict", str(ckpt), str(folder), "--policy", "hflip", "--conformal", "0.3",
+                     "--conformal-method", "aps", "--batch-size", str(size), "--workers", "0", "--out", str(out)]) == 0
+        with open(out, newline="") as f:
+            sets[size] = {row["path"]: row["set"] for row in csv.DictReader(f)}
+    assert len(sets[1]) == 13 and sets[1] == sets[3] == sets[13]

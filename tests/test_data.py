@@ -897,3 +897,24 @@ def test_fashion_mnist_keeps_its_test_split_and_the_same_validation_split(no_net
     _, old_val = train_val_split(load_fashion_mnist("train", REAL_FASHION_MNIST), 0.1, seed=0)
     assert torch.equal(splits.val.labels, old_val.labels) and torch.equal(splits.val.images, old_val.images)
     assert len(load_split(splits.recipe, "test")) == 10_000
+
+
+def test_npz_and_file_list_with_a_test_split_of_their_own(tmp_path):
+    """The cleaned copies ``audit --write-clean`` writes keep a test split of their own."""
+    x, y = np.arange(6, dtype=np.uint8)[:, None, None] * np.ones((1, 4, 4), np.uint8), np.array([0, 1, 0, 1, 0, 1])
+    np.savez(tmp_path / "own.npz", x=x[:4], y=y[:4], x_test=x[4:], y_test=y[4:])
+    assert has_own_test_split(str(tmp_path / "own.npz"))
+    assert load_dataset(tmp_path / "own.npz", split="test").labels.tolist() == [0, 1]
+    assert len(load_dataset(tmp_path / "own.npz", split="train")) == 4
+    np.savez(tmp_path / "half.npz", x=x, y=y, x_test=x[4:])
+    with pytest.raises(DataError, match="y_test"):
+        load_dataset(tmp_path / "half.npz")
+    lines = []
+    for i in range(4):
+        Image.fromarray(x[i]).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png\t{'ab'[y[i]]}" + ("\ttest" if i >= 2 else ""))
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    assert has_own_test_split(str(tmp_path / "list.txt"))
+    test = load_dataset(tmp_path / "list.txt", split="test")
+    assert [Path(f).name for f in test.files] == ["2.png", "3.png"] and test.classes == ["a", "b"]
+    assert [Path(f).name for f in load_dataset(tmp_path / "list.txt").files] == ["0.png", "1.png"]

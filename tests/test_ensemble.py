@@ -164,14 +164,21 @@ def test_evaluate_ensemble_rows_and_mcnemar() -> None:
     ]
     ens_plain, ens_tta = rows[6], rows[7]
     assert ens_plain["passes_per_image"] == 3 and ens_tta["passes_per_image"] == 6
-    best = max((r for r in rows[:6] if r["mode"] == "tta"), key=lambda r: r["accuracy"])
+    # compared with the best member under ANY policy (plain or hflip), named in "vs"
+    best = max(rows[:6], key=lambda r: r["accuracy"])
     assert ens_tta["lift_accuracy"] == pytest.approx(ens_tta["accuracy"] - best["accuracy"])
+    assert ens_plain["lift_accuracy"] == pytest.approx(ens_plain["accuracy"] - best["accuracy"])
+    assert ens_tta["vs"] == ens_plain["vs"] == f"{best['model']} {best['policy']}"
+    assert result["best_member"]["any"]["accuracy"] == best["accuracy"]
     out = ensemble_predict(models, images, policies=["hflip"] * 3)
     assert ens_tta["accuracy"] == pytest.approx(float((out.labels == labels).double().mean()))
     from ttakit.engine import TTAEngine
 
-    best_correct = TTAEngine(models[best["member"]], "hflip")(images).argmax(1) == labels
+    best_correct = TTAEngine(models[best["member"]], best["policy"])(images).argmax(1) == labels
     assert ens_tta["mcnemar_p"] == pytest.approx(mcnemar_test(best_correct, out.labels == labels).p_value)
+    mixed = evaluate_ensemble(models, images, labels, policies=["vflip", "hflip", "none"], names=["a", "b", "c"])
+    assert mixed["rows"][-1]["policy"] == "vflip+hflip+none"  # member order
+    assert mixed["rows"][-2]["policy"] == "none"
     hard = evaluate_ensemble(models, images, labels, vote="hard")
     assert hard["rows"][-1]["nll"] is None  # vote shares are not probabilities of the label
 
@@ -271,3 +278,156 @@ def test_ensemble_command_end_to_end(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "same classes in the same order" in err
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_ensemble_refuses_rows_its_members_were_fitted_on(tmp_path, capsys, split) -> None:
+    """Issue "sound answers": ``train`` rows trained the members; ``val`` rows fitted their
+    temperatures (and chose their searched policies). Both are refused, before any model loads."""
+    from ttakit.cli import main
+    from ttakit.ensemble import ensemble_checkpoints
+
+    members = [str(tmp_path / "m0"), str(tmp_path / "m1")]  # never loaded: the refusal comes first
+    with pytest.raises(InvalidInputError, match=f"--split {split}") as info:
+        ensemble_checkpoints(members, split=split, out_dir=tmp_path / "out")
+    assert "--split test" in str(info.value)
+    assert main(["--no-progress", "ensemble", *members, "--split", split, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--split {split}" in err
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- calibration rows (issue "sound answers")
+
+
+def _val_set(n: int = 40):
+    from ttakit.data import ImageDataset
+
+    g = torch.Generator().manual_seed(0)
+    return ImageDataset(torch.rand(n, 1, 4, 4, generator=g), torch.arange(n) % 2, ["a", "b"], "val")
+
+
+def test_calibration_rows_keep_temperatures_and_conformal_sets_apart() -> None:
+    """Member temperatures are fitted on rows the conformal calibration never uses: with views-only
+    policies the seeded share ``ttakit search`` keeps unseen; with searched policies the rows
+    they record as unseen. Disjoint, and every row is in one of them."""
+    from ttakit.aliases import get_policy
+    from ttakit.data import dataset_sha256, stratified_indices
+    from ttakit.ensemble import calibration_rows
+    from ttakit.experiment import CONFORMAL_HOLDOUT, HOLDOUT_SEED
+    from ttakit.policy import Policy, View
+
+    val = _val_set()
+    fit, held = calibration_rows(val, [get_policy("none"), get_policy("hflip")])
+    assert not set(fit) & set(held) and sorted(fit + held) == list(range(len(val)))
+    assert held == stratified_indices(val.labels, CONFORMAL_HOLDOUT, HOLDOUT_SEED)[1].tolist()
+    record = {"split": "val", "n": len(val), "sha256": dataset_sha256(val), "held_out": [1, 2, 5, 8, 13, 21]}
+    searched = Policy([View.identity()], name="searched", temperature=1.2, meta={"validation_rows": record})
+    fit, held = calibration_rows(val, [searched, get_policy("none")], strict=True)
+    assert held == record["held_out"] and fit == [r for r in range(len(val)) if r not in held]
+    # a fitted policy that does not say which rows it saw: refused for conformal sets, passed over otherwise
+    unrecorded = Policy([View.identity()], name="old", temperature=1.2)
+    with pytest.raises(InvalidInputError, match="'old'"):
+        calibration_rows(val, [unrecorded], strict=True)
+    fit, held = calibration_rows(val, [unrecorded])
+    assert not set(fit) & set(held) and held == stratified_indices(val.labels, CONFORMAL_HOLDOUT, HOLDOUT_SEED)[1].tolist()
+
+
+@pytest.fixture(scope="module")
+def halves_members(tmp_path_factory):
+    """Two tiny checkpoints trained on the same .npz (so they share their validation split)."""
+    from tests._fixtures import write_halves_npz
+    from ttakit.experiment import train_run
+    from ttakit.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("halves-ensemble")
+    data = write_halves_npz(root / "h.npz", n=120)
+    for seed in (0, 1):
+        train_run(str(data), out_dir=root / f"m{seed}", config=TrainConfig(epochs=1, batch_size=32, seed=seed),
+                  val_fraction=0.4, progress=False)
+    return root
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_predict_ensemble_fits_temperatures_on_rows_its_conformal_sets_never_see(halves_members, monkeypatch) -> None:
+    """The ensemble path of ``predict``: each member's temperature is fitted on the temperature rows
+    of :func:`calibration_rows`, the conformal sets calibrate on the other rows only."""
+    from ttakit import conformal
+    from ttakit import ensemble as E
+    from ttakit.aliases import get_policy
+    from ttakit.experiment import load_eval_data
+    from ttakit.models import load_checkpoint
+    from ttakit.predict import _ensemble_runner
+
+    members = [str(halves_members / "m0"), str(halves_members / "m1")]
+    val = load_eval_data(load_checkpoint(members[0])[1], None, "val")
+    fit, held = E.calibration_rows(val, [get_policy("none"), get_policy("hflip")])
+    assert fit and held and not set(fit) & set(held)
+    seen: dict[str, list] = {"temperature": [], "conformal": []}
+    fit_temperature, calibrate = E._fit_temperature, conformal.calibrate
+
+    def spy_temperature(probs, labels):
+        seen["temperature"].append(labels.clone())
+        return fit_temperature(probs, labels)
+
+    def spy_calibrate(probs, labels, *args, **kwargs):
+        seen["conformal"].append(labels.clone())
+        return calibrate(probs, labels, *args, **kwargs)
+
+    monkeypatch.setattr(E, "_fit_temperature", spy_temperature)
+    monkeypatch.setattr(conformal, "calibrate", spy_calibrate)
+    runner = _ensemble_runner(members, ["none", "hflip"], model_options={}, device=None, amp=False, max_batch=64,
+                              conformal=0.5, conformal_method="lac", vote="soft", weights=None, tie_break="mean",
+                              seed=0, calibrate=True, progress=False)
+    assert len(seen["temperature"]) == 2 and len(seen["conformal"]) == 1
+    for labels in seen["temperature"]:
+        assert torch.equal(labels, val.labels[fit])
+    assert torch.equal(seen["conformal"][0], val.labels[held])
+    assert f"{len(fit)} of its {len(val)} images; conformal sets calibrated on the other {len(held)}" in \
+        runner.extra["calibration"]
+    # without --conformal the members get the very same temperatures
+    plain = _ensemble_runner(members, ["none", "hflip"], model_options={}, device=None, amp=False, max_batch=64,
+                             conformal=None, conformal_method="lac", vote="soft", weights=None, tie_break="mean",
+                             seed=0, calibrate=True, progress=False)
+    assert [m["temperature"] for m in plain.extra["members"]] == [m["temperature"] for m in runner.extra["members"]]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_ensemble_on_other_data_calibrates_on_the_members_own_validation_split(halves_members, tmp_path,
+                                                                                 capsys) -> None:
+    """``ensemble --data OTHER``: other data has no validation split the members held out, so
+    they are temperature-scaled on their own (it used to fail on loading OTHER's "val"); when
+    their own data is gone, one line naming --no-calibrate."""
+    import json
+    import shutil
+
+    from tests._fixtures import write_halves_npz
+    from ttakit.cli import main
+
+    other = write_halves_npz(tmp_path / "other.npz", n=40, seed=5)
+    members = [str(halves_members / "m0"), str(halves_members / "m1")]
+    out = tmp_path / "ens"
+    code = main(["--no-progress", "ensemble", *members, "--data", str(other), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads((out / "results.json").read_text())
+    assert result["calibrated"] and "temperature-scaled on the validation split" in result["calibration"]
+    assert result["n_images"] == 40
+    # the members' own data moved away: a clear line, not a traceback
+    copies = tmp_path / "copies"
+    for m in members:
+        shutil.copytree(m, copies / m.rsplit("/", 1)[-1])
+    meta_path = copies / "m0" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta["extra"]["data"]["spec"] = str(tmp_path / "gone.npz")
+    meta_path.write_text(json.dumps(meta))
+    meta_path = copies / "m1" / "checkpoint.json"
+    meta1 = json.loads(meta_path.read_text())
+    meta1["extra"]["data"]["spec"] = str(tmp_path / "gone.npz")
+    meta_path.write_text(json.dumps(meta1))
+    code = main(["--no-progress", "ensemble", str(copies / "m0"), str(copies / "m1"), "--data", str(other),
+                 "--out", str(tmp_path / "ens2")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--no-calibrate" in err and "own validation split" in err
+    assert main(["--no-progress", "ensemble", str(copies / "m0"), str(copies / "m1"), "--data", str(other),
+                 "--no-calibrate", "--out", str(tmp_path / "ens3")]) == 0

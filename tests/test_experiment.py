@@ -346,3 +346,52 @@ def test_summarize_runs_mean_and_std():
     assert none["accuracy_mean"] == pytest.approx(0.91) and none["accuracy_std"] == pytest.approx(0.0141421, rel=1e-4)
     assert hflip["significant_runs"] == 2 and hflip["lift_accuracy_mean"] == pytest.approx(0.01)
     assert hflip["lift_ci_low_mean"] == pytest.approx(0.01) and hflip["lift_ci_high_mean"] == pytest.approx(0.03)
+
+
+def test_repeats_refit_a_fitted_policy_per_seed_and_record_it(trained, tmp_path):
+    """`evaluate --repeats R --policy policy.json`: a retrained seed keeps the policy's views and
+    refits its weights, gate and temperature on its own validation rows (the rows the search
+    fitted on, never the ones it left for conformal), and results.json/results.md say so."""
+    from ttakit.data import dataset_sha256
+    from ttakit.experiment import load_eval_data
+    from ttakit.models import read_checkpoint_meta
+
+    root, _, _ = trained
+    meta = read_checkpoint_meta(root / "ckpt")
+    val = load_eval_data(meta, split="val")
+    held = [0, 1, 2, 3]
+    policy = Policy(
+        Compose([VerticalFlip()]).views, name="fitted", weights=[0.9, 0.1], temperature=7.0, gate_threshold=0.999,
+        meta={"weights_sha256": meta.weights_sha256, "checkpoint": str(root / "ckpt"),
+              "validation_rows": {"split": "val", "n": len(val), "sha256": dataset_sha256(val), "held_out": held}},
+    )
+    policy.save(tmp_path / "fitted.json")
+    results = evaluate_checkpoint(root / "ckpt", policies=["none", "hflip", str(tmp_path / "fitted.json")], repeats=2,
+                                  out_dir=tmp_path / "ev", plots=False, progress=False)
+    first, second = results["runs"]
+    assert first["refit"] == {}  # seed 0: the policy as saved
+    assert list(second["refit"]) == ["fitted"]  # views-only policies (none, hflip) are carried as they are
+    info = second["refit"]["fitted"]
+    assert info["views"] == ["identity", "vflip"] and second["policies"]["fitted"] == ["identity", "vflip"]
+    assert info["refit"] == ["weights", "temperature", "gate"]
+    assert info["weights"] == "per view" and info["temperature"] != 7.0 and info["gate_threshold"] is not None
+    assert info["n_rows"] == len(val) - len(held)
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert saved["runs"][1]["refit"]["fitted"]["temperature"] == info["temperature"]
+    markdown = (tmp_path / "ev" / "results.md").read_text()
+    assert "## Fitted policies on retrained seeds" in markdown and f"seed {second['seed']}, `fitted`" in markdown
+
+
+def test_split_seed_lives_with_the_splits_and_stays_importable_from_experiment():
+    """SPLIT_SEED belongs to ttakit.data.splits (layer 2); experiment re-exports it, and neither
+    lr-find nor audit reaches up into experiment for it."""
+    import inspect
+
+    from ttakit import audit, lr_find
+    from ttakit.data import splits
+
+    assert experiment.SPLIT_SEED is splits.SPLIT_SEED and splits.SPLIT_SEED == 0
+    assert "SPLIT_SEED" in splits.__all__
+    assert inspect.signature(splits.make_splits).parameters["seed"].default == splits.SPLIT_SEED
+    for module in (audit, lr_find):
+        assert "from .experiment import SPLIT_SEED" not in inspect.getsource(module), module.__name__

@@ -99,12 +99,20 @@ def test_suggest_rates_on_a_known_curve():
     assert centred_average([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.5, 2.0, 3.0, 4.0, 4.5]
 
 
-def test_plot_marks_both_suggestions(tmp_path):
+def test_plot_marks_both_suggestions(tmp_path, saved_figures):
     lrs = list(np.logspace(-6, 0, 40))
     losses = [2.0 - 0.03 * i if i < 30 else 1.1 + (i - 30) for i in range(40)]
     result = LRFindResult(lrs=lrs, losses=losses, smoothed=centred_average(losses, 5), steepest=1e-4, min10=1e-3, stopped="diverged", arch="toy")
     path = plot_lr_find(result, tmp_path / "out" / "lr_find.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert path.is_file()
+    (ax,) = saved_figures["lr_find.png"].axes
+    raw, smoothed, *marks = ax.get_lines()
+    assert list(raw.get_ydata()) == losses and list(smoothed.get_ydata()) == result.smoothed
+    assert ax.get_xscale() == "log" and "toy" in ax.get_title()
+    # a dashed line and a labelled dot at each suggestion
+    labels = [line.get_label() for line in marks if line.get_marker() == "o"]
+    assert labels == ["steepest descent: 1.0e-04", "minimum/10: 1.0e-03"]
+    assert sorted(line.get_xdata()[0] for line in marks if line.get_linestyle() == "--") == [1e-4, 1e-3]
     assert result.to_json()["suggestion"] == 1e-3 and "lrs" not in result.to_json(curve=False)
     assert "steepest descent 1.00e-04, minimum/10 1.00e-03" in result.summary()
 
@@ -116,3 +124,55 @@ def test_train_lr_auto_trains_at_the_suggestion(toy_linear):
     assert result.lr_history[0] == pytest.approx(result.lr_find.min10)
     assert result.meta.extra["train_config"]["lr"] == "auto"  # --repeats runs the finder again
     assert result.meta.extra["lr_find"]["min10"] == result.lr_find.min10
+
+
+def _row_keys(dataset: ImageDataset) -> list[bytes]:
+    """One key per row (pixels and label), to compare the rows of two data sets."""
+    flat = (dataset.images.reshape(len(dataset), -1) * 255).round().to(torch.uint8).numpy()
+    return [flat[i].tobytes() + bytes([int(dataset.labels[i])]) for i in range(len(dataset))]
+
+
+@pytest.mark.parametrize("kind", ["npz", "folder"])
+def test_lr_find_sweeps_exactly_the_rows_train_trains_on(tmp_path, monkeypatch, kind):
+    """Issue "sound answers": lr-find draws its rows with train's own split (test and validation
+    rows held out as train holds them out), never from the whole file or folder."""
+    import ttakit.experiment as experiment
+    import ttakit.lr_find as lr_find_module
+
+    n = 60
+    rng = np.random.default_rng(0)
+    x = rng.permutation(256)[:n].astype(np.uint8)[:, None, None] * np.ones((1, 6, 6), np.uint8)  # distinct rows
+    y = np.arange(n) % 3
+    if kind == "npz":
+        data = tmp_path / "d.npz"
+        np.savez(data, x=x, y=y)
+    else:
+        from PIL import Image
+
+        data = tmp_path / "photos"
+        for i in range(n):
+            (data / f"c{y[i]}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(data / f"c{y[i]}" / f"{i:03d}.png")
+
+    seen: dict[str, ImageDataset] = {}
+
+    def fake_train_model(train_ds, config, *, arch, val_ds=None, progress=True):
+        seen["train"], seen["val"] = train_ds, val_ds
+        raise RuntimeError("stop after the split")
+
+    def fake_lr_find(dataset, **kwargs):
+        seen["swept"] = dataset
+        raise RuntimeError("stop after the split")
+
+    monkeypatch.setattr(experiment, "train_model", fake_train_model)
+    monkeypatch.setattr(lr_find_module, "lr_find", fake_lr_find)
+    with pytest.raises(RuntimeError, match="stop after the split"):
+        experiment.train_run(str(data), out_dir=tmp_path / "run", val_fraction=0.2, test_fraction=0.25)
+    with pytest.raises(RuntimeError, match="stop after the split"):
+        lr_find_module.run_lr_find(str(data), val_fraction=0.2, test_fraction=0.25, plot=None, progress=False)
+    swept, trained = _row_keys(seen["swept"]), _row_keys(seen["train"])
+    assert swept == trained  # the same rows, in the same order
+    assert len(swept) < n - 0.25 * n  # neither test nor validation rows
+    assert not set(swept) & set(_row_keys(seen["val"]))
+    if kind == "folder":
+        assert seen["swept"].files == seen["train"].files

@@ -119,17 +119,53 @@ def test_vote_tie_goes_to_the_higher_summed_score():
     assert out.argmax(dim=1).item() == 0
 
 
-def test_vote_full_tie_is_a_seeded_random_pick_among_the_tied():
+def test_vote_full_tie_is_a_random_pick_seeded_by_the_row_id():
     one = torch.tensor([1.0, 0.0, 0.0])
     two = torch.tensor([0.0, 1.0, 0.0])
     stack = torch.stack([one.expand(64, 3), two.expand(64, 3)])  # votes and scores tie in all 64 rows
-    picks = {seed: merge(stack, "vote", seed=seed).argmax(dim=1) for seed in (0, 1, 2)}
+    ids = torch.arange(64) * 3 + 1000
+    picks = {seed: merge(stack, "vote", seed=seed, ids=ids).argmax(dim=1) for seed in (0, 1, 2)}
     for seed, pick in picks.items():
-        assert set(pick.tolist()) == {0, 1}  # random over rows, never the untied class 2
-        assert torch.equal(pick, merge(stack, "vote", seed=seed).argmax(dim=1))  # reproducible
+        assert set(pick.tolist()) == {0, 1}  # random over ids, never the untied class 2
+        assert torch.equal(pick, merge(stack, "vote", seed=seed, ids=ids).argmax(dim=1))  # reproducible
+        # A function of (seed, id) only: the same row alone, or given its id lazily, picks the same.
+        assert merge(stack[:, 5:6], "vote", seed=seed, ids=[int(ids[5])]).argmax(dim=1).item() == pick[5].item()
+        lazy = MergeAccumulator("vote", 2, seed=seed)
+        for view in stack:
+            lazy.add(view)
+        assert torch.equal(lazy.result(ids=lambda rows: ids[rows]).argmax(dim=1), pick)
     assert not torch.equal(picks[0], picks[1]) or not torch.equal(picks[0], picks[2])
-    fractions = merge(stack, "vote", seed=0)
+    fractions = merge(stack, "vote", seed=0, ids=ids)
     assert torch.allclose(fractions.sum(dim=1), torch.full((64,), 1 + NUDGE))
+    # Without ids the pick follows the row's own votes and scores: identical rows pick alike.
+    plain = merge(stack, "vote").argmax(dim=1)
+    assert len(set(plain.tolist())) == 1 and plain[0].item() in (0, 1)
+    assert merge(stack[:, :1], "vote").argmax(dim=1).item() == plain[0].item()
+
+
+def test_a_rows_vote_does_not_depend_on_the_rows_beside_it():
+    # Row 0: one vote each, summed scores 1.0 and 1.0000001 (a tie to float rounding). Row 1:
+    # huge scores. The tie tolerance is the row's own, so row 0 merges alike alone or with row 1.
+    row0 = torch.tensor([[0.6, 0.4], [0.4, 0.6000001]])
+    row1 = torch.tensor([[1e6, 0.0], [0.0, 1e6]])
+    stack = torch.stack([row0, row1], dim=1)  # (K=2, B=2, C=2)
+    for seed in range(8):
+        alone = merge(stack[:, :1], "vote", seed=seed)
+        together = merge(stack, "vote", seed=seed)
+        assert torch.equal(together[:1], alone), seed
+        assert torch.equal(merge(stack[:, 1:], "vote", seed=seed), together[1:]), seed
+
+
+def test_take_rows_keeps_what_was_added_for_those_rows():
+    stack = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    for mode in ("mean", "vote", "max"):
+        acc = MergeAccumulator(mode, 3)
+        acc.add(stack[0], 0)
+        rows = torch.tensor([1, 3])
+        kept = acc.take_rows(rows)
+        kept.add(stack[1, rows], 1)
+        kept.add(stack[2, rows], 2)
+        assert torch.allclose(kept.result(), merge(stack, mode)[rows], atol=1e-6), mode
 
 
 def test_vote_on_masks_by_hand():

@@ -1,6 +1,5 @@
-"""The engine's online choice of images per forward pass (ttakit._pass_tuner)."""
-
-import time
+"""The opt-in choice of images per forward pass by timing (ttakit._pass_tuner, the engine's
+``pass_size="auto"``), driven by a fake clock: no sleeps."""
 
 import pytest
 import torch
@@ -8,6 +7,19 @@ from torch import nn
 
 from ttakit import TTAEngine
 from ttakit._pass_tuner import PassPlan, PassTuner, candidate_pass_sizes, pass_plan
+
+
+class FakeClock:
+    """A clock that moves only when told: ``clock()`` reads it, ``advance(seconds)`` moves it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def test_pass_plan_cuts_a_call_into_chunks_and_stacked_views():
@@ -36,6 +48,18 @@ def test_candidates_respect_max_batch():
     assert candidate_pass_sizes(256, 4, default=32, max_batch=16) == [16]
     # A whole data set in one call: chunks of the default first (ttach's plan does not fit).
     assert candidate_pass_sizes(10_000, 4, default=32, max_batch=256) == [32, 256]
+
+
+def test_the_tuner_reads_time_from_its_clock():
+    assert PassTuner().clock is not None
+    clock = FakeClock()
+    tuner = PassTuner(trials=1, clock=clock)
+    for size, seconds in [(32, 0.5), (1, 0.1)]:
+        assert tuner.choose("k", [32, 1]) == (size, True)
+        start = tuner.clock()
+        clock.advance(seconds)
+        tuner.record("k", size, tuner.clock() - start)
+    assert tuner.chosen == {"k": 1}
 
 
 def test_tuner_tries_each_candidate_then_keeps_the_fastest():
@@ -74,42 +98,46 @@ def test_tuner_bounds_the_shapes_it_tunes():
     assert tuner.choose("c", [32, 1]) == (32, False)  # the default, untimed
 
 
-class SlowStack(nn.Module):
-    """A model whose passes of more than one image cost 30 ms extra: stacking views loses."""
+class Timed(nn.Module):
+    """A model that advances a fake clock: ``per_call`` seconds per forward pass plus
+    ``per_stacked`` more for a pass of more than one image."""
 
-    def __init__(self):
+    def __init__(self, clock: FakeClock, per_call: float, per_stacked: float):
         super().__init__()
         self.linear = nn.Linear(16, 3)
+        self.clock, self.per_call, self.per_stacked = clock, per_call, per_stacked
         self.batches: list[int] = []
 
     def forward(self, x):
         self.batches.append(x.shape[0])
-        if x.shape[0] > 1:
-            time.sleep(0.03)
+        self.clock.advance(self.per_call + (self.per_stacked if x.shape[0] > 1 else 0.0))
         return self.linear(x.flatten(1))
 
 
+def _auto_engine(model: Timed, clock: FakeClock) -> TTAEngine:
+    engine = TTAEngine(model, "hflip", pass_size="auto")
+    engine.pass_tuner = PassTuner(clock=clock)
+    return engine
+
+
 def test_engine_learns_to_run_views_one_per_pass_when_stacking_is_slower():
-    model = SlowStack()
-    engine = TTAEngine(model, "hflip")
+    clock = FakeClock()
+    model = Timed(clock, per_call=0.001, per_stacked=0.03)
+    engine = _auto_engine(model, clock)
     x = torch.rand(1, 1, 4, 4)
     outputs = [engine(x) for _ in range(12)]
     model.batches.clear()
     outputs.append(engine(x))
     assert model.batches == [1, 1]  # tuned: two passes of one image
+    assert engine.tuned_pass_sizes == {(1, 1, 4, 4): 1}
     for out in outputs[1:]:  # every plan gives the same merge
         assert torch.allclose(out, outputs[0], atol=1e-6)
 
 
 def test_engine_keeps_stacking_when_it_is_faster():
-    class SlowCalls(SlowStack):
-        def forward(self, x):
-            self.batches.append(x.shape[0])
-            time.sleep(0.03)  # a fixed cost per call: fewer calls win
-            return self.linear(x.flatten(1))
-
-    model = SlowCalls()
-    engine = TTAEngine(model, "hflip")
+    clock = FakeClock()
+    model = Timed(clock, per_call=0.03, per_stacked=0.0)  # a fixed cost per call: fewer calls win
+    engine = _auto_engine(model, clock)
     for _ in range(12):
         engine(torch.rand(1, 1, 4, 4))
     model.batches.clear()
@@ -117,9 +145,12 @@ def test_engine_keeps_stacking_when_it_is_faster():
     assert model.batches == [2]
 
 
-def test_a_fixed_pass_size_is_never_tuned():
-    model = SlowStack()
-    engine = TTAEngine(model, "hflip", pass_size=32)
-    for _ in range(8):
+@pytest.mark.parametrize("pass_size", [None, 32])
+def test_the_default_and_a_fixed_pass_size_are_never_tuned(pass_size):
+    clock = FakeClock()
+    model = Timed(clock, per_call=0.001, per_stacked=0.03)
+    engine = TTAEngine(model, "hflip", pass_size=pass_size)
+    assert engine.pass_tuner is None
+    for _ in range(12):
         engine(torch.rand(1, 1, 4, 4))
-    assert model.batches == [2] * 8
+    assert model.batches == [2] * 12

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import ttach
@@ -256,3 +257,102 @@ def test_view_identity_and_targets():
     assert "mask" not in crop_view.targets and {"label", "keypoints", "boxes"} <= crop_view.targets
     assert View([Step(T.HorizontalFlip(), True)]) == View([Step(T.HorizontalFlip(), True)])
     assert Policy.identity().view_names == ["identity"] and len(Policy.identity()) == 1
+
+
+# --------------------------------------------------------------------------- a policy belongs to a model
+
+
+class _Meta:
+    def __init__(self, digest, source):
+        self.weights_sha256, self.source = digest, source
+
+
+def test_check_policy_model_refuses_fitted_policies_on_another_model():
+    from ttakit.policy import check_policy_model, fitted_parameters
+
+    a, b = "a" * 64, "b" * 64
+    fitted = Policy([View.identity()], name="searched", temperature=1.5, meta={"weights_sha256": a, "checkpoint": "runs/a"})
+    assert fitted_parameters(fitted) == ["temperature"]
+    assert check_policy_model(fitted, _Meta(a, "runs/a")) is None
+    with pytest.raises(InvalidInputError) as err:
+        check_policy_model(fitted, _Meta(b, "runs/b"))
+    text = str(err.value)
+    assert "runs/a" in text and "runs/b" in text and "aaaaaaaaaaaa" in text and "bbbbbbbbbbbb" in text
+    assert "--allow-other-model" in text and "\n" not in text
+    with pytest.warns(UserWarning, match="allowed by --allow-other-model"):
+        check_policy_model(fitted, _Meta(b, "runs/b"), allow_other_model=True)
+    with pytest.raises(InvalidInputError, match="no recorded weights hash"):
+        check_policy_model(fitted, None)  # a model that cannot say which weights it holds
+    # views only: any model
+    views = Policy([View.identity(), View([(T.HorizontalFlip(), True)])], meta={"weights_sha256": a})
+    assert check_policy_model(views, _Meta(b, "runs/b")) is None
+    # an old file that records no model: allowed, with a warning saying so
+    old = Policy([View.identity()], name="old", weights=[1.0], temperature=1.2)
+    with pytest.warns(UserWarning, match="does not record the model"):
+        assert check_policy_model(old, _Meta(b, "runs/b")) is not None
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """Two tiny checkpoints of one recipe (seeds 0 and 1) and a policy searched on the first."""
+    from ttakit.cli import main
+
+    from ._fixtures import write_halves_npz
+
+    root = tmp_path_factory.mktemp("policy-model")
+    data = write_halves_npz(root / "halves.npz", n=240)
+    for seed, name in ((0, "a"), (1, "b")):
+        assert main(["--no-progress", "train", "--data", str(data), "--epochs", "1", "--batch-size", "32",
+                     "--val-fraction", "0.3", "--seed", str(seed), "--out", str(root / name)]) == 0
+    assert main(["--no-progress", "search", str(root / "a"), "--budget", "2"]) == 0
+    policy = json.loads((root / "a" / "policy.json").read_text())
+    assert policy["temperature"] is not None  # fitted: it belongs to model a
+    return root, data
+
+
+def _refused(capsys, argv, *fragments):
+    from ttakit.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_a_searched_policy_records_its_model_and_is_refused_on_another(two_models, capsys, tmp_path):
+    from ttakit.cli import main
+    from ttakit.models import read_checkpoint_meta
+
+    root, data = two_models
+    policy = json.loads((root / "a" / "policy.json").read_text())
+    assert policy["meta"]["weights_sha256"] == read_checkpoint_meta(root / "a").weights_sha256
+    assert policy["meta"]["checkpoint"] == str(root / "a")
+    pol = str(root / "a" / "policy.json")
+    both = (str(root / "a"), str(root / "b"), "--allow-other-model")
+    _refused(capsys, ["--no-progress", "evaluate", str(root / "b"), "--policy", f"none,{pol}", "--out", str(tmp_path / "e")],
+             *both)
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i, x in enumerate(np.load(data)["x"][:3]):
+        Image.fromarray((x * 255).astype(np.uint8)).save(images / f"{i}.png")
+    _refused(capsys, ["--no-progress", "predict", str(root / "b"), str(images), "--policy", pol,
+                      "--out", str(tmp_path / "p.csv")], *both)
+    _refused(capsys, ["--no-progress", "ensemble", f"{root / 'a'}:{pol}", f"{root / 'b'}:{pol}",
+                      "--out", str(tmp_path / "ens")], *both)
+    # asked for: allowed; and on its own model: no flag needed
+    assert main(["--no-progress", "evaluate", str(root / "b"), "--policy", f"none,{pol}", "--allow-other-model",
+                 "--no-plots", "--no-uncertainty", "--out", str(tmp_path / "e2")]) == 0
+    assert main(["--no-progress", "predict", str(root / "b"), str(images), "--policy", pol, "--allow-other-model",
+                 "--out", str(tmp_path / "p2.csv")]) == 0
+    assert main(["--no-progress", "predict", str(root / "a"), str(images), "--policy", pol,
+                 "--out", str(tmp_path / "p3.csv")]) == 0
+    # views only: fine on any model
+    views_only = {**policy, "temperature": None, "weights": None, "gate_threshold": None, "matrix_scaling": None}
+    (tmp_path / "views.json").write_text(json.dumps(views_only))
+    assert main(["--no-progress", "evaluate", str(root / "b"), "--policy", f"none,{tmp_path / 'views.json'}",
+                 "--no-plots", "--no-uncertainty", "--out", str(tmp_path / "e3")]) == 0

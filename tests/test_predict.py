@@ -25,7 +25,7 @@ from ttakit.data.decode import DecodeError, decode_image, list_images
 from ttakit.engine import TTAEngine
 from ttakit.errors import DataError, DataNotFoundError, InvalidInputError
 from ttakit.models import CheckpointMeta, create_model, save_checkpoint
-from ttakit.predict import errors_path, output_columns, predict_images
+from ttakit.predict import errors_path, output_columns, predict_images, settings_path
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -154,7 +154,7 @@ def test_resume_completes_a_torn_output_to_one_row_per_image(tmp_path, fashion, 
     assert out.read_text(encoding="utf-8") == full  # same rows, same order, nothing doubled
     summary = predict_images(run, tmp_path / "imgs", out=out, policy="hflip", workers=0, progress=False, resume=True)
     assert summary["n_predicted"] == 0 and len(read_rows(out)) == len(paths)
-    with pytest.raises(InvalidInputError, match="use the same --top-k and --conformal"):
+    with pytest.raises(InvalidInputError, match=r"was made with other settings: .*--top-k \(5 then, 2 now\)"):
         predict_images(run, tmp_path / "imgs", out=out, top_k=2, workers=0, progress=False, resume=True)
 
 
@@ -376,7 +376,7 @@ def test_device_flag_on_evaluate_and_search_is_checked(tmp_path, checkpoint, com
     code = main(["--no-progress", command, str(run), "--device", "tpu", "--amp", "--max-batch", "64"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "device must be cpu, cuda, cuda:N or mps, got 'tpu'" in err
+    assert "device must be one of 'cpu', 'cuda', 'cuda:N'" in err and "got 'tpu'" in err
 
 
 @pytest.mark.slow
@@ -488,6 +488,9 @@ def test_hard_vote_ties_are_seeded_per_image_and_resume_completes(tmp_path, fash
     torn = tmp_path / "torn.csv"
     lines = (tmp_path / "b5.csv").read_text().splitlines(keepends=True)
     torn.write_text("".join(lines[:11]) + lines[11][:9])
+    with pytest.raises(InvalidInputError, match="torn.csv.settings.json is missing"):
+        predict_images([run_a, run_b], tmp_path / "imgs", out=torn, batch_size=4, resume=True, **common)
+    settings_path(torn).write_bytes(settings_path(tmp_path / "b5.csv").read_bytes())  # what its rows depend on
     summary = predict_images([run_a, run_b], tmp_path / "imgs", out=torn, batch_size=4, resume=True, **common)
     assert summary["n_done_before"] == 10 and summary["n_predicted"] == 14
     assert read_rows(torn) == rows5
@@ -514,9 +517,11 @@ def test_several_models_bad_input_is_one_line_and_exit_code_2(tmp_path, fashion,
 def test_ensemble_of_trained_checkpoints_is_calibrated_and_writes_conformal_sets(tmp_path, fashion, capsys):
     """Two seed CNNs trained on the same Fashion-MNIST recipe share their validation split: predict
     temperature-scales each on it (soft vote of calibrated probabilities, as `ttakit ensemble`)
-    and calibrates the ensemble's conformal sets there too."""
+    and calibrates the ensemble's conformal sets on the other rows of it (never the rows the
+    temperatures were fitted on: :func:`ttakit.ensemble.calibration_rows`)."""
+    from ttakit.aliases import get_policy
     from ttakit.conformal import calibrate
-    from ttakit.ensemble import ensemble_predict
+    from ttakit.ensemble import calibration_rows, ensemble_predict
     from ttakit.experiment import load_eval_data, train_run
     from ttakit.train import TrainConfig
 
@@ -532,18 +537,180 @@ def test_ensemble_of_trained_checkpoints_is_calibrated_and_writes_conformal_sets
                  str(tmp_path / "imgs"), "--out", str(out), "--workers", "0", "--conformal", "0.2"])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "temperature-scaled on the shared validation split (600 images)" in printed
     rows = read_rows(out)
     val = load_eval_data(runs[0].meta, None, "val", None)
-    models = [r.model.eval() for r in runs]
     policies = ["hflip", "none"]
-    fitted = ensemble_predict(models, images[:1], policies=policies, calibration=(val.images, val.labels))
+    fit, held = calibration_rows(val, [get_policy(p) for p in policies])
+    assert not set(fit) & set(held) and len(fit) + len(held) == len(val) == 600
+    assert (f"temperature-scaled on the shared validation split ({len(fit)} of its 600 images; conformal sets "
+            f"calibrated on the other {len(held)})") in printed
+    models = [r.model.eval() for r in runs]
+    fitted = ensemble_predict(models, images[:1], policies=policies, calibration=(val.images[fit], val.labels[fit]))
     assert all(t is not None and t > 0 for t in fitted.temperatures)
     expected = ensemble_predict(models, images[:24], policies=policies, temperatures=fitted.temperatures)
     order = [int(Path(r["path"]).stem[3:]) for r in rows]
     assert [float(r["prob_1"]) for r in rows] == pytest.approx(expected.probs[order].max(1).values.tolist(), abs=1e-5)
-    on_val = ensemble_predict(models, val.images, policies=policies, temperatures=fitted.temperatures)
-    calibration = calibrate(on_val.probs, val.labels, 0.2)
+    on_val = ensemble_predict(models, val.images[held], policies=policies, temperatures=fitted.temperatures)
+    calibration = calibrate(on_val.probs, val.labels[held], 0.2)
     sets = calibration.predict_sets(expected.probs[order])
     assert [r["set"] for r in rows] == ["|".join(FASHION_MNIST_CLASSES[c] for c in torch.nonzero(s).flatten().tolist())
                                         for s in sets]
+
+
+# --------------------------------------------------------------------------- models that normalize themselves
+
+
+def test_mean_std_are_refused_for_models_that_normalize_themselves(tmp_path, fashion, checkpoint, capsys):
+    """A ttakit checkpoint (and its export) normalizes in its first layer: --mean/--std would
+    normalize a second time, so they are refused with one line naming the model."""
+    from ttakit.export import export_checkpoint
+
+    _, pixels = fashion
+    run, _ = checkpoint
+    write_pngs(tmp_path / "imgs", pixels[:3], nested=False)
+    out = tmp_path / "p.csv"
+    exported = export_checkpoint(run, "torchscript", tmp_path / "cnn.pt")
+    for model in (run, exported):
+        err = _cli_error([model, tmp_path / "imgs", "--out", out, "--mean", "0.5", "--std", "0.25"], capsys)
+        assert str(model) in err and "normalizes its inputs itself" in err and "--mean/--std" in err
+    assert not out.exists()
+    # A model without its own normalization takes them (applied inside the predictor).
+    onnx = _onnx(tmp_path / "mean.onnx", ["N", 1, "H", "W"])
+    args = [onnx, tmp_path / "imgs", "--out", out, "--input-size", "28", "--outputs", "probs", "--workers", "0",
+            "--mean", "0.5", "--std", "0.25"]
+    assert main(["--no-progress", "predict", *map(str, args)]) == 0
+    assert len(read_rows(out)) == 3
+
+
+# --------------------------------------------------------------------------- --device with one model
+
+
+def test_one_model_is_moved_to_the_device_before_the_engine_is_built(tmp_path, fashion, checkpoint, monkeypatch):
+    """The engine refuses a device the model is not on, so the model must be moved first (as the
+    ensemble path does). On a CPU machine the order is recorded: the move, then the engine."""
+    import ttakit.predict as P
+    from ttakit.predictors import Predictor
+
+    _, pixels = fashion
+    run, _ = checkpoint
+    write_pngs(tmp_path / "imgs", pixels[:2], nested=False)
+    events = []
+    real_to, real_engine = Predictor.to, P.TTAEngine
+
+    def recording_to(self, *args, **kwargs):
+        events.append(("to", str(args[0]) if args else str(kwargs.get("device"))))
+        return real_to(self, *args, **kwargs)
+
+    def recording_engine(model, *args, **kwargs):
+        events.append(("engine", str(kwargs.get("device"))))
+        return real_engine(model, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "to", recording_to)
+    monkeypatch.setattr(P, "TTAEngine", recording_engine)
+    predict_images(run, tmp_path / "imgs", out=tmp_path / "p.csv", device="cpu", workers=0, progress=False)
+    assert events[:2] == [("to", "cpu"), ("engine", "cpu")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_model_on_cuda_through_the_cli(tmp_path, fashion, checkpoint, capsys):
+    _, pixels = fashion
+    run, _ = checkpoint
+    write_pngs(tmp_path / "imgs", pixels[:12], nested=False)
+    base = [run, tmp_path / "imgs", "--policy", "hflip", "--workers", "0", "--batch-size", "5"]
+    assert main(["--no-progress", "predict", *map(str, base), "--out", str(tmp_path / "cpu.csv")]) == 0
+    code = main(["--no-progress", "predict", *map(str, base), "--out", str(tmp_path / "gpu.csv"), "--device", "cuda"])
+    assert code == 0, capsys.readouterr().err
+    cpu, gpu = read_rows(tmp_path / "cpu.csv"), read_rows(tmp_path / "gpu.csv")
+    assert [r["path"] for r in gpu] == [r["path"] for r in cpu]
+    for a, b in zip(cpu, gpu, strict=True):
+        assert float(a["prob_1"]) == pytest.approx(float(b["prob_1"]), abs=1e-4)
+
+
+# --------------------------------------------------------------------------- --resume checks what the rows depend on
+
+
+def test_resume_refuses_a_run_whose_answers_would_differ(tmp_path, fashion, capsys):
+    """The first run records what its rows depend on beside the output; --resume with another
+    model, policy or answer-changing option is refused with one line naming what differs, while
+    batch size, workers, max batch and device may change."""
+    _, pixels = fashion
+    run_a, _ = _member_checkpoint(tmp_path / "a", 0)
+    run_b, _ = _member_checkpoint(tmp_path / "b", 1)
+    copy_a, _ = _member_checkpoint(tmp_path / "copy" / "a", 0)  # the same weights in another folder
+    write_pngs(tmp_path / "imgs", pixels[:8], nested=False)
+    out = tmp_path / "p.csv"
+    first = [run_a, tmp_path / "imgs", "--out", out, "--policy", "hflip", "--top-k", "3", "--workers", "0"]
+    assert main(["--no-progress", "predict", *map(str, first)]) == 0
+    full = out.read_text(encoding="utf-8")
+    assert (tmp_path / "p.csv.settings.json").is_file()
+    out.write_text("".join(full.splitlines(keepends=True)[:4]), encoding="utf-8")  # 3 rows left
+
+    def refused(args, *expected):
+        err = _cli_error([*args, "--resume"], capsys)
+        assert "--resume" in err and "was made with other settings: " in err, err
+        for text in expected:
+            assert text in err, err
+        assert out.read_text(encoding="utf-8") == "".join(full.splitlines(keepends=True)[:4])  # untouched
+
+    base = [tmp_path / "imgs", "--out", out, "--workers", "0"]
+    refused([run_b, *base, "--policy", "hflip", "--top-k", "3"], "the model (weights of")
+    refused([run_a, *base, "--policy", "d4", "--top-k", "3"], "the policy (hflip then, d4 now)")
+    refused([run_a, *base, "--policy", "hflip", "--top-k", "3", "--amp"], "--amp (off then, on now)")
+    refused([run_a, *base, "--policy", "hflip", "--top-k", "3", "--resize", "fit"], '--resize ("stretch" then, "fit" now)')
+    refused([run_a, run_b, *base, "--policy", "hflip", "--top-k", "3"], "the number of models (1 then, 2 now)")
+    # Options that do not change an answer do not block; the same weights named another way match.
+    resumed = [copy_a, *base, "--policy", "hflip", "--top-k", "3", "--batch-size", "2", "--max-batch", "16",
+               "--device", "cpu", "--resume"]
+    assert main(["--no-progress", "predict", *map(str, resumed)]) == 0
+    assert "(3 already in" in capsys.readouterr().out
+    rows, expected = read_rows(out), list(csv.DictReader(io.StringIO(full)))
+    assert [(r["path"], r["class_1"], r["class_2"]) for r in rows] == [(r["path"], r["class_1"], r["class_2"]) for r in expected]
+    assert [float(r["prob_1"]) for r in rows] == pytest.approx([float(r["prob_1"]) for r in expected], abs=1e-5)
+    # An output without its settings file cannot be checked: refused.
+    settings_file = tmp_path / "p.csv.settings.json"
+    settings_file.unlink()
+    err = _cli_error([run_a, *base, "--policy", "hflip", "--top-k", "3", "--resume"], capsys)
+    assert "p.csv.settings.json is missing" in err
+
+
+def test_resume_of_an_ensemble_checks_the_vote_and_its_seed(tmp_path, fashion, capsys):
+    _, pixels = fashion
+    run_a, _ = _member_checkpoint(tmp_path / "a", 0)
+    run_b, _ = _member_checkpoint(tmp_path / "b", 1)
+    write_pngs(tmp_path / "imgs", pixels[:4], nested=False)
+    out = tmp_path / "e.jsonl"
+    args = [run_a, run_b, tmp_path / "imgs", "--out", out, "--workers", "0", "--vote", "hard", "--tie-break", "random"]
+    assert main(["--no-progress", "predict", *map(str, args)]) == 0
+    assert "--seed (0 then, 7 now)" in _cli_error([*args, "--seed", "7", "--resume"], capsys)
+    err = _cli_error([*args[:-4], "--resume"], capsys)
+    assert "--vote (\"hard\" then, \"soft\" now)" in err and "--tie-break" in err
+    assert main(["--no-progress", "predict", *map(str, args), "--resume", "--batch-size", "3"]) == 0
+
+
+def test_retry_errors_tries_the_listed_files_again(tmp_path, fashion, capsys):
+    _, pixels = fashion
+    run, _ = _member_checkpoint(tmp_path / "run", 0)
+    folder = tmp_path / "imgs"
+    write_pngs(folder, pixels[:4], nested=False)
+    (folder / "late.png").write_bytes(b"")  # still being copied when the first run read it
+    (folder / "junk.png").write_text("not an image", encoding="utf-8")
+    out = tmp_path / "p.csv"
+    args = [run, folder, "--out", out, "--workers", "0"]
+    assert main(["--no-progress", "predict", *map(str, args)]) == 0
+    errors = errors_path(out)
+    assert sorted(Path(r["path"]).name for r in read_rows(errors)) == ["junk.png", "late.png"]
+    Image.fromarray(pixels[5, 0].numpy(), mode="L").save(folder / "late.png")  # now it is there
+    # --resume alone keeps the listed files as done
+    assert main(["--no-progress", "predict", *map(str, args), "--resume"]) == 0
+    assert len(read_rows(out)) == 4 and len(read_rows(errors)) == 2
+    capsys.readouterr()
+    assert main(["--no-progress", "predict", *map(str, args), "--resume", "--retry-errors"]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted 1 of 6 images" in printed and "(2 from the errors file retried)" in printed
+    assert sorted(Path(r["path"]).name for r in read_rows(out)) == [f"img{i:03d}.png" for i in range(4)] + ["late.png"]
+    assert [Path(r["path"]).name for r in read_rows(errors)] == ["junk.png"]  # listed once, still failing
+    (folder / "junk.png").unlink()
+    Image.fromarray(pixels[6, 0].numpy(), mode="L").save(folder / "junk.png")
+    assert main(["--no-progress", "predict", *map(str, args), "--resume", "--retry-errors"]) == 0
+    assert len(read_rows(out)) == 6 and not errors.exists()  # every file predicted: no errors file
+    assert "add --resume" in _cli_error([*args, "--retry-errors"], capsys)

@@ -228,7 +228,8 @@ def test_onnx_dynamic_input_size_needs_input_size(tmp_path):
         predictors.load(path, outputs="logits")
     predictor = predictors.load(path, outputs="logits", input_size="4x4")
     assert predictor.input_size == (4, 4)
-    with pytest.raises(ModelOutputError, match="the onnx model .* failed on a batch of shape \\(2, 1, 5, 5\\)"):
+    # a batch of another size than the model records fails inside it: the error says the size it takes
+    with pytest.raises(InvalidInputError, match="the onnx model .* takes 4x4 images, got a batch of shape \\(2, 1, 5, 5\\)"):
         predictor(_images(2, size=5))
 
 
@@ -259,7 +260,7 @@ def test_keras_with_another_backend_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_devices_are_checked_and_amp_stays_close():
     assert predictors.resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(InvalidInputError, match="device must be cpu, cuda, cuda:N or mps, got 'gpu'"):
+    with pytest.raises(InvalidInputError, match="device must be one of 'cpu', 'cuda', 'cuda:N'.*got 'gpu'"):
         predictors.resolve_device("gpu")
     if not torch.cuda.is_available():
         with pytest.raises(InvalidInputError, match="CUDA is not available"):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ttakit.errors import InvalidInputError
-from ttakit.metrics import McNemarResult
+from ttakit.metrics import McNemarResult, expected_calibration_error, reliability_bins
 from ttakit.report import (
     format_mean_std,
     format_table,
@@ -205,7 +205,11 @@ def _curve(n: int, seed: int, temp: float) -> tuple[torch.Tensor, torch.Tensor]:
     return (logits * temp).softmax(1), labels
 
 
-def test_plot_policy_metrics(tmp_path: Path) -> None:
+def _bar_heights(ax) -> list[float]:
+    return [round(p.get_height(), 6) for p in ax.patches]
+
+
+def test_plot_policy_metrics(tmp_path: Path, saved_figures) -> None:
     rows = [
         {"name": "none", "accuracy": 0.91, "accuracy_std": 0.002, "nll": 0.26},
         {"name": "hflip", "accuracy": 0.92, "accuracy_std": 0.003, "nll": 0.25, "nll_std": None},
@@ -214,9 +218,17 @@ def test_plot_policy_metrics(tmp_path: Path) -> None:
     path = plot_policy_metrics(rows, str(tmp_path / "sub" / "policy.png"))
     assert isinstance(path, Path)
     assert_png(path)
+    fig = saved_figures["policy.png"]
+    accuracy, nll = fig.axes
+    assert fig._suptitle.get_text() == "Metrics per TTA policy"
+    assert (accuracy.get_title(), nll.get_title()) == ("accuracy", "nll")
+    assert _bar_heights(accuracy) == [0.91, 0.92, 0.925]
+    assert _bar_heights(nll) == [0.26, 0.25]  # greedy-8 has no NLL: no bar
+    assert [t.get_text() for t in nll.get_xticklabels()] == ["none", "hflip", "greedy-8"]
+    assert [t.get_text() for t in accuracy.texts] == ["0.910", "0.920", "0.925"]  # the bar labels
 
 
-def test_plot_policy_metrics_grouped_many_names(tmp_path: Path) -> None:
+def test_plot_policy_metrics_grouped_many_names(tmp_path: Path, saved_figures) -> None:
     rows = [
         {
             "name": f"policy-{i:02d}",
@@ -228,6 +240,13 @@ def test_plot_policy_metrics_grouped_many_names(tmp_path: Path) -> None:
         for i in range(40)
     ]
     assert_png(plot_policy_metrics(rows, tmp_path / "grouped.png", metrics=["accuracy", "brier"]))
+    accuracy, brier = saved_figures["grouped.png"].axes
+    assert len(accuracy.patches) == len(brier.patches) == 80  # 40 policies x 2 models
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["seed-cnn", "resnet"]
+    # one colour per model, and the values of each model's bars in policy order
+    blue = [p for p in accuracy.patches if p.get_facecolor() == accuracy.patches[0].get_facecolor()]
+    assert [round(p.get_height(), 6) for p in blue] == [round(0.9 + 0.001 * i, 6) for i in range(40)]
+    assert len(accuracy.texts) == 0  # 80 bars are too many to label
 
 
 def _lift_rows() -> list[dict]:
@@ -261,9 +280,22 @@ def test_lift_layout_keeps_a_small_lift_visible_beside_a_collapse() -> None:
     assert d4["nll_clipped"] and not hflip["nll_clipped"]
 
 
-def test_plot_policy_metrics_draws_lifts(tmp_path: Path) -> None:
+def test_plot_policy_metrics_draws_lifts(tmp_path: Path, saved_figures) -> None:
     path = plot_policy_metrics(_lift_rows(), tmp_path / "lift.png", title="lift")
     assert_png(path, min_size=(900, 500))
+    fig = saved_figures["lift.png"]
+    ax_lift, ax_nll = fig.axes
+    assert fig._suptitle.get_text() == "lift"
+    limit = lift_plot_layout(_lift_rows())["lift_limit"]
+    # one bar per TTA row (plain rows are the reference): hflip +0.35 points, d4 clipped to the axis
+    widths = [round(p.get_width(), 4) for p in ax_lift.patches]
+    assert limit < 5 and widths == [0.35, round(-limit, 4)] * 2  # both d4 bars clipped to the axis
+    assert [t.get_text() for t in ax_lift.get_yticklabels()] == ["hflip", "d4", "hflip", "d4"]
+    assert "-41.20 [-42.20, -40.20]  (off scale)" in [t.get_text() for t in ax_lift.texts]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "no-aug (plain 91.00%)", "flip+shift (plain 91.00%)"
+    ]
+    assert len(ax_nll.patches) == 4
     pixels = assert_drawn(path, min_colors=6)
     # both models' bars are there, in their colours (C0 blue, C1 orange)
     assert _pixels_of(pixels, "#1f77b4") > 2_000 and _pixels_of(pixels, "#ff7f0e") > 2_000
@@ -283,9 +315,19 @@ def test_plot_policy_metrics_validates(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_plot_reliability_diagram(tmp_path: Path) -> None:
+def test_plot_reliability_diagram(tmp_path: Path, saved_figures) -> None:
     curves = {"no TTA": _curve(2000, 0, 1.5), "hflip": _curve(2000, 1, 0.8)}
     assert_png(plot_reliability_diagram(curves, tmp_path / "rel.png", n_bins=10))
+    ax, hist = saved_figures["rel.png"].axes
+    diagonal, *lines = ax.get_lines()
+    assert list(diagonal.get_ydata()) == [0, 1] and len(lines) == 2
+    for line, (name, (probs, labels)) in zip(lines, curves.items(), strict=True):
+        bins = reliability_bins(probs, labels, 10)
+        kept = [j for j, c in enumerate(bins["count"]) if c > 0]
+        assert list(line.get_ydata()) == pytest.approx([bins["accuracy"][j] for j in kept])
+        assert line.get_label() == f"{name} (ECE {expected_calibration_error(probs, labels, 10):.4f})"
+    shares = [p.get_height() for p in hist.patches]
+    assert len(shares) == 20 and sum(shares) == pytest.approx(2.0)  # each curve's shares sum to 1
     with pytest.raises(InvalidInputError, match=r"`labels`"):
         plot_reliability_diagram(
             {"bad": (curves["hflip"][0], torch.zeros(3, dtype=torch.long))}, tmp_path / "x.png"
@@ -294,17 +336,31 @@ def test_plot_reliability_diagram(tmp_path: Path) -> None:
         plot_reliability_diagram({}, tmp_path / "x.png")
 
 
-def test_plot_views_curve(tmp_path: Path) -> None:
+def test_plot_views_curve(tmp_path: Path, saved_figures) -> None:
     series = {"accuracy": [0.91, 0.915, 0.918, 0.92], "nll": [0.26, 0.25, 0.247, math.nan]}
     assert_png(plot_views_curve([1, 2, 3, 4], series, tmp_path / "views.png", title="Views"))
+    fig = saved_figures["views.png"]
+    assert fig._suptitle.get_text() == "Views"
+    for ax, (name, values) in zip(fig.axes, series.items(), strict=True):
+        (line,) = ax.get_lines()
+        assert ax.get_ylabel() == name and list(line.get_xdata()) == [1, 2, 3, 4]
+        np.testing.assert_array_equal(line.get_ydata(), values)  # NaN stays a gap
     with pytest.raises(InvalidInputError, match=r"`series\['nll'\]`.*\(4\).*3"):
         plot_views_curve([1, 2, 3, 4], {"nll": [1, 2, 3]}, tmp_path / "x.png")
 
 
-def test_plot_candidate_lifts(tmp_path: Path) -> None:
+def test_plot_candidate_lifts(tmp_path: Path, saved_figures) -> None:
     names = [f"transform-{i}(param={i / 10:.1f})" for i in range(40)]
     lifts = torch.linspace(-0.01, 0.02, 40).tolist()
     assert_png(plot_candidate_lifts(names, lifts, tmp_path / "lifts.png", xlabel="accuracy lift"))
+    (ax,) = saved_figures["lifts.png"].axes
+    assert ax.get_xlabel() == "accuracy lift" and ax.get_title() == "Lift per candidate view"
+    assert [p.get_width() for p in ax.patches] == sorted(lifts)  # largest on top
+    assert [t.get_text() for t in ax.get_yticklabels()][-1] == names[-1]
+    negative = [p for p in ax.patches if p.get_width() < 0]
+    assert len(negative) == sum(v < 0 for v in lifts) and {p.get_facecolor() for p in negative} == {
+        ax.patches[0].get_facecolor()
+    } != {ax.patches[-1].get_facecolor()}
     assert_png(plot_candidate_lifts(["a"], [0.0], tmp_path / "one.png"), min_size=(300, 100))
     with pytest.raises(InvalidInputError, match=r"`lifts`.*\(2\).*1"):
         plot_candidate_lifts(["a", "b"], [0.1], tmp_path / "x.png")

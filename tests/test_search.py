@@ -155,7 +155,45 @@ def test_accuracy_objective_selects_the_accurate_view() -> None:
     assert result.objective == "accuracy" and result.policy.meta["objective"] == "accuracy"
 
 
-def test_search_is_deterministic() -> None:
+DETERMINISM_SCRIPT = """
+import json, sys
+import torch
+from torch import nn
+from ttakit.search import search_policy
+
+torch.set_num_threads(int(sys.argv[1]))
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 144, 3)).eval()
+g = torch.Generator().manual_seed(1)
+images = torch.rand(400, 1, 12, 12, generator=g)
+with torch.no_grad():  # the truth is what the model says on average over flips: TTA helps
+    flips = model(images).softmax(1) + model(images.flip(-1)).softmax(1) + model(images.flip(-2)).softmax(1)
+    labels = flips.argmax(1)
+result = search_policy(model, images, labels, budget=4, progress=False)
+policy = result.policy.to_json()
+policy.pop("meta")
+print(json.dumps({"policy": policy, "rows": [r["policy"] for r in result.rows()]}, sort_keys=True))
+"""
+
+
+def test_search_is_deterministic_across_processes_and_thread_counts(tmp_path) -> None:
+    # Two fresh processes, one and two intra-op threads (float sums split differently): the same
+    # policy, to the last digit of its temperature, weights and gate.
+    import subprocess
+    import sys
+
+    script = tmp_path / "search_once.py"
+    script.write_text(DETERMINISM_SCRIPT)
+    outputs = []
+    for threads in ("1", "2"):
+        done = subprocess.run([sys.executable, str(script), threads], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0]["policy"]["views"]) >= 2  # a real selection, not the identity fallback
+
+
+def test_greedy_search_is_deterministic() -> None:
     cache = random_cache(20, 300, 4, seed=2)
     a, b = greedy_search(cache, budget=4), greedy_search(cache, budget=4)
     assert a.policy.to_json() | {"meta": None} == b.policy.to_json() | {"meta": None}
@@ -374,7 +412,7 @@ def test_view_cache_save_load_and_errors(tmp_path) -> None:
         ViewCache(torch.zeros(1, 3, 2), torch.zeros(3), [HFLIP]).index("vflip")
 
 
-def test_search_policy_end_to_end_and_report(tmp_path) -> None:
+def test_search_policy_end_to_end_and_report(tmp_path, saved_figures) -> None:
     model, ds = tiny_model(), tiny_dataset(60)
     result = search_policy(model, ds.images, ds.labels, train_augmentations=FLIP_SHIFT, budget=3, progress=False)
     assert isinstance(result, SearchResult)
@@ -400,7 +438,13 @@ def test_search_policy_end_to_end_and_report(tmp_path) -> None:
     assert (
         data["selected"] == result.policy.view_names and len(data["candidates"]) == result.pool_size
     )
-    assert paths["views_curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    accuracy_panel, nll_panel = saved_figures["views_curve.png"].axes  # the selection path, drawn
+    (line,) = accuracy_panel.get_lines()
+    assert list(line.get_xdata()) == [row["n_views"] for row in result.path]
+    assert list(line.get_ydata()) == pytest.approx([row["accuracy"] for row in result.path])
+    assert nll_panel.get_ylabel() == "NLL (temperature-scaled)"
+    (bars,) = saved_figures["candidate_lifts.png"].axes
+    assert len(bars.patches) == result.pool_size
     assert "## Selection path" in paths["markdown"].read_text()
 
 

@@ -28,6 +28,31 @@ def test_cli_search_split_test_is_one_line_and_exit_2(tmp_path, capsys) -> None:
     assert "Traceback" not in captured.err
 
 
+def test_cli_search_split_train_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+    """Issue "sound answers": a policy searched on the rows the model trained on is chosen by
+    rows it fitted; refused before anything loads."""
+    code = main(["search", str(tmp_path / "no-such-checkpoint"), "--split", "train"])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--split train" in lines[0] and "'val'" in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_check_search_split_refuses_train_and_test() -> None:
+    from ttakit.search.run import check_search_split
+
+    assert check_search_split("val") == "val"
+    for split in ("train", "test"):
+        with pytest.raises(InvalidInputError, match=f"--split {split}"):
+            check_search_split(split)
+
+
+def test_search_checkpoint_refuses_the_train_split(tmp_path) -> None:
+    with pytest.raises(InvalidInputError, match="--split train"):
+        search_checkpoint(tmp_path / "no-such-checkpoint", split="train")  # refused before anything loads
+
+
 def test_demo_lesson_names_the_views_chosen() -> None:
     from ttakit.experiment import _searched_lesson
 

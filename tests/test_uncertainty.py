@@ -76,3 +76,25 @@ def test_views_that_agree_have_no_spread():
 def test_bad_input(views, merged, weights, pattern):
     with pytest.raises(InvalidInputError, match=pattern):
         view_uncertainty(views, merged, weights)
+
+
+def test_disagreement_counts_views_against_the_reported_labels():
+    merged = VIEWS.mean(0)  # top classes 0 and 1
+    u = view_uncertainty(VIEWS, merged, labels=torch.tensor([1, 0]))
+    # image 0: views say 0, 0, 1 -> 2 of 3 differ from 1; image 1: views say 0, 1, 0 -> 1 of 3 differs from 0
+    assert torch.allclose(u["disagreement"], torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+    same = view_uncertainty(VIEWS, merged, labels=merged.argmax(1))
+    assert torch.equal(same["disagreement"], view_uncertainty(VIEWS, merged)["disagreement"])
+
+
+@pytest.mark.parametrize(
+    "labels, pattern",
+    [
+        (torch.tensor([0, 1, 0]), r"`labels` to be a \(2,\) integer tensor.*got \(3,\) torch.int64"),
+        (torch.tensor([0.0, 1.0]), r"`labels` to be a \(2,\) integer tensor.*got \(2,\) torch.float32"),
+        ([0, 1], r"`labels` to be a \(2,\) integer tensor.*got list"),
+    ],
+)
+def test_bad_labels(labels, pattern):
+    with pytest.raises(InvalidInputError, match=pattern):
+        view_uncertainty(VIEWS, VIEWS.mean(0), labels=labels)

@@ -4,9 +4,8 @@ The public API is what this module exports. ttach users can ``import ttakit as t
 their code: ``tta.ClassificationTTAWrapper(model, tta.aliases.d4_transform())``.
 """
 
-__version__ = "0.1.0"
-
 from . import aliases, base, functional, transforms, wrappers  # noqa: E402  (ttach's module paths)
+from ._version import __version__  # the one place the version is written
 from .aliases import get_policy, list_policies, register_policy  # noqa: E402
 from .engine import TTAEngine, TTAOutput  # noqa: E402
 from .errors import (  # noqa: E402

@@ -1,22 +1,25 @@
-"""Online choice of how many images each forward pass holds (the engine's ``pass_size="auto"``).
+"""Opt-in choice of how many images each forward pass holds, by timing (the engine's
+``pass_size="auto"``, like ``torch.backends.cudnn.benchmark``).
 
-How views are batched changes speed, not results: stacking the views of a small batch into one
-pass usually saves the model's fixed cost per call, but on CPU a pass of a few images can run
-slower per image than separate passes (a convolution over one input channel picks a slower
-kernel at batch 2 than at batch 1 on this build of torch), and a large pass slower per image
-than passes of 32 (caches). Which wins depends on the model, the batch size and the machine, so
-the engine measures instead of guessing, as ``torch.backends.cudnn.benchmark`` does for
-convolution kernels: the first calls of each input shape try each distinct plan in turn (real
-calls, whose outputs are used: nothing runs twice), then every later call uses the fastest.
+How views are batched changes speed, never results (the engine's answers, checks and errors do
+not depend on its plan beyond float rounding): stacking the views of a small batch into one pass
+usually saves the model's fixed cost per call, but on CPU a pass of a few images can run slower
+per image than separate passes, and a large pass slower per image than passes of 32 (caches).
+Which wins depends on the model, the batch size and the machine. The engine's default plan is
+fixed (no timing); with ``pass_size="auto"`` the first calls of each input shape try each
+distinct plan in turn (real calls, whose outputs are used: nothing runs twice), then every later
+call uses the fastest.
 
 A *plan* is how one call of ``batch`` images and ``n_views`` views is cut: chunks of ``chunk``
 images, ``per_pass`` views of a chunk stacked into one forward pass. Pass sizes that give the
-same plan are one candidate.
+same plan are one candidate. The tuner reads time from ``clock`` (default
+:func:`time.perf_counter`), so tests can drive it with a fake clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
 __all__ = ["PassPlan", "PassTuner", "pass_plan", "candidate_pass_sizes"]
@@ -66,15 +69,22 @@ class PassTuner:
     """Chooses a pass size per input shape from the wall time of real calls.
 
     ``choose(key, candidates)`` gives the pass size for a call; ``record(key, size, seconds)``
-    reports how long the call took. After ``trials`` calls of every candidate, the one with the
-    lowest minimum time is kept for ``key`` from then on; the first candidate (the default) is
-    kept unless another is at least ``margin`` faster.
+    reports how long the call took, measured with ``clock`` (seconds, monotonic). After ``trials``
+    calls of every candidate, the one with the lowest minimum time is kept for ``key`` from then
+    on; the first candidate (the default) is kept unless another is at least ``margin`` faster.
     """
 
-    def __init__(self, trials: int = TRIALS, max_shapes: int = MAX_SHAPES, margin: float = MARGIN):
+    def __init__(
+        self,
+        trials: int = TRIALS,
+        max_shapes: int = MAX_SHAPES,
+        margin: float = MARGIN,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.trials = trials
         self.margin = margin
         self.max_shapes = max_shapes
+        self.clock = clock
         self.chosen: dict[Hashable, int] = {}
         self._times: dict[Hashable, dict[int, list[float]]] = {}
 

@@ -5,16 +5,21 @@ Every image is scored by a model that did not train on it: either ``K`` models t
 ``K - 1`` folds each (:func:`cross_val_probs`, the recipe read from a ttakit checkpoint), or a
 given model on data it never saw. Two methods flag images (:func:`flag_issues`):
 
-* the practitioner's rule: the model calls the image another class with probability above
-  ``mislabel_threshold`` (0.9) -> ``mislabelled``; its top probability lies within
+* the practitioner's rule: the model calls the image another class and is sure of it: the
+  probability of every class but the label together, ``1 - p[label]``, is above
+  ``mislabel_threshold`` (0.9; ``mislabel_by="others"``, the default, which ``benchmarks/audit.py``
+  measures best on flipped labels: recall 0.96 at precision 0.68), or with ``mislabel_by="top"``
+  the top class's probability is -> ``mislabelled``; its top probability lies within
   ``ambiguous_range`` (0.5-0.6) -> ``ambiguous`` (it probably shows two classes);
 * confident learning: :func:`cleanlab.filter.find_label_issues` on the same probabilities
   (cleanlab is the maintained implementation; it is called, not rewritten) -> ``mislabelled``.
 
 :func:`audit_checkpoint` is the job behind ``ttakit audit``: it writes ``issues.csv`` (one row
 per flag: the image's row in the data as given, or its file for a folder; given and suggested
-label; probability; kind; method; rank), ``contact_sheet.png`` and, on request, the data
-without the flagged images (``--write-clean``), which ``ttakit train --data`` accepts.
+label; probability; kind; method; rank; the TTA views' top classes when they disagree),
+``contact_sheet.png``, ``review.html`` (:mod:`ttakit.review_page`) and, on request, the data
+without the flagged images (``--write-clean``), which ``ttakit train --data`` accepts. All of them
+use the same flags (the same ``mislabel_by``).
 
 Example:
     >>> probs = torch.tensor([[0.95, 0.05], [0.55, 0.45], [0.1, 0.9]])
@@ -40,6 +45,7 @@ import torch
 
 from ._io import atomic_write, atomic_write_text
 from .errors import DataError, InvalidInputError, unknown_name
+from .policy import check_policy_model
 
 __all__ = [
     "AUDIT_METHODS",
@@ -54,13 +60,14 @@ __all__ = [
     "fold_assignment",
     "issues_to_csv",
     "rows_to_remove",
+    "view_disagreement",
     "write_clean",
 ]
 
 AUDIT_METHODS = ("rule", "cleanlab")
 REMOVE_CHOICES = ("all", "mislabelled", "rule", "cleanlab")
-MISLABEL_BY = ("top", "others")
-CSV_COLUMNS = ("rank", "row", "file", "given", "suggested", "probability", "kind", "method")
+MISLABEL_BY = ("others", "top")  # the default first
+CSV_COLUMNS = ("rank", "row", "file", "given", "suggested", "probability", "kind", "method", "views")
 
 
 # --------------------------------------------------------------------------- validation
@@ -142,7 +149,7 @@ def flag_issues(
     methods: Sequence[str] = AUDIT_METHODS,
     mislabel_threshold: float = 0.9,
     ambiguous_range: tuple[float, float] = (0.5, 0.6),
-    mislabel_by: str = "top",
+    mislabel_by: str = "others",
 ) -> list[Issue]:
     """Flag images by the practitioner's rule and by confident learning.
 
@@ -152,14 +159,14 @@ def flag_issues(
         labels: ``(N,)`` the given labels.
         methods: any of ``"rule"``, ``"cleanlab"``.
         mislabel_threshold: rule: flag ``mislabelled`` when the top class differs from the label
-            and the model is this sure: its top class's probability is above it
-            (``mislabel_by="top"``), or the probability of every class but the label together is
-            (``mislabel_by="others"``, i.e. ``p[label] < 1 - threshold``).
+            and the model is this sure: the probability of every class but the label together is
+            above it (``mislabel_by="others"``, the default, i.e. ``p[label] < 1 - threshold``), or
+            its top class's probability is (``mislabel_by="top"``).
         ambiguous_range: rule: flag ``ambiguous`` when the top probability lies in ``[low, high]``.
 
     Returns:
         Issues sorted by method, kind, then rank. Rule ``mislabelled``: ranked by the probability
-        of the suggested class (highest first); ``ambiguous``: by the margin between the two top
+        compared with the threshold (``1 - p[label]``, or the top class's; highest first); ``ambiguous``: by the margin between the two top
         classes (smallest first); ``cleanlab``: in cleanlab's order (self-confidence, lowest first).
     """
     p, y = _check_labels(probs, labels)
@@ -262,15 +269,52 @@ def fold_assignment(labels: torch.Tensor, folds: int, seed: int = 0) -> torch.Te
     return assignment
 
 
-def _policy_probs(model: Any, images: torch.Tensor, policies: dict[str, Any], max_batch: int, progress: bool,
-                  label: str) -> dict[str, torch.Tensor]:
-    from .evaluate import predict_probs
+#: Images per engine call when each view's output is kept: bounds the ``(K, n, C)`` per-view
+#: outputs in memory to this many images (the engine chunks each call further by ``max_batch``).
+_VIEW_CHUNK = 4096
 
-    out = {}
+
+def _view_keys(names: Sequence[str]) -> list[str]:
+    """The views' names, made unique (``hflip``, ``hflip#2``) to key a dict."""
+    seen: dict[str, int] = {}
+    keys = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return keys
+
+
+def _policy_probs(model: Any, images: torch.Tensor, policies: dict[str, Any], max_batch: int, progress: bool,
+                  label: str, views_of: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Probabilities ``(N, C)`` of ``images`` under each policy, and, for the policy named
+    ``views_of`` (when it has 2 or more views), each view's top class ``(N,)`` (view name -> int64):
+    the class each TTA view alone votes for, from the same engine run as the merged probabilities.
+    Only the top classes are kept (not ``K`` copies of the probabilities)."""
+    from .engine import TTAEngine, eval_mode
+    from .evaluate import predict_probs
+    from .progress import progress as show_progress
+
+    out: dict[str, torch.Tensor] = {}
+    votes: dict[str, torch.Tensor] = {}
     for name, policy in policies.items():
-        probs, _ = predict_probs(model, images, policy, max_batch=max_batch, progress=progress, desc=f"{label} {name}")
-        out[name] = probs.float().cpu()
-    return out
+        if name != views_of or len(policy) < 2:
+            probs, _ = predict_probs(model, images, policy, max_batch=max_batch, progress=progress,
+                                     desc=f"{label} {name}")
+            out[name] = probs.float().cpu()
+            continue
+        engine = TTAEngine(model, policy, activation="softmax", max_batch=max_batch)
+        merged, tops = [], []
+        with eval_mode(model), show_progress(desc=f"{label} {name}", total=len(images), unit="img",
+                                             enabled=progress) as bar:
+            for start in range(0, len(images), _VIEW_CHUNK):
+                run = engine.run(images[start : start + _VIEW_CHUNK], return_views=True, progress=bar.update)
+                merged.append(run.merged.float().cpu())
+                # (K, n, C) raw outputs before softmax: their argmax is each view's vote
+                tops.append(run.views.float().argmax(dim=-1).cpu())
+        out[name] = torch.cat(merged)
+        per_view = torch.cat(tops, dim=1)
+        votes = {key: per_view[k] for k, key in enumerate(_view_keys(run.view_names))}
+    return out, votes
 
 
 def cross_val_probs(
@@ -296,6 +340,26 @@ def cross_val_probs(
     Returns:
         ``(probs, fold)``: ``probs`` name -> ``(N, C)``, ``fold`` ``(N,)`` each image's fold.
     """
+    probs, assignment, _ = _cross_val(dataset, folds, config=config, arch=arch, arch_kwargs=arch_kwargs,
+                                      policies=policies, seed=seed, max_batch=max_batch, progress=progress)
+    return probs, assignment
+
+
+def _cross_val(
+    dataset: Any,
+    folds: int,
+    *,
+    config: Any = None,
+    arch: str = "seed-cnn",
+    arch_kwargs: dict[str, Any] | None = None,
+    policies: dict[str, Any] | None = None,
+    seed: int = 0,
+    max_batch: int = 256,
+    progress: bool = True,
+    views_of: str | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`cross_val_probs`, plus each view's out-of-fold top class ``(N,)`` under the policy
+    named ``views_of`` (view name -> int64; empty when it has fewer than 2 views)."""
     from dataclasses import replace
 
     from .aliases import get_policy
@@ -308,6 +372,7 @@ def cross_val_probs(
     assignment = fold_assignment(dataset.labels, folds, seed)
     n, c = len(dataset), dataset.num_classes
     probs = {name: torch.zeros(n, c) for name in policies}
+    votes: dict[str, torch.Tensor] = {}
     for k in range(folds):
         held = torch.nonzero(assignment == k).flatten()
         train_rows = torch.nonzero(assignment != k).flatten()
@@ -315,21 +380,35 @@ def cross_val_probs(
         fold_config = replace(config, seed=int(config.seed) + k, limit=None)
         result = train_model(dataset.subset(train_rows), fold_config, arch=arch, arch_kwargs=arch_kwargs,
                              progress=progress)
-        scored = _policy_probs(result.model, dataset.images[held], policies, max_batch, progress, f"fold {k + 1}")
+        scored, fold_votes = _policy_probs(result.model, dataset.images[held], policies, max_batch, progress,
+                                           f"fold {k + 1}", views_of)
         for name, p in scored.items():
             probs[name][held] = p
-    return probs, assignment
+        for name, v in fold_votes.items():
+            votes.setdefault(name, torch.zeros(n, dtype=torch.long))[held] = v
+    return probs, assignment, votes
 
 
 # --------------------------------------------------------------------------- outputs
 
 
+def view_disagreement(view_votes: dict[str, torch.Tensor] | None, row: int) -> list[tuple[str, int]]:
+    """``[(view name, its top class), ...]`` of the image at ``row`` when the TTA views do not all
+    vote for the same class, else ``[]`` (also without ``view_votes``: a policy of one view)."""
+    if not view_votes:
+        return []
+    named = [(name, int(tops[row])) for name, tops in view_votes.items()]
+    return named if len({c for _, c in named}) > 1 else []
+
+
 def issues_to_csv(issues: Sequence[Issue], classes: Sequence[str], files: Sequence[str] | None = None,
-                  rows: Sequence[int] | None = None) -> str:
-    """``issues.csv`` text: ``rank, row, file, given, suggested, probability, kind, method``.
+                  rows: Sequence[int] | None = None, view_votes: dict[str, torch.Tensor] | None = None) -> str:
+    """``issues.csv`` text: ``rank, row, file, given, suggested, probability, kind, method, views``.
 
     ``row`` is the image's row in the data as given (``rows`` maps audited positions to it);
-    ``file`` its path for image folders (else empty); labels are class names.
+    ``file`` its path for image folders (else empty); labels are class names; ``views`` the TTA
+    views' votes when they disagree (``identity=Shirt; hflip=Pullover``, from ``view_votes``: view
+    name -> ``(N,)`` each view's top class), else empty.
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -345,6 +424,7 @@ def issues_to_csv(issues: Sequence[Issue], classes: Sequence[str], files: Sequen
                 f"{issue.probability:.4f}",
                 issue.kind,
                 issue.method,
+                "; ".join(f"{name}={classes[c]}" for name, c in view_disagreement(view_votes, issue.row)),
             ]
         )
     return buffer.getvalue()
@@ -427,14 +507,20 @@ def contact_sheet(
     return _save(fig, path)
 
 
-def write_clean(dataset: Any, remove: Sequence[int], path: str | os.PathLike, *, root: str | None = None) -> Path:
-    """Write ``dataset`` without the rows ``remove`` to ``path``.
+def write_clean(dataset: Any, remove: Sequence[int], path: str | os.PathLike, *, root: str | None = None,
+                test: Any = None, manifest: dict[str, Any] | None = None) -> Path:
+    """Write ``dataset`` without the rows ``remove`` to ``path``, and ``test`` as its own test split.
 
     An ``.npz`` (``x`` uint8 when the pixels are multiples of 1/255, else float32 in [0, 1];
-    ``y``; ``classes``) for array data; for data loaded from image files (``dataset.files``),
-    a file list (``.txt``: one ``path<TAB>class`` line per image, paths absolute) that
-    ``ttakit train --data`` reads with :func:`ttakit.data.load_file_list`.
+    ``y``; ``classes``; ``x_test``, ``y_test`` for ``test``; ``manifest``, ``manifest`` as JSON)
+    for array data; for data loaded from image files (``dataset.files``), a file list (``.txt``:
+    one ``path<TAB>class`` line per image, ``path<TAB>class<TAB>test`` for ``test``, paths
+    absolute, the manifest on a ``# ttakit-clean {json}`` line) that ``ttakit train --data``
+    reads with :func:`ttakit.data.load_file_list`. Either way the written data has ``test`` as a
+    test split of its own, so a model trained on it is scored on exactly those images.
     """
+    import json
+
     path = Path(path)
     keep = torch.ones(len(dataset), dtype=torch.bool)
     if len(remove):
@@ -450,27 +536,44 @@ def write_clean(dataset: Any, remove: Sequence[int], path: str | os.PathLike, *,
                 "give a path ending in .txt"
             )
         base = Path(root) if root is not None else Path(".")
-        lines = ["# ttakit file list: image path <TAB> class name; read by ttakit train --data FILE"]
-        for i in kept.tolist():
-            file = Path(files[i])
-            full = file if file.is_absolute() else (base / file)
-            lines.append(f"{full.resolve()}\t{dataset.classes[int(dataset.labels[i])]}")
+        lines = ["# ttakit file list: image path <TAB> class name [<TAB> test]; read by ttakit train --data FILE"]
+        if manifest is not None:
+            lines.append("# ttakit-clean " + json.dumps(manifest, sort_keys=True))
+        parts = [(dataset, kept.tolist(), "")]
+        if test is not None:
+            if getattr(test, "files", None) is None:
+                raise InvalidInputError("--write-clean: the test split of image files must name its files")
+            parts.append((test, list(range(len(test))), "\ttest"))
+        for part, rows, mark in parts:
+            for i in rows:
+                file = Path(part.files[i])
+                full = file if file.is_absolute() else (base / file)
+                lines.append(f"{full.resolve()}\t{part.classes[int(part.labels[i])]}{mark}")
         return atomic_write_text(path, "\n".join(lines) + "\n")
     if path.suffix.lower() != ".npz":
         raise InvalidInputError(f"--write-clean {str(path)!r}: expected a path ending in .npz for array data")
-    images = dataset.images[kept]
-    scaled = images * 255.0
-    as_uint8 = bool(torch.allclose(scaled, scaled.round(), atol=1e-3))
-    x = scaled.round().clamp(0, 255).to(torch.uint8) if as_uint8 else images.float()
-    x = x.permute(0, 2, 3, 1).numpy()  # NHWC, which the .npz loader reads for C in 1, 3, 4
-    if x.shape[-1] == 1:
-        x = x[..., 0]
-    y = dataset.labels[kept].numpy().astype(np.int64)
-    classes = np.array(list(dataset.classes))
+
+    def arrays(images: torch.Tensor) -> np.ndarray:
+        scaled = images * 255.0
+        as_uint8 = bool(torch.allclose(scaled, scaled.round(), atol=1e-3))
+        x = scaled.round().clamp(0, 255).to(torch.uint8) if as_uint8 else images.float()
+        x = x.permute(0, 2, 3, 1).numpy()  # NHWC, which the .npz loader reads for C in 1, 3, 4
+        return x[..., 0] if x.shape[-1] == 1 else x
+
+    stored: dict[str, np.ndarray] = {
+        "x": arrays(dataset.images[kept]),
+        "y": dataset.labels[kept].numpy().astype(np.int64),
+        "classes": np.array(list(dataset.classes)),
+    }
+    if test is not None:
+        stored["x_test"] = arrays(test.images)
+        stored["y_test"] = test.labels.numpy().astype(np.int64)
+    if manifest is not None:
+        stored["manifest"] = np.array(json.dumps(manifest, sort_keys=True))
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, x=x, y=y, classes=classes)
+            np.savez_compressed(handle, **stored)
 
     return atomic_write(path, write)
 
@@ -504,20 +607,6 @@ def _require_labels(dataset: Any, spec: str) -> None:
         )
 
 
-def _rows_in(pool: Any, subset: Any) -> list[int]:
-    """The row of each ``subset`` image in ``pool`` (matched by pixels and label)."""
-    keys: dict[bytes, list[int]] = {}
-    pool_bytes = pool.images.reshape(len(pool), -1).numpy()
-    for i in range(len(pool)):
-        keys.setdefault(pool_bytes[i].tobytes() + bytes([int(pool.labels[i]) % 256]), []).append(i)
-    sub_bytes = subset.images.reshape(len(subset), -1).numpy()
-    rows = []
-    for i in range(len(subset)):
-        bucket = keys.get(sub_bytes[i].tobytes() + bytes([int(subset.labels[i]) % 256]))
-        rows.append(bucket.pop(0) if bucket else i)
-    return rows
-
-
 def _train_config(meta: Any, epochs: int | None) -> Any:
     from dataclasses import replace
 
@@ -546,7 +635,7 @@ def audit_checkpoint(
     methods: Sequence[str] = AUDIT_METHODS,
     mislabel_threshold: float = 0.9,
     ambiguous_range: tuple[float, float] = (0.5, 0.6),
-    mislabel_by: str = "top",
+    mislabel_by: str = "others",
     out_dir: str | os.PathLike = "audit",
     write_clean_to: str | os.PathLike | None = None,
     remove: str = "all",
@@ -555,6 +644,7 @@ def audit_checkpoint(
     max_batch: int = 256,
     seed: int = 0,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> dict[str, Any]:
     """``ttakit audit``: score every image of ``split`` out of sample, flag, and write the results.
 
@@ -564,13 +654,17 @@ def audit_checkpoint(
     it did not train on (``val``, ``test``, or other data than its own).
 
     The flags use the TTA probabilities of ``policy`` (default: the checkpoint's training
-    augmentations, ``train-aug``, or plain inference if it trained without any).
+    augmentations, ``train-aug``, or plain inference if it trained without any). A policy holding
+    fitted parameters must have been fitted on this checkpoint
+    (:func:`ttakit.policy.check_policy_model`; ``allow_other_model`` allows another). Auditing the
+    checkpoint's own validation split with a policy fitted on validation rows (``ttakit search``)
+    audits only the rows it never saw (``meta["validation_rows"]``): a row is never flagged by
+    something fitted on it, and those rows can still be audited soundly.
     """
     from .aliases import get_policy
     from .evaluate import resolve_policy
     from .models import check_compatible
     from .predictors import load as load_predictor
-    from .progress import note
 
     threshold = _check_threshold(mislabel_threshold)
     amb = _check_range(ambiguous_range)
@@ -588,29 +682,53 @@ def audit_checkpoint(
     if spec is None:
         raise InvalidInputError(f"give the data to audit with --data (the model {model} does not record its own)")
     data_dir = data_dir or (recipe.get("data_dir") if spec == recipe.get("spec") else None)
+    if policy is None:
+        policy = "train-aug" if getattr(predictor, "train_augmentations", None) else "none"
+    tta_policy = resolve_policy(policy, meta)
+    check_policy_model(tta_policy, predictor, allow_other_model=allow_other_model)  # fitted on this model?
+    if write_clean_to is not None and split == "test":
+        raise InvalidInputError(
+            "--write-clean with --split test: cleaning never touches the held-out test images (a model retrained "
+            "on them would be scored on images a model picked); audit --split train or val to write a cleaned copy"
+        )
+    own = bool(recipe) and _same_source(str(spec), str(recipe.get("spec")))
+    if folds is None and split == "train" and own:
+        raise InvalidInputError(
+            f"{model} trained on the train split of {spec}, so its predictions there say nothing about the "
+            "labels; audit with --folds K (models that did not train on each image), or --split val / test"
+        )
 
-    if folds is not None:
-        dataset = _load_audit_data(spec, split, data_dir).head(limit)
-        positions = list(range(len(dataset)))
+    # `source` is the data as given; `positions` number the audited rows in it, from the split
+    # the checkpoint recorded (never by matching pixels), and `test_index` its held-out test rows.
+    test_index: list[int] | None = None
+    fitted_note = ""
+    if own:
+        from .data.splits import split_rows
+
+        _require_recorded_split(recipe, split, model)
+        source, index, _ = split_rows(recipe, split, data=data, data_dir=data_dir)
+        positions = index.tolist()
+        if split == "val":
+            positions, fitted_note = _rows_not_fitted_on(tta_policy, source, positions)
+        if recipe.get("test_source") == "carved" and split != "test":
+            test_index = [int(i) for i in recipe["test_index"]]
     else:
-        from .data import load_dataset
-        from .experiment import load_eval_data
+        source = _load_audit_data(spec, split, data_dir)
+        positions = list(range(len(source)))
+        if write_clean_to is not None and not _has_own_test(spec, data_dir):
+            # no test split yet: keep apart the one ttakit train would carve, so a model trained
+            # on the cleaned copy is scored on images no audit touched
+            from .data import make_splits
+            from .data.splits import SPLIT_SEED
 
-        own = meta is not None and str(spec) == str(recipe.get("spec"))
-        if split == "train" and own:
-            raise InvalidInputError(
-                f"{model} trained on the train split of {spec}, so its predictions there say nothing about the "
-                "labels; audit with --folds K (models that did not train on each image), or --split val / test"
-            )
-        if meta is not None and split in ("val", "test"):
-            dataset = load_eval_data(meta, data, split, data_dir).head(limit)
-            _require_labels(dataset, spec)
-            pool = load_dataset(spec, split="train" if split == "val" or not _has_own_test(spec, data_dir) else "test",
-                                data_dir=data_dir)
-            positions = _rows_in(pool, dataset)
-        else:
-            dataset = _load_audit_data(spec, split, data_dir).head(limit)
-            positions = list(range(len(dataset)))
+            test_index = [int(i) for i in make_splits(spec, data_dir, val_fraction=0.0, seed=SPLIT_SEED).recipe["test_index"]]
+            held = set(test_index)
+            positions = [i for i in positions if i not in held]
+    if limit is not None and limit < 1:
+        raise InvalidInputError(f"--limit must be a positive number of images, got {limit}")
+    positions = positions[:limit] if limit is not None else positions
+    dataset = source.subset(positions, f"{spec}[{split}]") if positions != list(range(len(source))) else source
+    _require_labels(dataset, spec)
     if meta is not None:
         check_compatible(meta, dataset.channels, dataset.image_size)
         if list(dataset.classes) != list(meta.classes):
@@ -619,9 +737,6 @@ def audit_checkpoint(
                 "audit it on data with the same classes in the same order"
             )
 
-    if policy is None:
-        policy = "train-aug" if getattr(predictor, "train_augmentations", None) else "none"
-    tta_policy = resolve_policy(policy, meta)
     policies = {"none": get_policy("none")}
     if tta_policy.name != "none" or len(tta_policy) > 1:
         policies[tta_policy.name] = tta_policy
@@ -629,14 +744,14 @@ def audit_checkpoint(
 
     if folds is not None:
         config = _train_config(meta, epochs)
-        probs, _ = cross_val_probs(
+        probs, _, view_votes = _cross_val(
             dataset, folds, config=config, arch=meta.arch, arch_kwargs=meta.arch_kwargs, policies=policies,
-            seed=seed, max_batch=max_batch, progress=progress,
+            seed=seed, max_batch=max_batch, progress=progress, views_of=main,
         )
         how = f"{folds}-fold cross-validation ({meta.arch}, {config.epochs} epochs per fold)"
     else:
-        probs = _policy_probs(predictor, dataset.images, policies, max_batch, progress, "audit")
-        how = f"{model} on data it did not train on"
+        probs, view_votes = _policy_probs(predictor, dataset.images, policies, max_batch, progress, "audit", main)
+        how = f"{model} on data it did not train on{fitted_note}"
 
     issues = flag_issues(probs[main], dataset.labels, methods=methods, mislabel_threshold=threshold,
                          ambiguous_range=amb, mislabel_by=mislabel_by)
@@ -657,17 +772,31 @@ def audit_checkpoint(
         root = root / ("test" if split == "test" else "train")
     if files is not None:
         file_column = [str(root / f) if not Path(f).is_absolute() else f for f in files]
-    csv_path = atomic_write_text(out / "issues.csv", issues_to_csv(issues, dataset.classes, file_column, positions))
+    csv_path = atomic_write_text(out / "issues.csv", issues_to_csv(issues, dataset.classes, file_column, positions,
+                                                                      view_votes))
     sheet = contact_sheet(
         dataset.images, issues, dataset.classes, out / "contact_sheet.png", rows=positions,
         title=f"Flagged images of {spec}/{split}: red probably mislabelled, orange ambiguous (given → suggested, p)",
     )
+    # review.html: look at the flagged images, then decide
+    from .review_page import write_review_page
+
+    review = write_review_page(
+        out / "review.html", dataset.images, probs[main], dataset.labels, dataset.classes, rows=positions,
+        files=file_column, plain_probs=probs["none"] if main != "none" else None, view_probs=view_votes,
+        methods=("others", "top", *(("cleanlab",) if "cleanlab" in methods else ())),
+        default_method=mislabel_by if "rule" in methods else "cleanlab",
+        mislabel_threshold=threshold, ambiguous_range=amb, title=f"ttakit audit of {spec}/{split}: review",
+        subtitle=f"{len(dataset)} images scored by {how}; TTA policy {main}", run=f"{model}|{spec}|{split}|{out}",
+    )
     cleaned = None
+    manifest = None
     removed = rows_to_remove(issues, remove)
     if write_clean_to is not None:
-        if folds is None or len(dataset) != len(positions) or positions != list(range(len(dataset))):
-            note("note: the cleaned copy holds only the audited split", enabled=progress)
-        cleaned = write_clean(dataset, removed, write_clean_to, root=str(root))
+        cleaned, manifest = _write_clean_copy(
+            source, [positions[r] for r in removed], write_clean_to, spec=str(spec), data_dir=data_dir,
+            split=split, model=str(model), test_index=test_index, root=root, recipe=recipe if own else None,
+        )
     rows = _summary_rows(summary, summary_plain, main)
     result = {
         "format": "ttakit-audit",
@@ -689,13 +818,18 @@ def audit_checkpoint(
         "rows": rows,
         "issues_csv": str(csv_path),
         "contact_sheet": str(sheet) if sheet else None,
+        "review_page": str(review),
         "clean": str(cleaned) if cleaned else None,
+        "clean_manifest": manifest,
         "out_dir": str(out),
     }
     from ._io import atomic_write_json
     from .report import format_table
 
     atomic_write_json(out / "audit.json", result)
+    from .html_report import write_audit_report
+
+    result["report_html"] = str(write_audit_report(out, result))
     result["table"] = format_table(rows, title=f"audit of {spec}/{split} ({len(dataset)} images): flagged images")
     return result
 
@@ -716,6 +850,114 @@ def _summary_rows(summary: dict, summary_plain: dict, main: str) -> list[dict[st
         row["flagged (plain)"] = summary_plain.get(method, {}).get(kind, 0)
         rows.append(row)
     return rows
+
+
+def _rows_not_fitted_on(policy: Any, source: Any, positions: list[int]) -> tuple[list[int], str]:
+    """The rows of the checkpoint's validation split (``positions`` in ``source``) that nothing in
+    ``policy`` was fitted on, and a note for the report ("" when every row is kept).
+
+    Raises:
+        InvalidInputError: the policy was fitted on labelled rows but does not record which, or
+            records another validation split, or leaves no row unseen.
+    """
+    from .data.splits import dataset_sha256
+    from .policy import fitted_on_labelled_data, fitted_parameters, unused_validation_rows
+
+    if not fitted_on_labelled_data(policy):
+        return positions, ""
+    what = ", ".join(fitted_parameters(policy)) or "views searched"
+    n = len(positions)
+    try:
+        unused = unused_validation_rows(policy, n, dataset_sha256(source.subset(positions, "val")))
+    except InvalidInputError:
+        raise InvalidInputError(
+            f"audit --split val --policy {policy.name!r}: its {what} were fitted on this checkpoint's validation rows "
+            f"and no row of the {n} is proven unseen (the policy records none, records another validation split, or "
+            "was searched on all of them), so each row would be flagged by something fitted on it; audit with a "
+            "views-only policy (--policy none or hflip), --split test, or search again with ttakit search (it keeps "
+            "--conformal-holdout 0.2 of the rows unseen and records them)"
+        ) from None
+    if unused is None:
+        return positions, ""
+    kept = [positions[r] for r in unused]
+    return kept, f"; the {len(kept)} of {n} validation rows the policy's {what} were not fitted on"
+
+
+def _same_source(a: str, b: str) -> bool:
+    from .data.splits import _same_spec
+
+    return _same_spec(a, b)
+
+
+def _require_recorded_split(recipe: dict[str, Any], split: str, model: str) -> None:
+    """Refuse a checkpoint whose recipe does not record the rows of ``split`` (and of its test
+    split): without them the audited rows could be numbered, and the test rows kept apart,
+    only by guessing."""
+    carved = recipe.get("test_source") == "carved"
+    needed = []
+    if carved:
+        needed.append("test_index")
+        if split == "val":
+            needed.append("val_index")
+        if split == "train" and float(recipe.get("val_fraction") or 0) > 0:
+            needed.append("val_index")
+    elif split != "test" and recipe.get("test_source") == "own" and not recipe.get("sha256"):
+        needed.append("sha256")
+    missing = [k for k in needed if not recipe.get(k) and not isinstance(recipe.get(k), list)]
+    if missing:
+        raise DataError(
+            f"checkpoint {model} does not record its split ({', '.join(missing)} missing from checkpoint.json "
+            "extra.data), so the audited rows cannot be numbered nor its test rows kept apart; retrain it with "
+            "ttakit train"
+        )
+
+
+def _absolute_files(dataset: Any, root: Path) -> Any:
+    """``dataset`` with its files as absolute paths (image folders store them relative to ``root``)."""
+    files = getattr(dataset, "files", None)
+    if files is None:
+        return dataset
+    dataset = dataset.subset(torch.arange(len(dataset)), dataset.name)
+    dataset.files = [f if Path(f).is_absolute() else str((root / f).resolve()) for f in files]
+    return dataset
+
+
+def _write_clean_copy(source: Any, removed_rows: list[int], path: str | os.PathLike, *, spec: str,
+                      data_dir: str | None, split: str, model: str, test_index: list[int] | None, root: Path,
+                      recipe: dict[str, Any] | None) -> tuple[Path, dict[str, Any]]:
+    """The data as given, without ``removed_rows`` and with its test split kept whole and apart:
+    the recorded (or carved) ``test_index`` rows of ``source``, or the data's own test split."""
+    from .data import load_dataset
+    from .data.splits import dataset_sha256
+
+    base = Path(spec).expanduser()
+    source = _absolute_files(source, root)
+    if test_index is not None:
+        test = source.subset(torch.tensor(test_index, dtype=torch.long), f"{spec}[test]")
+        test_source = "carved"
+    else:
+        if not _has_own_test(spec, data_dir):
+            raise DataError(f"--write-clean: {spec} has no test split to keep apart; retrain the checkpoint on it first")
+        test = load_dataset(spec, split="test", data_dir=data_dir)
+        test_source = "own"
+        if (base / "train").is_dir() and (base / "test").is_dir():
+            test = _absolute_files(test, base / "test")
+    manifest = {
+        "format": "ttakit-clean",
+        "format_version": 1,
+        "source": spec,
+        "source_sha256": (recipe or {}).get("sha256") or dataset_sha256(source),
+        "checkpoint": model,
+        "audited_split": split,
+        "removed_rows": sorted(removed_rows),
+        "test_source": test_source,
+        "test_index": sorted(test_index) if test_index is not None else None,
+        "n_test": len(test),
+    }
+    dropped = sorted(set(removed_rows) | set(test_index or []))
+    manifest["n_kept"] = len(source) - len(dropped)
+    written = write_clean(source, dropped, path, test=test, manifest=manifest)
+    return written, manifest
 
 
 def _has_own_test(spec: str, data_dir: str | None) -> bool:

@@ -18,14 +18,122 @@ EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 SPLITS = ("train", "val", "test")
+_DRAWING_COMMANDS = ("evaluate", "search", "demo", "audit", "lr-find")  # need ttakit[plots]
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already names it or there is
+    none to show (a flag that is off, an option without a value by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        if isinstance(default, (list, tuple)):
+            shown = ",".join(str(v) for v in default) or "none"
+        else:
+            shown = "%(default)s" if str(default) else "none"
+        return f"{text} (default: {shown})"
 
 
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the argument, the value and where to look
-    (not the full usage block), still with exit code 2."""
+    (not the full usage block), still with exit code 2. Every parser (each command's too) shows
+    each option's default in its help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+# --------------------------------------------------------------------------- one way to say each thing
+
+
+class _ListAction(argparse.Action):
+    """A list option: repeat it or separate by commas (``--augment flip --augment shift`` is
+    ``--augment flip,shift``); every command reads lists this one way."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is self.default or current is None else list(current)  # the first use replaces the default
+        items += [part.strip() for part in str(values).split(",") if part.strip()]
+        setattr(namespace, self.dest, items)
+
+
+def _add_list_arg(parser, flag: str, *, default: Sequence[str] | None, help: str, metavar: str = "A,B") -> None:
+    parser.add_argument(flag, action=_ListAction, default=list(default) if default is not None else None,
+                        metavar=metavar, help=f"{help}; repeat the option or separate by commas")
+
+
+def _joined(values: Sequence[str] | str | None) -> str:
+    """A list option as the comma-separated text the library takes."""
+    if values is None:
+        return ""
+    return values if isinstance(values, str) else ",".join(values)
+
+
+def _size(text: str) -> tuple[int, int]:
+    """An image size, one way for every option: ``28`` (square) or ``HxW`` such as ``32x48``."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 28 or 28x28 (HxW), got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 28 or 28x28 (HxW), positive, got {text!r}")
+    return values[0], values[1]
+
+
+def _sizes(text: str) -> list[int]:
+    """Square sizes for ``--progressive``: ``14,28`` (or ``14x14,28x28``)."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        height, width = _size(part)
+        if height != width:
+            raise argparse.ArgumentTypeError(f"progressive sizes are square (such as 14,28), got {part!r}")
+        out.append(height)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected sizes such as 14,28, got {text!r}")
+    return out
+
+
+# The splits each command accepts (its --split offers only these). A split a command refuses
+# for a reason (ensemble on val, search on test) is refused by the job with that reason.
+COMMAND_SPLITS: dict[str, tuple[str, ...]] = {
+    "evaluate": ("test", "val", "train"),
+    "search": ("val",),
+    "ensemble": ("test",),
+    "audit": ("train", "val", "test"),
+}
+
+
+def _add_split_arg(parser, command: str, default: str, help: str) -> None:
+    accepted = COMMAND_SPLITS[command]
+
+    def split(text: str) -> str:
+        if text not in SPLITS:
+            raise argparse.ArgumentTypeError(
+                f"{command} takes --split {' or '.join(accepted)}, got {text!r}"
+            )
+        return text  # a known split this command refuses: the job says why, in one line
+
+    parser.add_argument("--split", default=default, type=split, metavar="{" + ",".join(accepted) + "}", help=help)
+
+
+DEVICE_HELP = "where the model runs: cpu, cuda, cuda:N or mps"
+AMP_HELP = "mixed precision (autocast): bfloat16 on CPU, float16 on cuda and mps"
 
 
 def _add_data_args(parser: argparse.ArgumentParser, default: str | None = "fashion-mnist") -> None:
@@ -109,21 +217,49 @@ def check_out_path(path: str | os.PathLike | None, kind: str, flag: str = "--out
 
 
 def _add_device_args(parser: argparse.ArgumentParser, max_batch: bool = False) -> None:
-    """--device and --amp (and --max-batch where the command lacks it): the engine's run options."""
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cpu)")
-    parser.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, float16 on cuda/mps")
+    """--device and --amp (and --max-batch where the command lacks it): the run options of every
+    command that runs a model, with the same help; :func:`_run_options` checks and passes them."""
+    group = parser.add_argument_group("where the model runs")
+    group.add_argument("--device", default=None, metavar="DEVICE", help=f"{DEVICE_HELP} (default: cpu)")
+    group.add_argument("--amp", action="store_true", help=AMP_HELP)
     if max_batch:
-        parser.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
+        group.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
+
+
+def _run_options(job, args: argparse.Namespace) -> dict:
+    """``device``/``amp`` keywords for ``job``, the device checked by the one device parser
+    (:func:`ttakit.engine.check_device`) before any work. A job that cannot run elsewhere yet
+    refuses a device other than the CPU, and --amp, in one line rather than ignoring them."""
+    import inspect
+
+    from .engine import check_device
+
+    device = getattr(args, "device", None)
+    amp = bool(getattr(args, "amp", False))
+    check_device(device)
+    accepted = inspect.signature(job).parameters
+    options: dict = {}
+    for name, value, given in (("device", device, device is not None), ("amp", amp, amp)):
+        if name in accepted:
+            options[name] = value
+        elif given and not (name == "device" and str(value).strip().lower() == "cpu"):
+            raise InvalidInputError(
+                f"ttakit {args.command} runs on the CPU without autocast for now; --{name} {'' if name == 'amp' else value}"
+                .rstrip() + " is not supported here (drop it)"
+            )
+    return options
 
 
 def _add_vote_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, calibrated_on: str) -> None:
     """--vote, --weights, --tie-break, --seed and --no-calibrate: how several models' predictions merge."""
     parser.add_argument("--vote", default="soft", choices=("soft", "hard"),
                         help="soft: mean of calibrated probabilities (default); hard: majority class")
-    parser.add_argument("--weights", type=_weights, default=None, help="one weight per model, e.g. 1,1,2")
+    parser.add_argument("--weights", action=_WeightsAction, default=None, metavar="W",
+                        help="one weight per model, such as 1,1,2; repeat the option or separate by commas")
     parser.add_argument("--tie-break", default="mean", choices=("mean", "random"),
                         help="hard vote ties: mean (higher mean probability, then seeded random) or random")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random tie-break")
+    parser.add_argument("--tie-break-seed", "--seed", dest="tie_break_seed", type=int, default=0,
+                        help="seed of the random tie-break (--seed: the old spelling, deprecated)")
     parser.add_argument("--no-calibrate", action="store_true", help=f"do not temperature-scale {calibrated_on}")
 
 
@@ -151,17 +287,35 @@ def _add_predict_parser(commands) -> None:
         "optionally with its policy after a colon; several models write ENSEMBLE predictions. Last: the images, a "
         "folder (searched recursively), a quoted glob, or a text file of paths",
     )
-    predict.add_argument("--policy", default="none",
-                         help="policy name, train-aug, or a policy .json, for models without :POLICY (default: none)")
+    predict.add_argument("--policy", default=None,
+                         help="policy name, train-aug, or a policy .json, for models without :POLICY (default: the "
+                         "policy.json that ttakit search wrote in a checkpoint folder, else none; --policy none: "
+                         "plain inference)")
     predict.add_argument("--out", required=True, help="CSV file to write (.jsonl for JSON Lines)")
     predict.add_argument("--top-k", type=_positive_int, default=5, help="classes per row (default 5)")
     predict.add_argument("--workers", type=int, default=None, help="decoding processes (0: in the main process)")
     predict.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default: --max-batch)")
-    predict.add_argument("--resume", action="store_true", help="keep rows already in --out; predict the rest")
+    predict.add_argument("--resume", action="store_true",
+                         help="keep rows already in --out and predict the rest; refused when the model, policy or an "
+                         "option that changes answers differs from the first run's (batch size, workers, device may "
+                         "change)")
+    predict.add_argument("--resize", default=None, choices=("fit", "crop", "stretch"),
+                         help="how images reach the model's size: fit (keep the aspect ratio, pad with black), crop "
+                         "(resize the short side, cut the centre) or stretch; default: what the checkpoint records "
+                         "for its training images, else stretch (the summary says which)")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace an existing --out (refused by default: add --resume to keep its rows)")
+    predict.add_argument("--retry-errors", action="store_true",
+                         help="with --resume: try the files in the errors file again (they leave it when they decode)")
     predict.add_argument("--conformal", type=_alpha, default=None, metavar="ALPHA",
                          help="add each image's conformal prediction set covering 1 - ALPHA (ttakit checkpoints: "
                          "calibrated on their validation split)")
     predict.add_argument("--conformal-method", default="lac", choices=("lac", "aps"), help="lac (default) or aps")
+    predict.add_argument(
+        "--allow-other-model", action="store_true",
+        help="use a policy whose weights, gate, temperature or matrix were fitted on another checkpoint "
+        "(refused by default: a policy records the model it was searched on)",
+    )
     _add_vote_args(predict.add_argument_group("several models (as in ttakit ensemble)"),
                    calibrated_on="the models on their shared validation split")
     _add_device_args(predict, max_batch=True)
@@ -171,6 +325,29 @@ def _add_predict_parser(commands) -> None:
 def _model_options(args: argparse.Namespace) -> dict:
     names = ("layout", "input_size", "channels", "pixel_range", "mean", "std", "classes", "outputs")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _searched_policy(model: str) -> str:
+    """A checkpoint folder's own ``policy.json`` (written by ``ttakit search``), said in the log,
+    as ``ttakit ensemble`` does; else ``none``. ``--policy none`` turns it off."""
+    found = Path(model) / "policy.json"
+    if Path(model).is_dir() and found.is_file():
+        print(f"using the policy that ttakit search wrote next to the checkpoint: {found} (--policy none: plain "
+              "inference)")
+        return str(found)
+    return "none"
+
+
+def _resume_command() -> str:
+    """This process's ``ttakit predict`` command with ``--resume`` (and without ``--overwrite``)."""
+    import shlex
+
+    from . import html_report
+
+    argv = [a for a in (html_report._COMMAND or sys.argv[1:]) if a != "--overwrite"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return "ttakit " + " ".join(shlex.quote(a) for a in argv)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -188,29 +365,41 @@ def _run_predict(args: argparse.Namespace) -> int:
             f"{','.join(f'{w:g}' for w in args.weights)}"
         )
     models = [m.model for m in members]
-    summary = predict_images(
-        models[0] if len(models) == 1 else models,
-        args.inputs[-1],
-        out=args.out,
-        policy=[m.policy or args.policy for m in members] if len(models) > 1 else (members[0].policy or args.policy),
-        top_k=args.top_k,
-        workers=args.workers,
-        batch_size=args.batch_size,
-        resume=args.resume,
-        device=args.device,
-        amp=args.amp,
-        max_batch=args.max_batch,
-        progress=not args.no_progress,
-        model_options=_model_options(args),
-        conformal=args.conformal,
-        conformal_method=args.conformal_method,
-        vote=args.vote,
-        weights=args.weights,
-        tie_break=args.tie_break,
-        seed=args.seed,
-        calibrate=not args.no_calibrate,
-    )
+    policies = [m.policy or args.policy or _searched_policy(m.model) for m in members]
+    try:
+        summary = predict_images(
+            models[0] if len(models) == 1 else models,
+            args.inputs[-1],
+            out=args.out,
+            policy=policies if len(models) > 1 else policies[0],
+            top_k=args.top_k,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            resume=args.resume,
+            retry_errors=args.retry_errors,
+            overwrite=args.overwrite,
+            resize=args.resize,
+            device=args.device,
+            amp=args.amp,
+            max_batch=args.max_batch,
+            progress=not args.no_progress,
+            model_options=_model_options(args),
+            conformal=args.conformal,
+            conformal_method=args.conformal_method,
+            vote=args.vote,
+            weights=args.weights,
+            tie_break=args.tie_break,
+            seed=args.tie_break_seed,
+            calibrate=not args.no_calibrate,
+            allow_other_model=args.allow_other_model,
+        )
+    except KeyboardInterrupt:
+        print(f"ttakit predict: interrupted; the rows finished so far are kept in {args.out}; continue with: "
+              f"{_resume_command()}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     skipped = f" ({summary['n_done_before']} already in {summary['out']})" if summary["n_done_before"] else ""
+    if summary.get("n_retried"):
+        skipped += f" ({summary['n_retried']} from the errors file retried)"
     how = f"policy {summary['policy']} ({len(summary['views'])} views"
     if summary.get("ensemble"):
         ens = summary["ensemble"]
@@ -219,25 +408,56 @@ def _run_predict(args: argparse.Namespace) -> int:
     print(
         f"predicted {summary['n_predicted']} of {summary['n_images']} images{skipped} with {how}, "
         f"{summary['passes_per_image']:.2f} passes/img) "
-        f"in {summary['seconds']:.1f} s ({summary['images_per_second']:.0f} img/s) -> {summary['out']}"
+        f"in {summary['seconds']:.1f} s ({summary.get('seconds_preparing', 0.0):.1f} s loading and calibrating, "
+        f"{summary['images_per_second']:.0f} img/s predicting) -> {summary['out']}"
     )
+    if summary.get("resize"):
+        print(f"images resized with --resize {summary['resize']} ({summary['resize_source']})")
     if summary["n_errors"]:
-        print(f"{summary['n_errors']} file(s) could not be read: see {summary['errors']}")
+        from .report import plural
+
+        print(f"{plural(summary['n_errors'], 'file')} could not be read: see {summary['errors']}")
     return 0
 
 
 def _add_export_parser(commands) -> None:
     export = commands.add_parser("export", help="write a checkpoint as ONNX, torch.export (.pt2) or TorchScript")
     export.add_argument("checkpoint", help="checkpoint folder (from ttakit train)")
-    export.add_argument("--format", required=True, choices=("onnx", "pt2", "torchscript"))
-    export.add_argument("--out", required=True, help="file to write")
+    export.add_argument("--format", default=None, choices=("onnx", "pt2", "torchscript"),
+                        help="default: from the suffix of --out (.onnx, .pt2, .pt/.ts); a suffix that "
+                        "contradicts --format is refused")
+    export.add_argument("--out", required=True, help="file to write: NAME.onnx, NAME.pt2 or NAME.pt (TorchScript)")
+    from .export import DEFAULT_OPSET, DEFAULT_TOLERANCE
+
+    export.add_argument("--opset", type=_positive_int, default=None,
+                        help=f"ONNX opset, for --format onnx only (default {DEFAULT_OPSET})")
+    export.add_argument("--tolerance", type=_tolerance, default=DEFAULT_TOLERANCE,
+                        help="largest absolute logit difference the export may show against the checkpoint on random "
+                        f"inputs; above it nothing is written (default {DEFAULT_TOLERANCE:g})")
+    _add_device_args(export)
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--tolerance must be a finite number >= 0 (like 1e-4), got {text!r}")
+    return value
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .export import export_checked
 
-    path = export_checkpoint(args.checkpoint, args.format, args.out)
-    print(f"exported {args.checkpoint} as {args.format} to {path} ({path.stat().st_size / 1e6:.2f} MB, metadata in ttakit.json)")
+    result = export_checked(args.checkpoint, args.format, args.out, opset=args.opset, tolerance=args.tolerance,
+                            **_run_options(export_checked, args))
+    path = Path(result["out"])
+    opset = f", opset {result['opset']}" if result["opset"] is not None else ""
+    print(f"exported {args.checkpoint} as {result['format']}{opset} to {path} ({result['bytes'] / 1e6:.2f} MB; "
+          f"metadata {result['metadata']})")
+    print(f"checked against the checkpoint on {result['n_inputs']} random {'x'.join(map(str, result['input_shape']))} "
+          f"inputs: largest absolute difference {result['max_abs_diff']:.1e} (tolerance {result['tolerance']:g})")
     print(f"use it with: ttakit predict {path} IMAGES --out preds.csv")
     return 0
 
@@ -301,9 +521,10 @@ def _add_recipe_args(train: argparse.ArgumentParser) -> None:
     )
     train.add_argument(
         "--progressive",
+        type=_sizes,
         default=None,
         metavar="SIZES",
-        help="progressive resizing, e.g. 14,28: the epochs split over these image sizes in turn "
+        help="progressive resizing, e.g. 14,28 (or 14x14,28x28): the epochs split over these image sizes in turn "
         "(a size-agnostic architecture such as resnet20)",
     )
 
@@ -316,7 +537,7 @@ def _recipe_options(args: argparse.Namespace) -> dict:
         "init": args.init,
         "freeze_epochs": args.freeze_epochs,
         "lr_slice": tuple(args.lr_slice) if args.lr_slice else None,
-        "progressive": args.progressive,
+        "progressive": tuple(args.progressive) if args.progressive else None,
     }
     if args.schedule is not None:
         options["schedule"] = args.schedule
@@ -325,9 +546,17 @@ def _recipe_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _add_image_size_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image-size", type=_size, default=None, metavar="SIZE",
+        help="train at this size, such as 28 or 32x48 (HxW); images of another size are resized (default: the "
+        "data's own size; an image folder: its most common size, capped at 64 on the longer side)",
+    )
+
+
 def _augment_with_mixup(args: argparse.Namespace) -> str:
     """--augment, with ``mixup`` added when --mixup ALPHA is given (one spelling, one setting)."""
-    names = [a.strip() for a in (args.augment or "").split(",") if a.strip()]
+    names = [a.strip() for a in _joined(args.augment).split(",") if a.strip()]
     if args.mixup is not None and "mixup" not in names:
         names.append("mixup")
     return ",".join(names)
@@ -339,18 +568,24 @@ def _add_lr_find_parser(commands) -> None:
     )
     _add_data_args(lr_find)
     lr_find.add_argument("--arch", default="seed-cnn", help="architecture (seed-cnn, seed-cnn-gap, resnet20, resnet18, ...)")
-    lr_find.add_argument("--batch-size", type=_positive_int, default=128)
-    lr_find.add_argument("--optimizer", default="adam", help="adam or sgd")
-    lr_find.add_argument("--augment", default="", help="train-time augmentations, as for train")
-    lr_find.add_argument("--label-smoothing", type=float, default=0.0)
+    lr_find.add_argument("--batch-size", type=_positive_int, default=128, help="images per sweep step")
+    lr_find.add_argument("--optimizer", default="adam", help="adam or sgd: the optimizer train will use")
+    _add_list_arg(lr_find, "--augment", default=[], metavar="NAME", help="train-time augmentations, as for train")
+    _add_image_size_arg(lr_find)
+    lr_find.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing in [0, 1), as for train")
     lr_find.add_argument("--init", default=None, metavar="WEIGHTS", help="start from these weights, as for train")
-    lr_find.add_argument("--start-lr", type=_rate, default=1e-7)
-    lr_find.add_argument("--end-lr", type=_rate, default=10.0)
-    lr_find.add_argument("--steps", type=_positive_int, default=100, help="sweep steps (batches), default 100")
+    lr_find.add_argument("--start-lr", type=_rate, default=1e-7, help="first learning rate of the sweep")
+    lr_find.add_argument("--end-lr", type=_rate, default=10.0, help="last learning rate of the sweep")
+    lr_find.add_argument("--steps", type=_positive_int, default=100, help="sweep steps (batches)")
     lr_find.add_argument("--limit", type=_positive_int, default=None, help="use the first N training images only")
-    lr_find.add_argument("--seed", type=int, default=0)
+    lr_find.add_argument("--seed", type=int, default=0, help="training seed, as for train")
     lr_find.add_argument("--val-fraction", type=_fraction, default=0.1, help="held out as in train (not swept on)")
+    lr_find.add_argument(
+        "--test-fraction", type=_fraction, default=0.15,
+        help="test share carved as in train when the data has no test split of its own (not swept on)",
+    )
     lr_find.add_argument("--out", default="lr_find.png", help="plot to write (default lr_find.png)")
+    _add_device_args(lr_find)
 
 
 def _run_lr_find(args: argparse.Namespace) -> int:
@@ -361,18 +596,21 @@ def _run_lr_find(args: argparse.Namespace) -> int:
     config = TrainConfig(
         batch_size=args.batch_size,
         optimizer=args.optimizer,
-        augment=args.augment,
+        augment=_joined(args.augment),
         label_smoothing=args.label_smoothing,
         init=args.init,
         seed=args.seed,
         limit=args.limit,
+        **_train_run_options(args),
     )
     results = run_lr_find(
         args.data,
         arch=args.arch,
         config=config,
+        image_size=args.image_size,
         data_dir=args.data_dir,
         val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
         start_lr=args.start_lr,
         end_lr=args.end_lr,
         num_steps=args.steps,
@@ -380,6 +618,8 @@ def _run_lr_find(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = results["result"]
+    if results.get("size_note"):
+        print(results["size_note"])
     print(
         f"lr-find {args.arch} on {args.data} ({args.optimizer}, batch {args.batch_size}): {len(result.lrs)} steps "
         f"from {result.lrs[0]:.1e} to {result.lrs[-1]:.2e}, stopped: {result.stopped}"
@@ -395,21 +635,20 @@ def _run_lr_find(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="ttakit", description="Test-time augmentation for image models.")
     parser.add_argument("--version", action="version", version=f"ttakit {__version__}")
-    parser.add_argument(
-        "--debug", action="store_true", help="on an unexpected error, show the traceback (any position)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_global_args(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model and save a checkpoint")
     _add_data_args(train)
     train.add_argument("--arch", default="seed-cnn", help="architecture (seed-cnn, seed-cnn-gap, resnet20, resnet18, resnet34, resnet50; all but seed-cnn take --progressive)")
-    train.add_argument("--epochs", type=_positive_int, default=3)
-    train.add_argument("--batch-size", type=_positive_int, default=128)
+    train.add_argument("--epochs", type=_positive_int, default=3, help="passes over the training images")
+    train.add_argument("--batch-size", type=_positive_int, default=128, help="images per training step")
     train.add_argument("--lr", type=_lr, default=1e-3, help="learning rate, or auto: run lr-find first (default 1e-3)")
     train.add_argument("--optimizer", default="adam", help="adam (constant lr) or sgd (one-cycle schedule)")
-    train.add_argument("--augment", default="", help="train-time augmentations, comma-separated: flip,shift,crop,mixup")
-    train.add_argument("--seed", type=int, default=0)
+    _add_list_arg(train, "--augment", default=[], help="train-time augmentations: flip, shift, crop, mixup",
+                  metavar="NAME")
+    _add_image_size_arg(train)
+    train.add_argument("--seed", type=int, default=0, help="training seed (weights, shuffling, augmentations)")
     train.add_argument("--limit", type=_positive_int, default=None, help="train on the first N images only")
     train.add_argument("--val-fraction", type=_fraction, default=0.1, help="held-out validation share (for search)")
     train.add_argument(
@@ -419,34 +658,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", required=True, help="checkpoint folder to write")
     _add_recipe_args(train)
+    _add_device_args(train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint with and without TTA")
     evaluate.add_argument("checkpoint", help="checkpoint folder (from ttakit train)")
     _add_data_args(evaluate, default=None)
-    evaluate.add_argument(
-        "--split", default="test", choices=SPLITS, help="test, train or val (the held-out validation split)"
-    )
-    evaluate.add_argument(
-        "--policy",
-        action="append",
-        default=None,
-        help="policy name (none, hflip, vflip, flip, d4, shift, hflip-shift, train-aug) or a policy .json; "
-        "repeat or comma-separate for several (default: none,hflip,d4,train-aug)",
+    _add_split_arg(evaluate, "evaluate", "test",
+                   "test (held out), val (the held-out validation split; not with --conformal) or train (the "
+                   "images it trained on, by name only)")
+    _add_list_arg(
+        evaluate, "--policy", default=["none", "hflip", "d4", "train-aug"], metavar="POLICY",
+        help="policy names (none, hflip, vflip, flip, d4, shift, hflip-shift, train-aug) or policy .json files",
     )
     evaluate.add_argument("--repeats", type=_positive_int, default=1, help="retrain with R seeds and report mean ± std")
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="evaluate on the first N images")
     evaluate.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
     evaluate.add_argument("--out", default=None, help="results folder (default: CHECKPOINT/eval)")
-    evaluate.add_argument("--no-plots", action="store_true")
+    evaluate.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     _add_conformal_args(evaluate)
+    evaluate.add_argument(
+        "--allow-other-model", action="store_true",
+        help="use a policy whose weights, gate, temperature or matrix were fitted on another checkpoint "
+        "(refused by default: a policy records the model it was searched on)",
+    )
     _add_device_args(evaluate)
 
     search = commands.add_parser("search", help="search the TTA policy that helps this model, on held-out data")
     search.add_argument("checkpoint", help="checkpoint folder (from ttakit train)")
     _add_data_args(search, default=None)
-    search.add_argument(
-        "--split", default="val", choices=SPLITS, help="the split to search on (default: the held-out validation split)"
-    )
+    _add_split_arg(search, "search", "val",
+                   "the split to search on: val (the held-out validation split; test and train are refused)")
     search.add_argument("--budget", type=_positive_int, default=8, help="most views in the policy")
     search.add_argument("--objective", default="nll", help="nll (after temperature scaling) or accuracy")
     search.add_argument("--limit", type=_positive_int, default=None, help="search on the first N images")
@@ -461,19 +702,39 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--full-cache", action="store_true", help="cache every candidate on every image (no successive halving)")
     search.add_argument("--out", default=None, help="policy JSON to write (default: CHECKPOINT/policy.json)")
     search.add_argument("--report-dir", default=None, help="report folder (default: CHECKPOINT/search)")
+    search.add_argument(
+        "--conformal-holdout", type=float, default=0.2, metavar="FRACTION",
+        help="share of the validation rows kept from the search (seeded, stratified, recorded in the policy) so "
+        "--conformal calibrates on rows the policy never saw (default 0.2; 0: search on all rows, no conformal)",
+    )
     _add_device_args(search)
 
     demo = commands.add_parser("demo", help="the classic TTA experiment end to end on Fashion-MNIST")
     demo.add_argument("--quick", action="store_true", help="a subset: 12,000 training images, 2 epochs, 2,000 test images (timing: benchmarks/results/demo-quick.md)")
-    demo.add_argument("--epochs", type=_positive_int, default=None)
+    demo.add_argument("--epochs", type=_positive_int, default=None,
+                      help="epochs per model (default: 2 with --quick, else the full experiment's)")
     demo.add_argument("--data-dir", default=None, help="folder holding Fashion-MNIST's IDX files")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default="runs/demo", help="results folder")
     _add_predict_parser(commands)
     _add_export_parser(commands)
     _add_lr_find_parser(commands)
     _add_ensemble_parser(commands)
     _add_audit_parser(commands)
+    from .cli_audit_apply import add_parser as _add_audit_apply_parser
+
+    _add_audit_apply_parser(commands)
+    for command in commands.choices.values():  # --debug and --no-progress after the command too
+        _add_global_args(command, argparse.SUPPRESS)
     return parser
+
+
+def _add_global_args(parser: argparse.ArgumentParser, default) -> None:
+    """--debug and --no-progress, on the main parser (default off) and on every command (default
+    SUPPRESS, so a flag given before the command is not undone): before or after the command."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an unexpected error, show the traceback (before or after the command)")
+    parser.add_argument("--no-progress", action="store_true", default=default,
+                        help="hide progress bars (before or after the command)")
 
 
 # command -> its output options: (argument name, "folder" or "file", flag), checked before any work.
@@ -490,8 +751,26 @@ def _check_outputs(args: argparse.Namespace) -> None:
         check_out_path(getattr(args, name, None), kind, flag)
 
 
+def _train_run_options(args: argparse.Namespace) -> dict:
+    """TrainConfig's ``device``/``amp`` from --device/--amp (checked by the one device parser)."""
+    from .train import TrainConfig
+
+    options = _run_options(TrainConfig, args)
+    if options.get("device") is None:
+        options.pop("device", None)  # TrainConfig's own default: the CPU
+    return options
+
+
 def _run(args: argparse.Namespace) -> int:
     _check_outputs(args)
+    if args.command in _DRAWING_COMMANDS and not getattr(args, "no_plots", False):
+        from .report import require_plots  # matplotlib (ttakit[plots]): say so before any work
+
+        require_plots("writing PNG plots" + (" (--no-plots skips them)" if args.command == "evaluate" else ""))
+    if hasattr(args, "device"):  # every command that runs a model: one device parser, before any work
+        from .engine import check_device
+
+        check_device(args.device)
     progress = not args.no_progress
     if args.command == "train":
         from .experiment import train_run
@@ -506,12 +785,14 @@ def _run(args: argparse.Namespace) -> int:
             seed=args.seed,
             limit=args.limit,
             **_recipe_options(args),
+            **_train_run_options(args),
         )
         result = train_run(
             args.data,
             out_dir=args.out,
             config=config,
             arch=args.arch,
+            image_size=args.image_size,
             data_dir=args.data_dir,
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
@@ -521,6 +802,8 @@ def _run(args: argparse.Namespace) -> int:
         scores = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k in ("train_acc", "val_acc", "val_loss"))
         if result.init_report is not None:
             print(result.init_report.summary())
+        if result.size_note and not progress:  # with progress, train already said so
+            print(result.size_note)
         if result.lr_find is not None and not progress:  # with progress, train already said so
             print(f"lr auto: {result.lr_find.summary()}; trained at {result.meta.metrics['lr']:.3g}")
         print(f"saved checkpoint to {result.checkpoint_dir} ({scores})")
@@ -537,7 +820,7 @@ def _run(args: argparse.Namespace) -> int:
 
         results = evaluate_checkpoint(
             args.checkpoint,
-            policies=args.policy or ["none,hflip,d4,train-aug"],
+            policies=list(args.policy),
             data=args.data,
             split=args.split,
             data_dir=args.data_dir,
@@ -552,6 +835,7 @@ def _run(args: argparse.Namespace) -> int:
             conformal=args.conformal,
             conformal_method=args.conformal_method,
             uncertainty=not args.no_uncertainty,
+            allow_other_model=args.allow_other_model,
         )
         print(results["table"])
         if results.get("extras_table"):  # uncertainty and conformal tables (issue 11)
@@ -560,7 +844,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "search":
         from .experiment import search_checkpoint
+        from .search.run import check_search_split
 
+        check_search_split(args.split)
         results = search_checkpoint(
             args.checkpoint,
             out=args.out,
@@ -575,6 +861,7 @@ def _run(args: argparse.Namespace) -> int:
             gate=not args.no_gate,
             halving=not args.full_cache,
             matrix_scaling=not args.no_matrix_scaling,
+            conformal_holdout=args.conformal_holdout,
             max_batch=args.max_batch,
             device=args.device,
             amp=args.amp,
@@ -613,6 +900,10 @@ def _run(args: argparse.Namespace) -> int:
         return _run_ensemble(args, progress)
     if args.command == "audit":
         return _run_audit(args, progress)
+    if args.command == "audit-apply":
+        from .cli_audit_apply import run as _run_audit_apply
+
+        return _run_audit_apply(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse rejects unknown commands
 
 
@@ -627,6 +918,17 @@ def _weights(text: str) -> list[float]:
     if not values or any(not v >= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected non-negative numbers such as 1,1,2, got {text!r}")
     return values
+
+
+class _WeightsAction(argparse.Action):
+    """--weights 1,1,2 or --weights 1 --weights 1 --weights 2 (the one list syntax)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        try:
+            new = _weights(str(values))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentError(self, str(err)) from None
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *new])
 
 
 def _alpha(text: str) -> float:
@@ -660,11 +962,17 @@ def _add_ensemble_parser(commands) -> None:
         "(a name or a policy .json; default: its policy.json, else train-aug, else none)",
     )
     _add_data_args(ensemble, default=None)
-    ensemble.add_argument("--split", default="test", choices=SPLITS, help="held-out split to score (default test)")
+    _add_split_arg(ensemble, "ensemble", "test",
+                   "split to score: test (default); train and val are refused (the members were fitted there)")
     _add_vote_args(ensemble, calibrated_on="members on the validation split")
     ensemble.add_argument("--limit", type=_positive_int, default=None, help="score the first N images")
-    ensemble.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
+    _add_device_args(ensemble, max_batch=True)
     ensemble.add_argument("--out", default=None, help="results folder (default: FIRST_MODEL/ensemble)")
+    ensemble.add_argument(
+        "--allow-other-model", action="store_true",
+        help="use a policy whose weights, gate, temperature or matrix were fitted on another checkpoint "
+        "(refused by default: a policy records the model it was searched on)",
+    )
 
 
 def _run_ensemble(args: argparse.Namespace, progress: bool) -> int:
@@ -680,11 +988,13 @@ def _run_ensemble(args: argparse.Namespace, progress: bool) -> int:
         vote=args.vote,
         weights=args.weights,
         tie_break=args.tie_break,
-        seed=args.seed,
+        seed=args.tie_break_seed,
         calibrate=not args.no_calibrate,
         max_batch=args.max_batch,
         out_dir=args.out,
         progress=progress,
+        allow_other_model=args.allow_other_model,
+        **_run_options(ensemble_checkpoints, args),
     )
     print(results["table"])
     print(f"\nresults written to {results['out_dir']} (results.json, results.md)")
@@ -733,17 +1043,19 @@ def _add_audit_parser(commands) -> None:
     )
     audit.add_argument("model", help="checkpoint folder (its recipe trains the fold models) or a model file")
     _add_data_args(audit, default=None)
-    audit.add_argument("--split", default="train", choices=SPLITS, help="split to audit (default train)")
+    _add_split_arg(audit, "audit", "train", "split to audit (default train)")
     audit.add_argument("--folds", type=_folds, default=None,
                        help="train K models on K-1 folds each and score the held-out fold (needs a checkpoint)")
     audit.add_argument("--epochs", type=_positive_int, default=None, help="epochs per fold model (default: the recipe's)")
     audit.add_argument("--policy", default=None, help="TTA policy for the probabilities (default: train-aug or none)")
-    audit.add_argument("--method", default="rule,cleanlab", help="rule, cleanlab or both (default rule,cleanlab)")
+    _add_list_arg(audit, "--method", default=["rule", "cleanlab"], metavar="METHOD", help="rule, cleanlab or both")
     audit.add_argument("--mislabel-threshold", type=_probability, default=0.9,
-                       help="rule: flag when another class has probability above this (default 0.9)")
-    audit.add_argument("--mislabel-by", default="top", choices=("top", "others"),
-                       help="rule: the probability compared with the threshold: the top class's (default), or "
-                       "all classes but the label together (1 - p[label])")
+                       help="rule: flag when another class is on top and the probability --mislabel-by names "
+                       "is above this (default 0.9)")
+    audit.add_argument("--mislabel-by", default="others", choices=("others", "top"),
+                       help="rule: the probability compared with the threshold: all classes but the label together, "
+                       "1 - p[label] (default; benchmarks/audit.py measures it best on flipped labels), or the top "
+                       "class's")
     audit.add_argument("--ambiguous-range", type=_prob_range, default=(0.5, 0.6),
                        help="rule: flag when the top probability lies in LOW-HIGH (default 0.5-0.6)")
     audit.add_argument("--write-clean", default=None, metavar="FILE",
@@ -751,8 +1063,14 @@ def _add_audit_parser(commands) -> None:
     audit.add_argument("--remove", default="all", choices=("all", "mislabelled", "rule", "cleanlab"),
                        help="which flagged images --write-clean drops (default all)")
     audit.add_argument("--limit", type=_positive_int, default=None, help="audit the first N images")
-    audit.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
-    audit.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    audit.add_argument("--fold-seed", "--seed", dest="fold_seed", type=int, default=0,
+                       help="seed of the fold assignment (--seed: the old spelling, deprecated)")
+    _add_device_args(audit, max_batch=True)
+    audit.add_argument(
+        "--allow-other-model", action="store_true",
+        help="use a --policy whose weights, gate, temperature or matrix were fitted on another checkpoint "
+        "(refused by default: a policy records the model it was searched on)",
+    )
     audit.add_argument("--out", default="audit", help="folder for issues.csv and contact_sheet.png (default audit)")
 
 
@@ -761,7 +1079,7 @@ def _run_audit(args: argparse.Namespace, progress: bool) -> int:
 
     check_out_path(args.out, "folder")
     check_out_path(args.write_clean, "file", "--write-clean")
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    methods = list(args.method)
     results = audit_checkpoint(
         args.model,
         data=args.data,
@@ -779,16 +1097,25 @@ def _run_audit(args: argparse.Namespace, progress: bool) -> int:
         epochs=args.epochs,
         limit=args.limit,
         max_batch=args.max_batch,
-        seed=args.seed,
+        seed=args.fold_seed,
         progress=progress,
+        allow_other_model=args.allow_other_model,
+        **_run_options(audit_checkpoint, args),
     )
     print(results["table"])
-    print(f"\n{results['n_flagged_images']} of {results['n_images']} images flagged; scored by {results['scored_by']}")
+    from .report import plural
+
+    print(f"\n{results['n_flagged_images']} of {plural(results['n_images'], 'image')} flagged; "
+          f"scored by {results['scored_by']}")
     print(f"issues: {results['issues_csv']}")
     if results["contact_sheet"]:
         print(f"contact sheet: {results['contact_sheet']}")
+    if results.get("review_page"):
+        print(f"review page (open it in a browser, decide, export decisions.csv): {results['review_page']}")
     if results["clean"]:
-        print(f"cleaned data ({results['n_images'] - results['removed']} images): {results['clean']}; "
+        kept = results["clean_manifest"]
+        print(f"cleaned data ({kept['n_kept']} images, {results['removed']} removed; the {kept['n_test']} held-out "
+              f"test images kept apart as its test split): {results['clean']}; "
               f"retrain with: ttakit train --data {results['clean']}")
     return 0
 
@@ -801,10 +1128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Bad input: one line on stderr, exit code 2. A bug in ttakit: one line
     and exit code 1, with the traceback under ``--debug`` (accepted before or after the command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in argv[1:]:  # hoist it, so `ttakit evaluate ... --debug` works too
-        argv = ["--debug", *(a for a in argv if a != "--debug")]
     # A usage error exits here through argparse (SystemExit(2)) after one line on stderr.
+    first = next((k for k, a in enumerate(argv) if not a.startswith("-")), None)  # the command
+    if first is not None and argv[first:first + 2] == ["audit", "apply"]:  # = `ttakit audit-apply ...`
+        argv = [*argv[:first], "audit-apply", *argv[first + 2:]]
     args = build_parser().parse_args(argv)
+    from .html_report import record_command  # report.html shows the command that made it
+
+    record_command([a for a in argv if a != "--debug"])
     try:
         return _run(args)
     except TTAKitError as err:

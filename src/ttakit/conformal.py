@@ -51,6 +51,7 @@ __all__ = [
     "format_set",
     "min_calibration_size",
     "nonconformity_scores",
+    "row_ids",
 ]
 
 METHODS = ("lac", "aps")
@@ -118,6 +119,54 @@ def _uniform(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _uniform_ids(ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """One uniform draw in ``[0, 1)`` per image identity ``ids`` ``(N,)`` (int64): SplitMix64 of
+    ``(seed, id)``, so an image's draw depends on the image alone, never on its batch or order."""
+    import numpy as np
+
+    x = ids.detach().cpu().long().numpy().astype(np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        z = x ^ np.uint64((int(seed) * 0x9E3779B97F4A7C15) & _MASK64)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) / float(1 << 53))
+
+
+def _check_ids(ids: object, n: int) -> torch.Tensor:
+    if ids is None:
+        return torch.arange(n, dtype=torch.long)
+    if isinstance(ids, torch.Tensor):
+        tensor = ids
+    else:
+        try:
+            tensor = torch.as_tensor(list(ids))  # type: ignore[call-overload]
+        except (TypeError, ValueError, RuntimeError):
+            tensor = None
+    if tensor is None or tensor.ndim != 1 or tensor.shape[0] != n or tensor.is_floating_point() or tensor.dtype == torch.bool:
+        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(ids).__name__
+        raise InvalidInputError(
+            f"Expected argument `ids` to be ({n},) integers, one identity per image (its row in the data set, "
+            f"or a hash of its path), but got {got}"
+        )
+    return tensor.long()
+
+
+def row_ids(dataset: Any) -> torch.Tensor:
+    """Each row's identity ``(N,)`` for per-image random draws: a CRC-32 of its file name when the
+    data set records files, else its row index in the split."""
+    import zlib
+
+    files = getattr(dataset, "files", None)
+    if files is not None:
+        return torch.tensor([zlib.crc32(str(f).encode("utf-8")) for f in files], dtype=torch.long)
+    return torch.arange(len(dataset), dtype=torch.long)
+
+
 def _aps_cumulative(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and class, the mass of the classes ranked at or above it: ``(N, C)``, and the
     class order used (descending probability, ties by index)."""
@@ -164,7 +213,8 @@ class ConformalCalibration:
         qhat: the calibrated score threshold.
         n_calibration: images it was calibrated on.
         randomized: APS only: whether sets use the seeded uniform tie-breaking draw.
-        seed: seed of that draw (test images get their own stream: ``seed + 1``).
+        seed: seed of that draw (calibration: a seeded stream over its rows; a predicted image:
+            a draw from ``(seed + 1, its identity)``, see :meth:`predict_sets`).
     """
 
     method: str
@@ -174,12 +224,17 @@ class ConformalCalibration:
     randomized: bool = True
     seed: int = 0
 
-    def predict_sets(self, probs: torch.Tensor) -> torch.Tensor:
+    def predict_sets(self, probs: torch.Tensor, ids: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """Prediction sets ``(N, C)`` bool for probabilities ``probs`` ``(N, C)``.
 
         LAC: ``{c : 1 - p[c] <= qhat}``. APS: ``{c : mass ranked at or above c - u * p[c] <= qhat}``
         (``u = 0`` unless randomized). A set may be empty when ``qhat`` is small (the image
         is unlike anything in calibration at this ``alpha``); that counts as a miss.
+
+        ``ids`` ``(N,)`` integers: each image's identity (its row in the data set, or a hash of its
+        path). Randomized APS draws ``u`` from ``(seed + 1, id)``, so an image gets the same set in
+        any batch, order, resume or shard. Default: the rows' positions in ``probs`` (right for one
+        call over the whole data set; pass ``ids`` when predicting in batches).
         """
         if not isinstance(probs, torch.Tensor) or probs.ndim != 2:
             raise InvalidInputError(
@@ -188,13 +243,14 @@ class ConformalCalibration:
             )
         dummy = torch.zeros(probs.shape[0], dtype=torch.long)
         p, _ = _check_probs_labels(probs, dummy)
+        image_ids = _check_ids(ids, p.shape[0])
         # A float tolerance keeps a calibration image's own score inside its set.
         q = self.qhat + 1e-12
         if self.method == "lac":
             return (1.0 - p) <= q
         cum, _ = _aps_cumulative(p)
         if self.randomized:
-            cum = cum - _uniform(p.shape[0], self.seed + 1)[:, None] * p
+            cum = cum - _uniform_ids(image_ids, self.seed + 1)[:, None].to(p.dtype) * p
         return cum <= q
 
     def to_json(self) -> dict[str, Any]:
@@ -230,6 +286,7 @@ def conformal_report(
     method: Method = "lac",
     *,
     seed: int = 0,
+    ids: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Calibrate each predictor on its calibration probabilities and score its sets on test.
 
@@ -239,6 +296,7 @@ def conformal_report(
         test: the same names -> ``(probs (N, C), labels (N,))`` on the test split.
         alpha: target miscoverage.
         method: ``"lac"`` or ``"aps"``.
+        ids: ``(N,)`` the test images' identities (see :meth:`ConformalCalibration.predict_sets`).
 
     Returns:
         One row per name: ``policy``, ``method``, ``alpha``, ``target_coverage``, ``coverage``
@@ -254,7 +312,7 @@ def conformal_report(
     for name, (cal_probs, cal_labels) in cal.items():
         calibration = calibrate(cal_probs, cal_labels, alpha, method, seed=seed)
         test_probs, test_labels = test[name]
-        sets = calibration.predict_sets(test_probs)
+        sets = calibration.predict_sets(test_probs, ids)
         sizes = sets.sum(dim=1)
         rows.append(
             {
@@ -277,13 +335,41 @@ def conformal_report(
 # --------------------------------------------------------------------------- in `ttakit evaluate`
 
 
-def conformal_split(meta: Any, data: str | None, data_dir: str | None, alpha: float | None) -> Any:
-    """The calibration data for ``evaluate --conformal ALPHA``: the checkpoint's validation split,
-    checked up front (``alpha`` in ``(0, 1)``, enough images for it). None when ``alpha`` is None."""
+def conformal_split(
+    meta: Any,
+    data: str | None,
+    data_dir: str | None,
+    alpha: float | None,
+    *,
+    policies: Sequence[Any] = (),
+    split: str | None = None,
+) -> Any:
+    """The calibration data for ``--conformal ALPHA``: the rows of the checkpoint's validation split
+    that nothing in ``policies`` was fitted on, checked up front (``alpha`` in ``(0, 1)``, enough
+    images for it). None when ``alpha`` is None.
+
+    A policy fitted on validation rows (by ``ttakit search``: views, weights, gate, temperature,
+    matrix) leaves only the rows its search never saw (``meta["validation_rows"]``; see
+    :func:`ttakit.policy.unused_validation_rows`); policies with nothing fitted (``none``,
+    ``hflip``) leave every row. With several policies the rows none of them saw calibrate all, so
+    their sets compare on the same images. ``split``: the split the sets are scored on; ``"val"``
+    is refused (calibrating and scoring the same rows proves nothing).
+
+    Raises:
+        InvalidInputError: ``split="val"``; no validation split; a policy fitted on labelled rows
+            that records none left unseen; too few rows left for ``alpha``; each with the way out.
+    """
     if alpha is None:
         return None
     alpha = check_alpha(alpha)
+    if split == "val":
+        raise InvalidInputError(
+            f"--conformal {alpha:g} calibrates on the validation split, so it cannot score sets on it too "
+            "(--split val); score them on the held-out test split (--split test, the default)"
+        )
+    from .data.splits import dataset_sha256
     from .experiment import load_eval_data
+    from .policy import unused_validation_rows
 
     try:
         val = load_eval_data(meta, data, "val", data_dir)
@@ -291,12 +377,35 @@ def conformal_split(meta: Any, data: str | None, data_dir: str | None, alpha: fl
         raise InvalidInputError(
             f"--conformal {alpha:g} calibrates on the validation split held out at training time: {err}"
         ) from None
+    n_val = len(val)
+    rows: set[int] | None = None
+    why = []
+    digest = None
+    for policy in policies:
+        if digest is None and (policy.meta or {}).get("validation_rows"):
+            digest = dataset_sha256(val)
+        try:
+            unused = unused_validation_rows(policy, n_val, digest)
+        except InvalidInputError as err:
+            raise InvalidInputError(f"--conformal {alpha:g}: {err}") from None
+        if unused is not None:
+            rows = set(unused) if rows is None else rows & set(unused)
+            why.append(policy.name)
+    if rows is not None:
+        if not rows:
+            raise InvalidInputError(
+                f"--conformal {alpha:g}: policies {', '.join(repr(n) for n in why)} were fitted on different validation "
+                "rows and leave no row that none of them saw; calibrate them in separate runs"
+            )
+        val = val.subset(sorted(rows), f"{val.name} (the {len(rows)} of {n_val} validation rows no policy was fitted on)")
     need = min_calibration_size(alpha)
     if len(val) < need:
+        left = f"the {len(val)} of {n_val} validation rows the search did not use" if rows is not None else \
+            f"the validation split has {len(val)} images"
         raise InvalidInputError(
-            f"--conformal {alpha:g}: the validation split has {len(val)} images, too few for alpha={alpha:g} "
-            f"(split conformal needs at least {need}: n >= 1/alpha - 1); use a larger alpha or retrain with a "
-            "larger --val-fraction"
+            f"--conformal {alpha:g}: {left}, too few for alpha={alpha:g} (split conformal needs at least {need}: "
+            "n >= 1/alpha - 1); use a larger alpha, retrain with a larger --val-fraction"
+            + (", or search with a larger --conformal-holdout" if rows is not None else "")
         )
     return val
 
@@ -342,7 +451,8 @@ def evaluate_extras(
     predictions and per-image scores; :func:`ttakit.metrics.selective_report` rates each score
     as an error detector (AUROC against error, accuracy at ``coverage``), the plain softmax
     confidence first as the baseline. With ``alpha``, each policy's split-conformal sets are
-    calibrated on ``val`` (from :func:`conformal_split`) and scored on ``dataset``.
+    calibrated on ``val`` (from :func:`conformal_split`: rows no policy was fitted on) and scored on
+    ``dataset``; randomized APS draws per test image from its identity (:func:`row_ids`).
 
     ``evaluations``: the :class:`ttakit.evaluate.PolicyEvaluation` results of the run that
     scored these policies on ``dataset`` (``evaluate_policies(..., return_uncertainty=True)``);
@@ -389,7 +499,7 @@ def evaluate_extras(
         for policy in policies:
             probs = TTAEngine(model, policy, max_batch=max_batch).run(val.images).merged.float().cpu()
             cal[policy.name] = (probs, val.labels)
-        cp_rows = conformal_report(cal, test_probs, alpha, method)
+        cp_rows = conformal_report(cal, test_probs, alpha, method, ids=row_ids(dataset))
         plain = next((r for r in cp_rows if r["policy"] == "none"), None)
         for row in cp_rows:
             if plain is not None and row is not plain and plain["mean_set_size"] > 0:
@@ -422,7 +532,8 @@ def evaluate_extras(
         tables.append(format_table(unc_show, title=title))
         markdown += ["## Uncertainty", "", title + ".", "", markdown_table(unc_show), ""]
     if cp_show:
-        title = (f"conformal sets ({method.upper()}, alpha={alpha:g}), calibrated on {len(val)} validation images, "
+        unseen = " (rows no policy was fitted on)" if "no policy was fitted on" in (val.name or "") else ""
+        title = (f"conformal sets ({method.upper()}, alpha={alpha:g}), calibrated on {len(val)} validation images{unseen}, "
                  f"scored on {len(dataset)}")
         tables.append(format_table(cp_show, title=title))
         markdown += ["## Conformal prediction sets", "", title + ".", "", markdown_table(cp_show), ""]
@@ -442,11 +553,13 @@ def calibrate_predictor(
     amp: bool = False,
 ) -> ConformalCalibration:
     """``predict --conformal ALPHA``: calibrate sets for ``predictor`` under ``policy`` on the
-    validation split its checkpoint held out (``predictor.meta``, a ttakit checkpoint).
+    validation split its checkpoint held out (``predictor.meta``, a ttakit checkpoint): the rows
+    ``policy`` was not fitted on (:func:`conformal_split`).
 
     Raises:
         InvalidInputError: ``alpha`` outside ``(0, 1)``; a model that is not a ttakit checkpoint
-            (it records no validation split); a validation split too small for ``alpha``.
+            (it records no validation split); a validation split too small for ``alpha``; a
+            policy fitted on validation rows that leaves none unseen.
     """
     from .engine import TTAEngine
 
@@ -458,7 +571,7 @@ def calibrate_predictor(
             f"--conformal {alpha:g} calibrates on the validation split a ttakit checkpoint records, but "
             f"{getattr(predictor, 'source', 'this model')} is not a ttakit checkpoint"
         )
-    val = conformal_split(meta, data, data_dir, alpha)
+    val = conformal_split(meta, data, data_dir, alpha, policies=[policy])
     engine = TTAEngine(predictor, policy, max_batch=max_batch, device=device, amp=amp)
     probs = engine.run(val.images).merged.float().cpu()
     return calibrate(probs, val.labels, alpha, method)

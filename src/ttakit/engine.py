@@ -1,23 +1,29 @@
 """The one place a policy runs.
 
 :class:`TTAEngine` applies everything a policy holds: its views, merge mode and weights, the
-temperature (on the merged output) and the gate (the identity view first, the other views only
-on images the plain prediction is unsure of). It augments a batch with the views, runs the model
-on passes of about ``pass_size`` images (several views of a small batch share one forward
-pass; a large batch is cut into chunks of ``pass_size`` images, never more than ``max_batch``), de-augments each output
-with a task-specific hook, checks it, and merges it into a running :class:`MergeAccumulator`.
+temperature and matrix scaling (on the merged output) and the gate (the identity view first, the
+other views only on images the plain prediction is unsure of). One path does it all
+(:meth:`TTAEngine._run_chunk`): cut the images into chunks of ``pass_size``; per chunk, augment
+the views, stack as many views per forward pass as fit in ``pass_size`` images, run the model,
+check the pass for NaN/inf, de-augment each view with a task-specific hook, and merge it into a
+running :class:`MergeAccumulator`. The gate is a second stage of the same loop: after the
+identity, the accumulator keeps the unsure rows and the other views run on those.
+
+One answer per image: the merged output (to float rounding, <= 1e-6), a vote and its tie-break,
+the NaN/inf check and its error depend on the image (and its ``ids`` entry), never on the batch it
+came in or on the pass plan.
 
 Memory: at most ``max_batch`` augmented images exist at a time, whatever the number of views
 (while views of a small batch are stacked, their copy in the stacked batch too, until it is
 made). With extra model arguments the same bound holds: views then run one per forward pass, and
 per-sample tensor arguments are sliced along with the images.
 
-Speed: the policy's per-view work (transformers, bound augmentation steps, merge settings, weights)
-is prepared once, when the engine is built. A classification batch that fits one chunk takes one
-merge over the stacked outputs of its views. On CPU, by default, how many views share a forward
-pass is measured rather than guessed: the first calls of each input shape try each distinct plan
-(stacked views, one view per pass, passes of 32) and later calls use the fastest
-(:mod:`ttakit._pass_tuner`); results do not depend on the plan beyond float rounding.
+Speed: the policy's per-view work (transformers, bound augmentation steps, label pass-through,
+merge settings, weights) is prepared once, when the engine is built; the views of a stacked pass
+of class scores are merged in one step. The default plan is fixed: passes of up to 32 images on
+CPU (the views of a small batch share one forward pass), ``max_batch`` elsewhere.
+``pass_size="auto"`` opts in to choosing the plan by timing the first calls
+(:mod:`ttakit._pass_tuner`); it changes speed only.
 
 Every other inference path (the wrappers, ``evaluate``, ``gating``, the trainer's plain
 prediction) calls :meth:`TTAEngine.run`; it is the only chunking loop.
@@ -29,7 +35,6 @@ import contextlib
 import itertools
 import math
 import numbers
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +42,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._pass_tuner import MAX_SHAPES, PassTuner, candidate_pass_sizes
+from ._pass_tuner import PassTuner, candidate_pass_sizes
 from .errors import InvalidInputError, ModelOutputError
 from .functional import check_image
 from .merge import (
+    PROB_FLOOR,
     MergeAccumulator,
     apply_activation,
     apply_matrix_scaling,
@@ -50,6 +56,7 @@ from .merge import (
     check_merge_mode,
     check_temperature,
     check_weights,
+    content_key,
 )
 from .policy import Compose, Policy, Transformer, View
 from .transforms import BaseTransform
@@ -103,8 +110,12 @@ class TTAOutput:
         uncertainty: None unless ``return_uncertainty=True``; then per-image tensors
             (:func:`ttakit.uncertainty.view_uncertainty`): ``std`` ``(B, C)``,
             ``predictive_entropy``, ``expected_entropy``, ``mutual_information`` and
-            ``disagreement`` ``(B,)``. On rows the gate kept plain only the identity ran: ``std``,
-            ``mutual_information`` and ``disagreement`` are 0 there.
+            ``disagreement`` ``(B,)``. The entropies are of the merge before temperature and
+            matrix scaling (renormalised over classes: ``sum``, ``max``, ``min``, ``tsharpen`` and
+            ``vote`` do not sum to 1); ``disagreement`` counts the views whose top class differs
+            from the class the row reports (``merged``'s top class, after the scaling). On rows
+            the gate kept plain only the identity ran: ``std``, ``mutual_information`` and
+            ``disagreement`` are 0 there.
     """
 
     merged: torch.Tensor
@@ -283,13 +294,15 @@ class TTAEngine:
             ``"policy"``: the policy's (None: no gate).
         max_batch: most images per forward pass: the memory bound (at most this many augmented
             images exist at a time).
-        pass_size: images per forward pass the engine aims for (at most ``max_batch``): views of
-            a small batch are stacked up to it, a large batch is cut into chunks of it. Default
-            ``None``: on CPU, tuned per input shape from the first calls' wall time among 32, the
-            whole batch (one view per pass, ttach's plan) and ``max_batch``; the reference plan
-            (the whole batch when it holds more than 32 and fewer than ``max_batch`` images, else 32) is kept unless
-            another is 3% faster (calls with extra arguments, a gate or per-view outputs use 32);
-            ``max_batch`` on other devices.
+        pass_size: images per forward pass (at most ``max_batch``): views of a small batch are
+            stacked up to it, a large batch is cut into chunks of it. Default ``None``: a fixed
+            plan, 32 on CPU (enough to stack the views of a small batch; larger passes run slower
+            per image there) and ``max_batch`` on other devices. ``"auto"``: on CPU, chosen per
+            input shape from the wall time of the first calls (:mod:`ttakit._pass_tuner`, like
+            ``torch.backends.cudnn.benchmark``) among 32, the whole batch (one view per pass) and
+            ``max_batch``; calls with extra arguments or per-view outputs use the default. The
+            plan changes speed only: merged outputs (to float rounding), votes, checks and errors
+            are the same whatever it is.
         output_key: when the model returns a mapping, the key of the output to merge.
         deaugment: hook mapping one view's output back; defaults by ``target``.
         class_dim: class dimension of one output (softmax, vote, gate, uncertainty); not 0.
@@ -298,8 +311,13 @@ class TTAEngine:
         amp: run the forward pass under ``torch.autocast`` (bfloat16 on CPU, float16 on
             CUDA/MPS); outputs are merged in float32.
         inference_mode: run under ``torch.inference_mode`` (no autograd).
-        check_outputs: raise :class:`ModelOutputError` on NaN/inf or view-dependent shapes.
-        seed: seeds the random tie-break of ``vote``.
+        check_outputs: raise :class:`ModelOutputError` on NaN/inf outputs (every forward pass is
+            checked, before any merge). Views whose outputs differ in shape are always an error.
+        seed: seeds the random tie-break of ``vote``, with each image's id (see :meth:`run`).
+
+    Attributes:
+        pass_tuner: the :class:`~ttakit._pass_tuner.PassTuner` of ``pass_size="auto"`` (None
+            otherwise); replace it to change its trials, margin or clock.
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
@@ -321,7 +339,7 @@ class TTAEngine:
         matrix_scaling: dict | str | None = FROM_POLICY,
         gate_threshold: float | str | None = FROM_POLICY,
         max_batch: int = 256,
-        pass_size: int | None = None,
+        pass_size: int | str | None = None,
         output_key: str | None = None,
         deaugment: DeaugmentHook | None = None,
         class_dim: int = 1,
@@ -353,12 +371,15 @@ class TTAEngine:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidInputError(f"max_batch must be a positive integer number of images, got {max_batch!r}")
         self.max_batch = max_batch
-        if pass_size is not None and (
+        if pass_size is not None and pass_size != "auto" and (
             isinstance(pass_size, bool) or not isinstance(pass_size, int) or pass_size < 1
         ):
-            raise InvalidInputError(f"pass_size must be a positive integer number of images or None, got {pass_size!r}")
+            raise InvalidInputError(
+                "pass_size must be a positive integer number of images, 'auto' (chosen by timing the first calls) "
+                f"or None (the default plan), got {pass_size!r}"
+            )
         self.pass_size = pass_size
-        self._tuner = PassTuner()
+        self.pass_tuner: PassTuner | None = PassTuner() if pass_size == "auto" else None
         if output_key is not None and not isinstance(output_key, str):
             raise InvalidInputError(f"output_key must be a string key of the model's output mapping, got {output_key!r}")
         self.output_key = output_key
@@ -393,7 +414,8 @@ class TTAEngine:
         threshold = self.policy.gate_threshold if gate_threshold == FROM_POLICY else gate_threshold
         self.gate_threshold = self._check_gate(threshold)
 
-        # Per-policy work, done once: transformers, the identity view, label pass-through, merge settings.
+        # Per-policy work, done once: transformers, bound augmentations, the identity view, label
+        # pass-through, the stages of the gate, merge settings.
         self.transformers = list(self.policy)
         self._names = self.policy.view_names
         self._identity = next((k for k, v in enumerate(self.policy.views) if v.is_identity), None)
@@ -403,6 +425,13 @@ class TTAEngine:
             if target == "label" and deaugment is _deaugment_label
             else [False] * n_views
         )
+        self._augment = [
+            _bound_augment(view) if passes else transformer.augment_image
+            for view, transformer, passes in zip(self.policy.views, self.transformers, self._passthrough, strict=True)
+        ]
+        # The views run in stages: all at once, or under the gate the identity on every image and
+        # then the others on the images it is unsure of.
+        self._stages = [list(range(n_views))] if self.gate_threshold is None else [[self._identity], self._others]
         probs_in = self.model_outputs == "probs" and self.activation == "softmax"
         # A probs model is never softmaxed again; its gmean is renormalised as softmax's would be.
         self._merge_activation = None if probs_in else self.activation
@@ -433,36 +462,6 @@ class TTAEngine:
                 f"device={device!r} but the model's parameters are on {self._probe.device}; move the model first "
                 f"(model.to({str(self.device)!r})) or pass device=None to run where the model is"
             )
-        # The fast path for a batch whose views all fit in one forward pass (classification
-        # without gate or extra arguments): augmentation steps bound once, one merge over the stack.
-        # ttakit's own steps at their identity parameter are skipped (a call that returns its input).
-        self._aug_plans = [
-            tuple(
-                (s.transform.apply_aug_image, {s.transform.pname: s.param})
-                for s in view.steps
-                if not (isinstance(s.transform, BaseTransform) and s.transform.is_identity(s.param))
-            )
-            for view in self.policy.views
-        ]
-        self._single_pass = self.gate_threshold is None and all(self._passthrough)
-        # Calls whose pass plan is measured (pass_size=None, on CPU): no gate, no autocast.
-        self._tunable = self.pass_size is None and self.gate_threshold is None and not self.amp
-        self._mean_weights: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        # (shape, dtype, device) of plain calls that ran in one forward pass -> views per pass.
-        self._one_pass_shapes: dict[tuple, int] = {}
-
-    def _pass(self, device: torch.device) -> int:
-        """Most images one stacked forward pass may hold on ``device`` (untuned)."""
-        if self.pass_size is not None:
-            return min(self.pass_size, self.max_batch)
-        return min(_CPU_PASS, self.max_batch) if device.type == "cpu" else self.max_batch
-
-    def _pass_for_call(self, key: tuple, device: torch.device) -> tuple[int, tuple | None]:
-        """(images per pass for a call with input ``key`` = (shape, dtype) whose plan is not chosen
-        yet, the key if the call is to be timed)."""
-        candidates = candidate_pass_sizes(key[0][0], len(self.transformers), self._pass(device), self.max_batch)
-        size, timed = self._tuner.choose(key, candidates)
-        return size, key if timed else None
 
     def _check_gate(self, threshold: object) -> float | None:
         if threshold is None:
@@ -495,23 +494,18 @@ class TTAEngine:
 
     @property
     def tuned_pass_sizes(self) -> dict[tuple[int, ...], int]:
-        """Images per forward pass chosen so far, by input shape ``(B, C, H, W)`` (``pass_size=None``
-        on CPU; shapes still being tuned are absent)."""
-        return {tuple(key[0]): size for key, size in self._tuner.chosen.items()}
+        """Images per forward pass chosen so far by ``pass_size="auto"``, by input shape
+        ``(B, C, H, W)`` (empty without it; shapes still being timed are absent)."""
+        if self.pass_tuner is None:
+            return {}
+        return {tuple(key[0]): size for key, size in self.pass_tuner.chosen.items()}
 
     def __len__(self) -> int:
         return len(self.transformers)
 
-    def __call__(self, images: torch.Tensor, *args: Any) -> torch.Tensor:
-        if not args and self._one_pass_shapes and isinstance(images, torch.Tensor):
-            # A shape already run in one forward pass: straight to it (the checks on the input,
-            # the device and the plan gave the same answer for this shape, dtype and device).
-            per_pass = self._one_pass_shapes.get((images.shape, images.dtype, images.device))
-            if per_pass is not None and (self.device is not None or self._probe is None or self._probe.device == images.device):
-                merged = self._merge_one_pass(images, per_pass)
-                if merged is not None:
-                    return merged
-        return self.run(images, *args).merged
+    def __call__(self, images: torch.Tensor, *args: Any, ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """The merged output of :meth:`run`."""
+        return self.run(images, *args, ids=ids).merged
 
     # ------------------------------------------------------------------------------ run
 
@@ -519,11 +513,15 @@ class TTAEngine:
         self,
         images: torch.Tensor,
         *args: Any,
+        ids: Sequence[int] | torch.Tensor | None = None,
         return_views: bool = False,
         return_uncertainty: bool = False,
         progress: Callable[[int], Any] | None = None,
     ) -> TTAOutput:
         """Augment, predict, de-augment, merge, and apply the policy's temperature and gate.
+
+        Every image gets the same answer whatever the batch it comes in and the pass plan: its
+        merged output (to float rounding), its vote, its NaN/inf check and its error.
 
         Args:
             images: ``(B, C, H, W)`` float images, any number (they are cut into chunks of
@@ -534,6 +532,11 @@ class TTAEngine:
                 is cut into chunks (or the gate picks rows), a tensor argument whose first
                 dimension is B is taken as per-sample and sliced along with the images; every other
                 argument is passed unchanged to every forward pass.
+            ids: optional identity of each image, ``(B,)`` int64 tensor or list of B ints (e.g. its
+                row in the data set, or a stable hash of its file path). A ``vote`` that ties
+                exactly (votes and summed scores) is broken by a random pick seeded by
+                ``(seed, id)``; without ids, by ``(seed, a hash of the image's pixels)``. Either
+                way the pick depends on the image alone. NaN/inf errors name the id.
             return_views: also return the ``(K, B, ...)`` de-augmented per-view outputs.
             return_uncertainty: also return per-image uncertainty (``target="label"`` only).
             progress: called with the number of images finished after each chunk (e.g. a tqdm bar's
@@ -542,6 +545,9 @@ class TTAEngine:
         Returns:
             :class:`TTAOutput`.
         """
+        check_model_input = getattr(self.model, "check_input", None)  # a ttakit Predictor knows its input
+        if callable(check_model_input):
+            check_model_input(images, "images")  # the user's batch, before any view stacks it
         check_image(images, "images")
         total = images.shape[0]
         if total == 0:
@@ -551,280 +557,181 @@ class TTAEngine:
                 f"return_uncertainty needs class probabilities (target 'label', activation softmax or None), "
                 f"got target {self.target!r} and activation {self.activation!r}"
             )
+        if ids is not None:
+            ids = _check_ids(ids, total)
         device = self.device
         if device is None:
             device = self._probe.device if self._probe is not None else images.device
-        plain_call = not args and not return_views and not return_uncertainty
-        tuning_key = None
-        if plain_call and self._tunable and device.type == "cpu":
-            key = (images.shape, images.dtype)
-            pass_size = self._tuner.chosen.get(key)  # the common case: a shape already tuned
-            if pass_size is None:
-                pass_size, tuning_key = self._pass_for_call(key, device)
-        else:
-            pass_size = self._pass(device)
-        if tuning_key is None:
-            return self._run(images, args, device, pass_size, return_views, return_uncertainty, progress, plain_call)
-        start_time = time.perf_counter()
-        out = self._run(images, args, device, pass_size, return_views, return_uncertainty, progress, plain_call)
-        self._tuner.record(tuning_key, pass_size, time.perf_counter() - start_time)
+        pass_size = self._default_pass(device)
+        tuner, timed_key = self.pass_tuner, None
+        if tuner is not None and device.type == "cpu" and not args and not return_views and not return_uncertainty:
+            key = (tuple(images.shape), images.dtype)
+            chosen = tuner.chosen.get(key)
+            if chosen is not None:
+                pass_size = chosen
+            else:
+                candidates = candidate_pass_sizes(total, len(self.transformers), pass_size, self.max_batch)
+                pass_size, timed = tuner.choose(key, candidates)
+                timed_key = key if timed else None
+        started = tuner.clock() if timed_key is not None else 0.0
+        out = self._run(images, args, ids, device, pass_size, return_views, return_uncertainty, progress)
+        if timed_key is not None:
+            tuner.record(timed_key, pass_size, tuner.clock() - started)
         return out
 
-    def _run(self, images, args, device, pass_size, return_views, return_uncertainty, progress, plain_call):
+    def _default_pass(self, device: torch.device) -> int:
+        """Most images per forward pass without timing: ``pass_size``, or 32 on CPU and
+        ``max_batch`` elsewhere."""
+        if isinstance(self.pass_size, int):
+            return min(self.pass_size, self.max_batch)
+        return min(_CPU_PASS, self.max_batch) if device.type == "cpu" else self.max_batch
+
+    def _run(self, images, args, ids, device, pass_size, return_views, return_uncertainty, progress) -> TTAOutput:
         total = images.shape[0]
-        if plain_call and self._single_pass and total <= pass_size:
-            per_pass = max(1, pass_size // total)
-            on_device = images.device == device
-            out = self._run_one_pass(images if on_device else images.to(device, non_blocking=True), per_pass)
-            if out is not None:
-                if on_device and (not self._tunable or (images.shape, images.dtype) in self._tuner.chosen):
-                    if len(self._one_pass_shapes) < MAX_SHAPES:
-                        self._one_pass_shapes[(images.shape, images.dtype, images.device)] = per_pass
-                if progress is not None:
-                    progress(total)
-                return out
         chunk_size = min(total, pass_size)
-        keep_views = return_views or return_uncertainty
-        grad_context = torch.inference_mode() if self.inference_mode else contextlib.nullcontext()
-        merged_parts, view_parts, gated_parts, unc_parts = [], [], [], []
-        forwarded = 0
-        shape: list[tuple[int, ...]] = []  # the first view's output shape, for the checks
-        with grad_context:
-            for start in range(0, total, chunk_size):
-                stop = min(start + chunk_size, total)
-                chunk = images[start:stop]
-                if chunk.device != device:
-                    chunk = chunk.to(device, non_blocking=True)
-                chunk_args = _slice_args(args, total, start, stop) if args and chunk_size < total else args
-                if self.gate_threshold is None:
-                    merged, views, n = self._run_all(chunk, chunk_args, keep_views, shape, pass_size)
-                    gated = None
-                else:
-                    merged, views, gated, n = self._run_gated(chunk, chunk_args, keep_views, shape, pass_size)
-                forwarded += n
-                if return_uncertainty:
-                    unc_parts.append(self._uncertainty(views, merged, gated))
-                merged = self._scale(merged, gated)
-                merged_parts.append(merged)
-                if return_views:
-                    view_parts.append(views)
-                if gated is not None:
-                    gated_parts.append(gated)
-                if progress is not None:
-                    progress(stop - start)
-            merged_all = _cat(merged_parts, 0)
-            views_all = _cat(view_parts, 1) if return_views else None
-            gated_all = _cat(gated_parts, 0) if gated_parts else None
-            uncertainty = {key: _cat([u[key] for u in unc_parts], 0) for key in unc_parts[0]} if unc_parts else None
+        keep = return_views or return_uncertainty
+        ref: list[tuple[int, tuple[int, ...]]] = []  # the first view's output shape per image, for the checks
+        parts = []
+        for start in range(0, total, chunk_size):
+            stop = min(start + chunk_size, total)
+            chunk = images if chunk_size == total else images[start:stop]
+            if chunk.device != device:
+                chunk = chunk.to(device, non_blocking=True)
+            chunk_args = _slice_args(args, total, start, stop) if args and chunk_size < total else args
+            chunk_ids = None if ids is None else ids[start:stop]
+            parts.append(self._run_chunk(chunk, chunk_args, chunk_ids, start, pass_size, keep, return_uncertainty, ref))
+            if progress is not None:
+                progress(stop - start)
+        if len(parts) == 1:
+            merged, views, gated, forwarded, uncertainty = parts[0]
+            views = views if return_views else None
+        else:
+            merged = torch.cat([p[0] for p in parts])
+            views = torch.cat([p[1] for p in parts], 1) if return_views else None
+            gated = torch.cat([p[2] for p in parts]) if self.gate_threshold is not None else None
+            forwarded = sum(p[3] for p in parts)
+            uncertainty = {key: torch.cat([p[4][key] for p in parts]) for key in parts[0][4]} if return_uncertainty else None
         if uncertainty is not None:
             uncertainty = {key: _as_normal_tensor(value) for key, value in uncertainty.items()}
         return TTAOutput(
-            _as_normal_tensor(merged_all),
-            _as_normal_tensor(views_all),
+            _as_normal_tensor(merged),
+            _as_normal_tensor(views),
             list(self._names),
             forwarded / total,
-            _as_normal_tensor(gated_all),
+            _as_normal_tensor(gated),
             uncertainty,
         )
 
-    # ------------------------------------------------------------------------------ chunks
+    # ------------------------------------------------------------------------------ the one path
 
-    def _run_one_pass(self, images: torch.Tensor, per_pass: int) -> TTAOutput | None:
-        """Every view of a batch that fits one chunk, ``per_pass`` views per forward pass, merged
-        at once (classification without gate, extra arguments or per-view outputs); None if the
-        views differ in size (the general path then handles them)."""
-        merged = self._merge_one_pass(images, per_pass)
-        if merged is None:
-            return None
-        return TTAOutput(merged, None, list(self._names), float(len(self.transformers)))
+    def _run_chunk(self, chunk, args, ids, offset, pass_size, keep, want_uncertainty, ref):
+        """Every view of ``chunk`` (``(b, C, H, W)``, on the device), merged.
 
-    def _merge_one_pass(self, images: torch.Tensor, per_pass: int) -> torch.Tensor | None:
-        """The merged output of :meth:`_run_one_pass`, temperature applied. The last step runs
-        outside inference mode where it can, so the result is an ordinary tensor without a copy."""
-        n = len(self.transformers)
-        mode, weights = self.merge_mode, self.weights
-        linear = (mode == "mean" or mode == "sum") and not self._class_weights and (weights is None or min(weights) > 0)
-        # A linear merge carries any NaN/inf of a view into the merged output: one check there, on
-        # B x C numbers, instead of one per forward pass (the culprit is found only on failure).
-        check_each_pass = not linear
-        # One view per pass (ttach's plan) merged linearly: a running sum of the outputs, as ttach
-        # does, instead of concatenating them first.
-        as_list = linear and per_pass == 1 and n > 1
-        if self.inference_mode and not torch.is_inference_mode_enabled():
-            with torch.inference_mode():
-                stack = self._one_pass_stack(images, per_pass, check_each_pass, as_list)
+        Augment the views, stack as many per forward pass as fit in ``pass_size`` images, run the
+        model, check each pass for NaN/inf, de-augment with the hook, and merge into the
+        accumulator. Under the gate the identity runs first, on every row, and the other views
+        then run on the rows it is unsure of (the accumulator keeps those rows). A NaN/inf is
+        raised after every view of the chunk has run, naming the first bad image and every view
+        bad on it, so the error does not depend on the plan.
+
+        The model runs under ``torch.inference_mode`` (unless ``inference_mode=False``); what
+        follows its passes (the merge's last step, scaling, views) runs outside it, so the results
+        are ordinary tensors without a copy. Returns ``(merged (b, ...), views (K, b, ...) or None,
+        gated (b,) or None, images forwarded, uncertainty or None)``.
+        """
+        with torch.inference_mode() if self.inference_mode else contextlib.nullcontext():
+            acc, outputs, gated, rows, forwarded = self._run_views(chunk, args, ids, offset, pass_size, keep, ref)
+        return self._finish_chunk(chunk, ids, acc, outputs, gated, rows, forwarded, keep, want_uncertainty)
+
+    def _run_views(self, chunk, args, ids, offset, pass_size, keep, ref):
+        """The loop of :meth:`_run_chunk`: ``(accumulator, kept outputs, gated, gated rows, images forwarded)``."""
+        b = chunk.shape[0]
+        acc = self._template.fresh()
+        outputs: list[torch.Tensor | None] = [None] * len(self.transformers)  # kept per-view outputs
+        bad: dict[int, list[int]] = {}  # view -> rows of the chunk whose output is NaN/inf
+        images, row_args, rows, gated, forwarded = chunk, args, None, None, 0  # rows: None = all
+        gate = self.gate_threshold is not None
+        for stage, views in enumerate(self._stages):
+            store = keep or (gate and stage == 0)  # per-view outputs to keep: asked for, or the gate's identity
+            if stage == 1:  # the gate: the other views only on rows the identity is unsure of
+                gated = self._confidence(outputs[self._identity]) < self.gate_threshold
+                rows = torch.nonzero(gated).flatten()
+                if rows.numel() == 0:
+                    break
+                if rows.numel() == b:
+                    rows = None
+                else:
+                    images, row_args, acc = chunk[rows], _index_args(args, b, rows), acc.take_rows(rows)
+            n = images.shape[0]
+            per_pass = 1 if args else max(1, pass_size // n)
+            for first in range(0, len(views), per_pass):
+                augmented = {k: self._augment[k](images) for k in views[first : first + per_pass]}
+                for group in _group_by_shape(augmented):  # views that resize the image pass apart
+                    # Hand each view to the batch and the batch to the model: no augmented image
+                    # outlives the forward pass it was made for.
+                    batch = _cat([augmented.pop(k) for k in group], 0)
+                    view_size = (int(batch.shape[-2]), int(batch.shape[-1]))
+                    out = self._forward(batch, row_args)
+                    forwarded += batch.shape[0]
+                    del batch
+                    if self.check_outputs and not _sum_is_finite(out):
+                        self._find_non_finite(out, group, n, rows, bad)
+                    if all(self._passthrough[k] for k in group):  # class scores come back as they are
+                        stack = out.reshape(len(group), n, *out.shape[1:])
+                        self._check_shape(tuple(stack.shape[1:]), group[0], ref)
+                        if not bad:  # nothing is merged after a NaN/inf: the error follows
+                            acc.add_stack(stack, group)
+                        if store:
+                            for k, output in zip(group, stack, strict=True):
+                                outputs[k] = _at_least_float32(output)
+                    else:
+                        for i, k in enumerate(group):
+                            output = self.deaugment(self.transformers[k], out[i * n : (i + 1) * n], view_size)
+                            self._check_shape(tuple(output.shape), k, ref)
+                            if not bad:
+                                acc.add(output, k)
+                            if store:
+                                outputs[k] = _at_least_float32(output)
+                    del out
+        if bad:
+            raise self._non_finite_error(bad, offset, ids)
+        return acc, outputs, gated, rows, forwarded
+
+    def _finish_chunk(self, chunk, ids, acc, outputs, gated, rows, forwarded, keep, want_uncertainty):
+        """The chunk's merged output (the gate's plain rows and the merged ones), scaled; its views
+        and uncertainty."""
+        ids_of = _RowIds(chunk, ids, rows)
+        if gated is None:
+            merged = acc.result(ids_of)
         else:
-            stack = self._one_pass_stack(images, per_pass, check_each_pass, as_list)
-        if stack is None:
-            return None
-        if isinstance(stack, list) and not stack[0].is_floating_point():
-            stack = torch.stack(stack)  # integer scores: the accumulator's exact arithmetic below
-        if isinstance(stack, list):
-            merged = self._running_sum(stack)
-            if self.check_outputs and not _is_finite(merged):
-                self._check_finite(torch.cat(stack), range(n), stack[0].shape[0])
-        elif linear and stack.is_floating_point():
-            class_dim = self.class_dim if self.class_dim < 0 else self.class_dim + 1
-            x = apply_activation(stack, self._merge_activation, class_dim)
-            if n == 1 and weights is None:  # never hand back (a view of) the model's own output tensor
-                merged = x[0].clone() if x is stack else x[0]
+            plain = outputs[self._identity]
+            merged = apply_activation(plain, self._merge_activation, self.class_dim)
+            if merged is plain:  # the kept output may be the model's own tensor: never write into it
+                merged = merged.clone()
+            if rows is None:  # every row was gated
+                merged = acc.result(ids_of).to(merged.dtype)
+            elif rows.numel():
+                merged[rows] = acc.result(ids_of).to(merged.dtype)
+        final = self._scale(merged, gated)
+        views = None
+        if keep:
+            if gated is None:
+                views = torch.stack(outputs)
             else:
-                # One (1, K) x (K, B*...) product instead of a reduction over the views: one kernel
-                # to bring back into cache right after a forward pass, where every step runs slower.
-                key = (x.device, x.dtype)
-                w = self._mean_weights.get(key)
-                if w is None:
-                    w = torch.tensor(weights if weights is not None else [1.0] * n, dtype=torch.float64)
-                    if mode == "mean":
-                        w = w / (self._template.total_weight if weights is not None else n)
-                    w = w.to(dtype=x.dtype, device=x.device).view(1, n)
-                    self._mean_weights[key] = w
-                merged = torch.mm(w, x.reshape(n, -1)).view(x.shape[1:])
-            if self.check_outputs and not _is_finite(merged):
-                self._check_finite(stack.reshape(-1, *stack.shape[2:]), range(n), stack.shape[1])
-        else:
-            acc = self._template.fresh()
-            acc.add_stack(stack, range(n))
-            merged = acc.result()
-        return _as_normal_tensor(self._scale(merged, None))
+                views = outputs[self._identity].unsqueeze(0).repeat(len(outputs), *([1] * outputs[self._identity].ndim))
+                for k in self._others:
+                    if outputs[k] is not None:
+                        if rows is None:
+                            views[k] = outputs[k]
+                        else:
+                            views[k, rows] = outputs[k]
+        uncertainty = self._uncertainty(views, merged, final, gated) if want_uncertainty else None
+        return final, views, gated, forwarded, uncertainty
 
-    def _running_sum(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """The linear merge (mean or sum, plain or weighted) of K >= 2 floating outputs ``(B, ...)``
-        as a running sum; never written into a model's own output tensor."""
-        weights, n = self.weights, len(outputs)
-        parts = [apply_activation(o, self._merge_activation, self.class_dim) for o in outputs]
-        if weights is None:
-            total = parts[0] + parts[1]
-            for part in parts[2:]:
-                total += part
-            return total.div_(n) if self.merge_mode == "mean" else total
-        total = parts[0] * weights[0]
-        for part, w in zip(parts[1:], weights[1:], strict=True):
-            total.add_(part, alpha=w)
-        return total.div_(self._template.total_weight) if self.merge_mode == "mean" else total
-
-    def _one_pass_stack(
-        self, chunk: torch.Tensor, per_pass: int, check: bool = True, as_list: bool = False
-    ) -> torch.Tensor | list[torch.Tensor] | None:
-        """``(K, B, ...)``: the model's outputs on every view of ``chunk``, ``per_pass`` views
-        stacked per forward pass (each checked for NaN/inf if ``check``); with ``as_list`` and one
-        view per pass, the K outputs ``(B, ...)`` as a list."""
-        n, b = len(self._aug_plans), chunk.shape[0]
-        size = None
-        results = []
-        for first in range(0, n, per_pass):
-            views = []
-            for plan in self._aug_plans[first : first + per_pass]:
-                image = chunk
-                for apply, kwargs in plan:
-                    image = apply(image, **kwargs)
-                if size is None:
-                    size = image.shape
-                elif image.shape != size:  # views that resize (Scale, crops): the general path, from now on
-                    self._single_pass = False
-                    return None
-                views.append(image)
-            batch = torch.cat(views) if len(views) > 1 else views[0]
-            del views
-            output = self._forward(batch, ())
-            del batch
-            if check and self.check_outputs:
-                self._check_finite(output, range(first, min(first + per_pass, n)), b)
-            results.append(output)
-        if as_list and per_pass == 1:
-            self._check_view_shape(tuple(results[0].shape), 0, [])
-            return results
-        result = torch.cat(results) if len(results) > 1 else results[0]
-        del results
-        stack = result.view(n, b, *result.shape[1:]) if result.is_contiguous() else result.reshape(n, b, *result.shape[1:])
-        self._check_view_shape(tuple(stack.shape[1:]), 0, [])
-        return stack
-
-    def _run_all(self, chunk: torch.Tensor, args: tuple, keep_views: bool, shape: list, pass_size: int):
-        """Every view on every row of ``chunk``: (merged, views or None, images forwarded)."""
-        acc = self._template.fresh()
-        n_views = len(self.transformers)
-        outputs: list[torch.Tensor | None] | None = [None] * n_views if keep_views else None
-        self._run_views(chunk, args, range(n_views), acc, outputs, shape, pass_size)
-        views = torch.stack(outputs) if keep_views else None
-        return acc.result(), views, chunk.shape[0] * n_views
-
-    def _run_gated(self, chunk: torch.Tensor, args: tuple, keep_views: bool, shape: list, pass_size: int):
-        """The identity on every row, the other views on rows whose plain confidence is below the gate."""
-        b = chunk.shape[0]
-        identity = self._identity
-        plain: list[torch.Tensor | None] = [None] * len(self.transformers)
-        self._run_views(chunk, args, [identity], None, plain, shape, pass_size)
-        plain_raw = plain[identity]  # (b, C, ...) raw, float32 or better
-        plain_probs = plain_raw if self.model_outputs == "probs" else torch.softmax(plain_raw, dim=self.class_dim)
-        gated = plain_probs.amax(dim=self.class_dim) < self.gate_threshold  # (b,)
-        rows = torch.nonzero(gated).flatten()
-        n_gated = int(rows.numel())
-        merged = apply_activation(plain_raw, self._merge_activation, self.class_dim)
-        if merged is plain_raw:  # a view of the model's own output: never write into it or hand it back
-            merged = merged.clone()
-        views = plain_raw.unsqueeze(0).repeat(len(self.transformers), *([1] * plain_raw.ndim)) if keep_views else None
-        if n_gated == 0:
-            return merged, views, gated, b
-        everything = n_gated == b
-        sub = chunk if everything else chunk[rows]
-        sub_args = args if everything or not args else _index_args(args, b, rows)
-        acc = self._template.fresh()
-        acc.add(plain_raw if everything else plain_raw[rows], identity)
-        outputs: list[torch.Tensor | None] | None = [None] * len(self.transformers) if keep_views else None
-        self._run_views(sub, sub_args, self._others, acc, outputs, shape, pass_size)
-        merged_rows = acc.result()
-        if everything:
-            merged = merged_rows.to(merged.dtype)
-        else:
-            merged[rows] = merged_rows.to(merged.dtype)
-        if keep_views:
-            for k in self._others:
-                if everything:
-                    views[k] = outputs[k]
-                else:
-                    views[k, rows] = outputs[k]
-        return merged, views, gated, b + n_gated * len(self._others)
-
-    def _run_views(self, chunk, args, indices, acc, outputs, shape, pass_size: int) -> None:
-        """Run views ``indices`` over ``chunk``, stacking as many per pass as fit in ``pass_size``
-        images (one per pass with extra arguments); add each to ``acc`` and/or keep it in ``outputs``."""
-        b = chunk.shape[0]
-        per_pass = 1 if args else max(1, pass_size // b)
-        indices = list(indices)
-        for first in range(0, len(indices), per_pass):
-            group = indices[first : first + per_pass]
-            augmented = {k: self.transformers[k].augment_image(chunk) for k in group}
-            for same_size in _group_by_shape(augmented):
-                # Hand each view over to the batch (dropping our reference), and the batch to the
-                # model: no augmented image outlives the forward pass it was made for.
-                parts = [augmented.pop(k) for k in same_size]
-                batch = torch.cat(parts) if len(parts) > 1 else parts[0]
-                del parts
-                view_size = (int(batch.shape[-2]), int(batch.shape[-1]))
-                result = self._forward(batch, args)
-                del batch
-                if self.check_outputs:
-                    self._check_finite(result, same_size, b)
-                n = len(same_size)
-                if all(self._passthrough[k] for k in same_size):
-                    # Class scores come back unchanged: merge the whole pass at once.
-                    stack = result.reshape(n, b, *result.shape[1:]) if n > 1 else result.unsqueeze(0)
-                    self._check_view_shape(tuple(stack.shape[1:]), same_size[0], shape)
-                    if acc is not None:
-                        acc.add_stack(stack, same_size)
-                    if outputs is not None:
-                        for i, k in enumerate(same_size):
-                            outputs[k] = _at_least_float32(stack[i])
-                else:
-                    for i, k in enumerate(same_size):
-                        output = self.deaugment(self.transformers[k], result[i * b : (i + 1) * b], view_size)
-                        self._check_view_shape(tuple(output.shape), k, shape)
-                        if acc is not None:
-                            acc.add(output, k)
-                        if outputs is not None:
-                            outputs[k] = _at_least_float32(output)
-                del result
+    def _confidence(self, plain_raw: torch.Tensor) -> torch.Tensor:
+        """``(b,)`` top-class probability of the identity's raw output."""
+        probs = plain_raw if self.model_outputs == "probs" else torch.softmax(plain_raw, dim=self.class_dim)
+        return probs.amax(dim=self.class_dim)
 
     def _forward(self, batch: torch.Tensor, args) -> torch.Tensor:
         if self.amp:
@@ -869,29 +776,35 @@ class TTAEngine:
 
     # ------------------------------------------------------------------------------ checks
 
-    def _check_finite(self, result: torch.Tensor, views: list[int], per_view: int) -> None:
-        # One sum per forward pass; the exact (slower) check and the culprit view only if the sum
-        # is not finite (NaN/inf, or finite values whose sum overflows).
-        if _is_finite(result):
-            return
-        if bool(torch.isfinite(result).all()):
-            return
-        for i, k in enumerate(views):
-            bad = int((~torch.isfinite(result[i * per_view : (i + 1) * per_view])).sum())
-            if bad:
-                raise ModelOutputError(
-                    f"the model returned {bad} NaN/inf values for view {self._names[k]!r}; check the model "
-                    "and its input normalisation (TTA cannot merge non-finite outputs)"
-                )
+    def _find_non_finite(self, out: torch.Tensor, group: list[int], n: int, rows, bad: dict[int, list[int]]) -> None:
+        """Record in ``bad`` the chunk rows whose output is NaN/inf, per view of the pass ``out``
+        (``len(group)`` views of ``n`` rows each; ``rows`` maps them to the chunk's rows)."""
+        finite = torch.isfinite(out).reshape(out.shape[0], -1).all(dim=1).cpu()
+        for i, k in enumerate(group):
+            found = torch.nonzero(~finite[i * n : (i + 1) * n]).flatten()
+            if found.numel():
+                chunk_rows = found if rows is None else rows.cpu()[found]
+                bad.setdefault(k, []).extend(chunk_rows.tolist())
 
-    def _check_view_shape(self, shape: tuple[int, ...], index: int, seen: list) -> None:
-        """The first view's output must fit ``class_dim``; later ones must match it (batch aside)."""
-        if seen:
-            reference = seen[0]
-            if shape[1:] != reference[1:] and self.check_outputs:
+    def _non_finite_error(self, bad: dict[int, list[int]], offset: int, ids: torch.Tensor | None) -> ModelOutputError:
+        first = min(min(found) for found in bad.values())
+        views = ", ".join(repr(self._names[k]) for k in sorted(bad) if first in bad[k])
+        image = f"the image with id {int(ids[first])}" if ids is not None else f"image {offset + first} of the batch"
+        return ModelOutputError(
+            f"the model returned NaN/inf for {image} under view(s) {views}; check the model and its input "
+            "normalisation (TTA cannot merge non-finite outputs)"
+        )
+
+    def _check_shape(self, shape: tuple[int, ...], index: int, ref: list) -> None:
+        """``shape``: view ``index``'s de-augmented output ``(n, ...)``. The first view's must fit
+        ``class_dim``; every later one must match it per image (whatever the plan and checks)."""
+        if ref:
+            first, expected = ref[0]
+            if shape[1:] != expected:
                 raise ModelOutputError(
-                    f"view {self._names[index]!r} produced output of shape {shape} after de-augmentation, but "
-                    f"earlier views produced {reference}; every view must map back to the same shape"
+                    f"view {self._names[index]!r} returned outputs of shape {shape[1:]} per image after "
+                    f"de-augmentation, but view {self._names[first]!r} returned {expected}; every view must map "
+                    "back to the same shape"
                 )
             return
         ndim = len(shape)
@@ -900,7 +813,7 @@ class TTAEngine:
                 f"class_dim={self.class_dim} does not fit the model's output of shape {shape} (one view, batch "
                 f"first): expected a dimension in 1..{ndim - 1} (or -{ndim - 1}..-1); pass class_dim=1 for (B, C) scores"
             )
-        seen.append(shape)
+        ref.append((index, shape[1:]))
 
     # ------------------------------------------------------------------------------ temperature, uncertainty
 
@@ -942,7 +855,9 @@ class TTAEngine:
             x = apply_matrix_scaling(x, weight, bias, self.class_dim, probs=self._space == "probs")
         return x
 
-    def _uncertainty(self, views: torch.Tensor, merged: torch.Tensor, gated: torch.Tensor | None):
+    def _uncertainty(self, views: torch.Tensor, merged: torch.Tensor, final: torch.Tensor, gated: torch.Tensor | None):
+        """Per-image uncertainty of the views around the merge (before temperature and matrix),
+        with disagreement measured against the class the row reports (``final``'s top class)."""
         if views.ndim != 3 or self.class_dim % 2 != 1:
             raise InvalidInputError(
                 f"return_uncertainty needs (B, C) class scores with class_dim=1, got outputs of shape "
@@ -950,7 +865,10 @@ class TTAEngine:
             )
         view_probs = views if self.model_outputs == "probs" else torch.softmax(views, dim=2)
         merged_probs = merged if self._space == "probs" else torch.softmax(_at_least_float32(merged), dim=1)
-        out = view_uncertainty(view_probs, _at_least_float32(merged_probs), self._view_weights)
+        # sum, max, min, tsharpen and vote do not sum to 1 over the classes: entropies need a distribution.
+        merged_probs = _at_least_float32(merged_probs)
+        merged_probs = merged_probs / merged_probs.sum(dim=1, keepdim=True).clamp_min(PROB_FLOOR)
+        out = view_uncertainty(view_probs, merged_probs, self._view_weights, labels=final.argmax(dim=1))
         if gated is not None:
             plain = ~gated
             for key in ("std", "mutual_information", "disagreement"):
@@ -959,15 +877,79 @@ class TTAEngine:
         return out
 
 
-def _is_finite(x: torch.Tensor) -> bool:
-    """Whether the sum of ``x`` is finite, which proves every value is (False also when finite
-    values overflow the sum: callers then check value by value)."""
+class _RowIds:
+    """The vote's tie-break ids of the accumulator's rows (computed only for rows that tie): the
+    caller's ``ids``, else a hash of the image itself; ``rows`` maps accumulator rows to the chunk."""
+
+    def __init__(self, chunk: torch.Tensor, ids: torch.Tensor | None, rows: torch.Tensor | None):
+        self.chunk, self.ids, self.rows = chunk, ids, rows
+
+    def __call__(self, tied: torch.Tensor) -> list[int]:
+        rows = tied if self.rows is None else self.rows[tied.to(self.rows.device)]
+        if self.ids is not None:
+            return self.ids[rows.cpu()].tolist()
+        return [content_key(self.chunk[r]) for r in rows.tolist()]
+
+
+def _bound_augment(view: View) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A view's augmentation with its steps bound once (ttakit's identity steps skipped), for views
+    whose class scores need no de-augmentation (so no recorded input size)."""
+    steps = tuple(
+        (s.transform.apply_aug_image, {s.transform.pname: s.param})
+        for s in view.steps
+        if not (isinstance(s.transform, BaseTransform) and s.transform.is_identity(s.param))
+    )
+
+    def augment(image: torch.Tensor) -> torch.Tensor:
+        for apply, kwargs in steps:
+            image = apply(image, **kwargs)
+        return image
+
+    return augment
+
+
+_IDS_FORMS = "a (B,) integer tensor or a list of B integers (one per image)"
+
+
+def _check_ids(ids: object, total: int) -> torch.Tensor | None:
+    """``None`` or the images' ids as a CPU int64 tensor of ``total`` values."""
+    if ids is None:
+        return None
+    if isinstance(ids, torch.Tensor):
+        if ids.ndim != 1:
+            raise InvalidInputError(f"ids must be {_IDS_FORMS}, got a tensor of shape {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InvalidInputError(f"ids must be {_IDS_FORMS}, got a tensor of dtype {ids.dtype}")
+        checked = ids.detach().to("cpu", torch.int64)
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise InvalidInputError(f"ids must be {_IDS_FORMS}, got {type(ids).__name__}")
+    else:
+        wrong = [v for v in ids if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+        if wrong:
+            raise InvalidInputError(f"ids must be {_IDS_FORMS}, got {_show(ids)} (not an integer: {wrong[0]!r})")
+        try:
+            checked = torch.tensor([int(v) for v in ids], dtype=torch.int64)
+        except (OverflowError, RuntimeError):
+            raise InvalidInputError(f"ids must be {_IDS_FORMS} that fit in int64, got {_show(ids)}") from None
+    if checked.numel() != total:
+        raise InvalidInputError(f"ids must hold one integer per image ({total}), got {checked.numel()}")
+    return checked
+
+
+def _show(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _sum_is_finite(x: torch.Tensor) -> bool:
+    """Whether the sum of ``x`` is finite, which proves every value is: a NaN or an inf of either
+    sign makes any sum NaN or inf (False also when finite values overflow the sum: callers then
+    check value by value)."""
     if not x.is_floating_point():
         return True
-    x = x.detach()
     if x.numel() <= 64 and x.device.type == "cpu":  # a few class scores: summed in Python, no kernel
         return math.isfinite(sum(x.reshape(-1).tolist()))
-    return math.isfinite(float(x.sum()))
+    return math.isfinite(float(x.detach().sum()))
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -995,7 +977,9 @@ def _index_args(args: tuple, total: int, rows: torch.Tensor) -> tuple:
 
 def _group_by_shape(augmented: dict[int, torch.Tensor]) -> list[list[int]]:
     # Views that change the image size (Scale, Resize, crops) cannot share a batch with others.
-    if len(augmented) == 1:
+    images = iter(augmented.values())
+    shape = next(images).shape
+    if all(image.shape == shape for image in images):
         return [list(augmented)]
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, image in augmented.items():

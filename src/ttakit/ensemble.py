@@ -39,12 +39,14 @@ import torch
 
 from . import metrics as M
 from .errors import InvalidInputError, unknown_name
+from .policy import check_policy_model
 
 __all__ = [
     "EnsembleOutput",
     "MemberSpec",
     "TIE_BREAKS",
     "VOTES",
+    "calibration_rows",
     "check_same_classes",
     "ensemble_checkpoints",
     "ensemble_predict",
@@ -291,6 +293,65 @@ def _fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(fit_temperature(torch.log(probs.double().clamp_min(PROB_FLOOR)), labels))
 
 
+def calibration_rows(val: Any, policies: Sequence[Any], *, strict: bool = False) -> tuple[list[int], list[int]]:
+    """Split the members' shared validation split ``val`` into ``(temperature rows, conformal rows)``:
+    disjoint, sorted, together every row, so conformal sets never calibrate on a row that fitted a
+    member's temperature (nor anything in its policy).
+
+    Conformal rows: the rows no member's policy was fitted on, as the policies record them
+    (``meta["validation_rows"]``, :func:`ttakit.policy.unused_validation_rows`); when none records
+    any (views-only policies such as ``none`` or ``hflip``), the seeded, stratified share
+    ``ttakit search`` keeps unseen by default (``CONFORMAL_HOLDOUT`` of the rows, ``HOLDOUT_SEED``).
+    Temperature rows: the rest (the rows the members' searches used). The same rows whether or not
+    conformal sets are asked for, so a member's temperature does not depend on ``--conformal``.
+
+    Args:
+        strict: raise when a fitted policy records no unseen validation rows (conformal sets were
+            asked for); else such a policy is passed over.
+
+    Raises:
+        InvalidInputError: ``strict`` and a policy as above, or policies leaving no row unseen by all.
+    """
+    from .data import stratified_indices
+    from .data.splits import dataset_sha256
+    from .errors import DataError
+    from .experiment import CONFORMAL_HOLDOUT, HOLDOUT_SEED
+    from .policy import unused_validation_rows
+
+    n = len(val)
+    unseen: set[int] | None = None
+    digest = None
+    for policy in policies:
+        if digest is None and (policy.meta or {}).get("validation_rows"):
+            digest = dataset_sha256(val)
+        try:
+            unused = unused_validation_rows(policy, n, digest)
+        except InvalidInputError:
+            if strict:
+                raise
+            continue
+        if unused is not None:
+            unseen = set(unused) if unseen is None else unseen & set(unused)
+    if unseen is None:
+        try:
+            _, held = stratified_indices(val.labels, CONFORMAL_HOLDOUT, HOLDOUT_SEED, name="the conformal holdout")
+        except DataError:
+            if strict:
+                raise InvalidInputError(
+                    f"the members' validation split has {n} images, too few to keep {CONFORMAL_HOLDOUT:g} of each "
+                    "class for conformal calibration apart from the rows their temperatures are fitted on; retrain "
+                    "with a larger --val-fraction"
+                ) from None
+            return list(range(n)), []
+        unseen = set(held.tolist())
+    if not unseen and strict:
+        raise InvalidInputError(
+            "the members' policies were fitted on different validation rows and leave no row that none of them saw "
+            "for conformal calibration; search them with the same --conformal-holdout on the same data"
+        )
+    return [r for r in range(n) if r not in unseen], sorted(unseen)
+
+
 def _apply_temperature(probs: torch.Tensor, temperature: float | None) -> torch.Tensor:
     from .merge import apply_temperature
 
@@ -497,9 +558,9 @@ def evaluate_ensemble(
 
     Members are calibrated (a temperature per member and mode, fitted on ``calibration``) when
     held-out data is given; the plain ensemble combines the members' plain probabilities, the
-    TTA ensemble their policies' probabilities. Each ensemble row carries McNemar's test against
-    the best member in the same mode (plain against the best plain member, TTA against the best
-    member with its policy; "best" by accuracy on these images, which favours the member).
+    TTA ensemble their policies' probabilities. Each ensemble row carries its accuracy lift and
+    McNemar's test against the best member under any policy (plain or its own; "best" by
+    accuracy on these images, which favours the member), named in ``vs``.
 
     Args:
         images: ``(N, C, H, W)`` held-out images; ``labels``: ``(N,)``.
@@ -549,27 +610,35 @@ def evaluate_ensemble(
         )
 
     best: dict[str, dict[str, Any]] = {}
+    # Every ensemble row is compared with the best member under ANY policy (plain or its own):
+    # an ensemble that only beats the members' TTA rows while a plain member scores higher is
+    # no gain. Ties go to the first row (member order, plain first).
+    member_rows_all = [r for r in rows if "member" in r]
+    best_any = max(member_rows_all, key=lambda r: r["accuracy"])
+    best_any_correct = per_mode[best_any["mode"]][best_any["member"]].argmax(1) == labels
     for mode in ("plain", "tta"):
         member_rows = [r for r in rows if r["mode"] == mode]
         best_row = max(member_rows, key=lambda r: r["accuracy"])
         best[mode] = {"model": best_row["model"], "policy": best_row["policy"], "accuracy": best_row["accuracy"]}
-        best_correct = per_mode[mode][best_row["member"]].argmax(1) == labels
         probs, predicted = combine(torch.stack(per_mode[mode]), vote, None if w is None else w.tolist(), tie_break, seed)
         correct = predicted == labels
-        test = M.mcnemar_test(best_correct, correct)
-        policy_names = sorted({p.name for p in (resolved if mode == "tta" else [plain])})
-        row = {"model": f"ensemble ({vote} vote, {m} members)", "policy": "+".join(policy_names), "mode": mode}
+        test = M.mcnemar_test(best_any_correct, correct)
+        member_policies = [p.name for p in (resolved if mode == "tta" else [plain] * m)]
+        # the members' policies in member order ("hflip+none" for a:hflip b:none); one name if all agree
+        policy_label = member_policies[0] if len(set(member_policies)) == 1 else "+".join(member_policies)
+        row = {"model": f"ensemble ({vote} vote, {m} members)", "policy": policy_label, "mode": mode}
         row.update(_scores(probs, predicted, labels, vote == "soft"))
         row.update(
             {
                 "passes_per_image": sum(passes[mode]),
                 "seconds": sum(r["seconds"] for r in member_rows),
-                "lift_accuracy": row["accuracy"] - best_row["accuracy"],
+                "lift_accuracy": row["accuracy"] - best_any["accuracy"],
                 "mcnemar_p": test.p_value,
-                "vs": f"{best_row['model']} {best_row['policy']}",
+                "vs": f"{best_any['model']} {best_any['policy']}",
             }
         )
         rows.append(row)
+    best["any"] = {"model": best_any["model"], "policy": best_any["policy"], "accuracy": best_any["accuracy"]}
     return {
         "rows": rows,
         "best_member": best,
@@ -622,6 +691,11 @@ def parse_member(spec: str) -> MemberSpec:
         raise InvalidInputError(f"an ensemble member must be MODEL or MODEL:POLICY, got {spec!r}")
     if os.path.exists(spec) or ":" not in spec:
         return MemberSpec(spec, None)
+    from .predictors import _FILE_SPEC
+
+    file_spec = _FILE_SPEC.match(spec)
+    if file_spec and (os.path.isfile(file_spec["file"]) or not _looks_like_policy(file_spec["attribute"])):
+        return MemberSpec(spec, None)  # path/to/file.py:function (file.py:function:POLICY gives it a policy)
     model, policy = spec.rsplit(":", 1)
     if not model or not policy:
         raise InvalidInputError(f"an ensemble member must be MODEL or MODEL:POLICY, got {spec!r}")
@@ -691,6 +765,7 @@ def _format_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "policy": r["policy"],
                 "accuracy %": f"{100 * r['accuracy']:.2f}",
                 "vs best member (pts)": f"{100 * r['lift_accuracy']:+.2f}" if "lift_accuracy" in r else "",
+                "best member (any policy)": r.get("vs", ""),
                 "p (McNemar)": (f"{r['mcnemar_p']:.3g}" if r["mcnemar_p"] >= 1e-300 else "< 1e-300")
                 if "mcnemar_p" in r
                 else "",
@@ -700,6 +775,54 @@ def _format_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _own_validation_split(meta: Any, name: str, data: str | None, data_dir: str | None) -> Any:
+    """The validation split the first member held out at training time, or None when it has none.
+
+    With ``--data OTHER`` the members are still calibrated on their own validation split: a
+    temperature belongs to a model, other data has no validation split the members held out,
+    and the rows scored (other data) are never the rows fitted.
+    """
+    from .errors import TTAKitError
+    from .experiment import load_eval_data
+
+    recorded = _recipe(meta).get("spec")
+    own = data is None or (recorded is not None and _same_data(str(data), str(recorded)))
+    try:
+        return load_eval_data(meta, data if own else None, "val", data_dir if own else None)
+    except InvalidInputError:
+        return None  # trained without a validation split
+    except TTAKitError as err:
+        if own:
+            raise
+        raise InvalidInputError(
+            f"ensemble --data {data}: the members are temperature-scaled on their own validation split "
+            f"(that of {name}, from {recorded}), which could not be loaded ({err}); restore that data, "
+            "or pass --no-calibrate"
+        ) from None
+
+
+def _same_data(a: str, b: str) -> bool:
+    from .data.splits import _same_spec
+
+    return _same_spec(a, b)
+
+
+def _refuse_fitted_split(split: str) -> None:
+    """Refuse the splits an ensemble's members were fitted on: ``train`` (their weights) and
+    ``val`` (their temperatures, and the policies ``ttakit search`` chose for them)."""
+    if split == "train":
+        raise InvalidInputError(
+            "ensemble --split train: the members trained on those images, so their score there says nothing "
+            "about held-out accuracy; use --split test (the default)"
+        )
+    if split == "val":
+        raise InvalidInputError(
+            "ensemble --split val: the validation split is where each member's temperature is fitted and its "
+            "searched policy (policy.json) was chosen, so it would be scored on what it was fitted on; "
+            "use --split test (the default)"
+        )
 
 
 def ensemble_checkpoints(
@@ -717,19 +840,27 @@ def ensemble_checkpoints(
     max_batch: int = 256,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> dict[str, Any]:
     """``ttakit ensemble``: load each ``MODEL[:POLICY]``, evaluate on held-out data, write results.
+
+    A member's policy holding fitted parameters must have been fitted on that member
+    (:func:`ttakit.policy.check_policy_model`; ``allow_other_model`` allows another).
 
     A member's default policy is its ``policy.json`` (from ``ttakit search``), else its
     training augmentations (``train-aug``), else none. Data default to the first member's own
     data set; members that are ttakit checkpoints with a validation split are calibrated on it
     (the first member's split: every member must not have trained on it, which holds for
-    checkpoints trained by ``ttakit train`` on the same data, whose validation split is fixed).
+    checkpoints trained by ``ttakit train`` on the same data, whose validation split is fixed),
+    also when ``data`` is other data (which has no validation split the members held out). Member
+    temperatures are fitted on the temperature rows of :func:`calibration_rows` only, the same
+    rows ``ttakit predict`` fits them on, leaving the conformal rows unseen.
     """
     from .experiment import load_eval_data
     from .predictors import load as load_predictor
     from .report import format_table, markdown_table, write_results
 
+    _refuse_fitted_split(split)
     specs = [parse_member(s) for s in members]
     if len(specs) < 2:
         raise InvalidInputError(f"an ensemble needs at least two member models, got {len(specs)}: {list(members)}")
@@ -737,6 +868,9 @@ def ensemble_checkpoints(
     names = [s.model for s in specs]
     check_same_classes([_classes_of(p) for p in predictors], names)
     policies = [s.policy or _default_policy(s.model, p) for s, p in zip(specs, predictors, strict=True)]
+    policies = [_resolve_policy(spec, p) for spec, p in zip(policies, predictors, strict=True)]
+    for pol, p in zip(policies, predictors, strict=True):
+        check_policy_model(pol, p, allow_other_model=allow_other_model)  # fitted on this member?
     metas = [getattr(p, "meta", None) for p in predictors]
     if metas[0] is None:
         raise InvalidInputError(
@@ -750,12 +884,14 @@ def ensemble_checkpoints(
     if calibrate and not _same_split(metas, "val"):
         calibration_note = "members not calibrated (their validation splits differ)"
     elif calibrate:
-        try:
-            val = load_eval_data(metas[0], data, "val", data_dir)
-            calibration = (val.images, val.labels)
-            calibration_note = f"members temperature-scaled on the validation split ({len(val)} images)"
-        except InvalidInputError:
-            pass
+        val = _own_validation_split(metas[0], names[0], data, data_dir)
+        if val is not None:
+            fit_rows, _ = calibration_rows(val, policies)
+            calibration = (val.images[fit_rows], val.labels[fit_rows])
+            calibration_note = (
+                f"members temperature-scaled on the validation split ({len(fit_rows)} of its {len(val)} images: "
+                "the rest are kept for conformal calibration)"
+            )
     if dataset.classes and _classes_of(predictors[0]) and len(dataset.classes) != len(_classes_of(predictors[0]) or []):
         raise InvalidInputError(
             f"the data have {len(dataset.classes)} classes but the members predict {len(_classes_of(predictors[0]) or [])}"
@@ -789,7 +925,8 @@ def ensemble_checkpoints(
             + (f", tie-break {tie_break}" if vote == "hard" else "")
             + (f", weights {result['weights']}" if result["weights"] else "")
             + f"; {calibration_note}.",
-            "Each ensemble row is compared with the best member in the same mode (McNemar's paired test).",
+            "Each ensemble row is compared with the best member under any policy, plain or its own (named in the "
+            "table; McNemar's paired test).",
             "",
             markdown_table(display),
         ]

@@ -20,13 +20,13 @@ import torch
 from ._io import atomic_write_json, read_json
 from .conformal import conformal_split, evaluate_extras
 from .data import ImageDataset, dataset_sha256, load_split, make_splits
-from .data.splits import DEFAULT_TEST_FRACTION
+from .data.splits import DEFAULT_TEST_FRACTION, SPLIT_SEED
 from .errors import CheckpointError, InvalidInputError, TTAKitError
 from .evaluate import BASELINE, PolicyEvaluation, evaluate_policies, resolve_policy
 from .metrics import mean_std
 from .models import CheckpointMeta, check_compatible, load_checkpoint, save_checkpoint
 from .models.checkpoint import weights_sha256
-from .policy import Policy
+from .policy import Policy, check_policy_model, fitted_parameters
 from .predictors import prepare_model
 from .progress import note
 from .report import (
@@ -35,10 +35,12 @@ from .report import (
     markdown_table,
     plot_policy_metrics,
     plot_reliability_diagram,
+    plural,
+    search_display_rows,
     write_results,
 )
 from .search.calibration import MATRIX_CONTROL
-from .train import TrainConfig, TrainResult, train_model
+from .train import TrainConfig, TrainResult, fit_image_size, train_model
 
 __all__ = [
     "train_run",
@@ -48,10 +50,11 @@ __all__ = [
     "search_checkpoint",
     "run_demo",
     "summarize_runs",
+    "SPLIT_SEED",
 ]
 
 RESULTS_FORMAT = "ttakit-results"
-SPLIT_SEED = 0  # the validation split is the same for every training seed, so searches compare
+# SPLIT_SEED (imported above) lives in ttakit.data.splits; it stays importable from here.
 
 
 def train_run(
@@ -64,8 +67,13 @@ def train_run(
     val_fraction: float = 0.1,
     test_fraction: float = DEFAULT_TEST_FRACTION,
     progress: bool = True,
+    image_size: int | tuple[int, int] | None = None,
 ) -> TrainResult:
     """Train ``arch`` on the training split of ``data`` and save the checkpoint in ``out_dir``.
+
+    ``image_size`` (``--image-size``): train at this ``(H, W)`` (an int: square), resizing every
+    split; recorded in the split recipe, so evaluate and search resize the same way. Without it
+    the data's own size is kept. ``result.size_note`` says which size was chosen and why.
 
     Held out from training, with a fixed seed and stratified by class: a validation split
     (``val_fraction`` of the non-test images, for search) and, when the data has no test split
@@ -76,7 +84,11 @@ def train_run(
     """
     config = config or TrainConfig()
     splits = make_splits(data, data_dir, val_fraction=val_fraction, test_fraction=test_fraction, seed=SPLIT_SEED)
+    splits, size_note = fit_image_size(splits, image_size, data)
+    if progress:
+        note(size_note)
     result = train_model(splits.train, config, arch=arch, val_ds=splits.val, progress=progress)
+    result.size_note = size_note
     result.meta.extra["data"] = splits.recipe
     result.meta.dataset = data
     result.checkpoint_dir = save_checkpoint(out_dir, result.model, result.meta)
@@ -112,7 +124,12 @@ def load_eval_data(
     This is the one function every command that scores a checkpoint (evaluate, search, audit,
     ensemble) uses to get its data, so none of them can score training images by accident.
     """
-    dataset = load_split(_data_recipe(meta), split, data=data, data_dir=data_dir).head(limit)
+    recipe = _data_recipe(meta)
+    dataset = load_split(recipe, split, data=data, data_dir=data_dir).head(limit)
+    if recipe.get("image_size"):  # trained with --image-size: score at that size too
+        from .data.registry import resize_dataset
+
+        dataset = resize_dataset(dataset, tuple(int(v) for v in recipe["image_size"]))
     check_compatible(meta, dataset.channels, dataset.image_size)
     if list(dataset.classes) != list(meta.classes):
         raise CheckpointError(
@@ -473,9 +490,18 @@ def evaluate_checkpoint(
     conformal: float | None = None,
     conformal_method: str = "lac",
     uncertainty: bool = True,
+    allow_other_model: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint with each policy on held-out data; with ``repeats > 1`` also
     retrain its recipe with ``repeats - 1`` further seeds and report mean ± std over the runs.
+
+    A policy holding fitted parameters (weights, gate, temperature, matrix scaling) runs on the
+    checkpoint it was searched on only (:func:`ttakit.policy.check_policy_model`; another one with
+    ``allow_other_model``). Each retrained seed keeps only its views and refits those parameters
+    on that seed's own validation rows (the rows the search fitted on;
+    :func:`ttakit.search.refit_policy`); each run records what it did (``runs[i]["refit"]``).
+    With ``conformal``, sets calibrate on the validation rows no policy was fitted on
+    (:func:`ttakit.conformal.conformal_split`); ``split="val"`` is refused.
 
     ``split`` is ``"test"`` (default: the data's own test split, or the one carved at training
     time), ``"val"``, or ``"train"`` (the training images, flagged as such in every title).
@@ -497,14 +523,20 @@ def evaluate_checkpoint(
     dataset = load_eval_data(meta, data, split, data_dir, limit)
     resolved = resolve_named_policies(policies, meta)
     check_input_sizes(model, meta, resolved)
-    conformal_val = conformal_split(meta, data, data_dir, conformal)  # --conformal: checked up front (ttakit.conformal)
+    for policy in resolved:  # a fitted policy belongs to the model it was searched on
+        check_policy_model(policy, meta, allow_other_model=allow_other_model)
+    # --conformal: checked up front (ttakit.conformal), on rows no policy was fitted on
+    conformal_val = conformal_split(meta, data, data_dir, conformal, policies=resolved, split=split)
     data_name = data or _data_recipe(meta).get("spec")
+    refit_val = _refit_rows(meta, data, data_dir, resolved) if repeats > 1 else None
 
     runs: list[dict[str, Any]] = []
     first_evaluations: list[PolicyEvaluation] = []
     for r in range(repeats):
         seed = meta.seed + r
         key = _run_key(resolved, meta, dataset, split, seed)
+        if r > 0:
+            key["refit"] = REFIT_RULE  # what a retrained seed does with fitted policies
         run_path = out / "runs" / f"seed-{seed}.json"
         if r > 0 and run_path.exists():  # run 0 is always computed: its outputs feed the plots
             try:
@@ -520,8 +552,12 @@ def evaluate_checkpoint(
         else:
             note(f"repeat {r + 1}/{repeats}: training seed {seed}", enabled=progress)
             run_model, run_meta = _retrain(meta, seed, out / "repeats" / f"seed-{seed}", progress)
-        run, evaluations = _evaluate_run(run_model, run_meta, dataset, resolved, max_batch, progress,
+        run_policies, refits = resolved, {}
+        if r > 0 and refit_val is not None:
+            run_policies, refits = _refit_for_seed(run_model, refit_val, resolved, seed, max_batch, progress)
+        run, evaluations = _evaluate_run(run_model, run_meta, dataset, run_policies, max_batch, progress,
                                          uncertainty=uncertainty and r == 0)
+        run["refit"] = refits if r > 0 else {}
         run["key"] = key
         atomic_write_json(run_path, run)
         runs.append(run)
@@ -556,6 +592,7 @@ def evaluate_checkpoint(
             "p is McNemar's paired test.",
             "",
             markdown_table(_display_rows(summary)),
+            *_refit_markdown(runs),
         ]
     )
     if uncertainty or conformal is not None:  # uncertainty AUROC and conformal sets (ttakit.conformal)
@@ -568,9 +605,83 @@ def evaluate_checkpoint(
     if plots:
         title = f"{Path(checkpoint).name} on {data_name}: {scope}"
         results["plots"] = _write_plots(out, _plot_rows(summary), first_evaluations, dataset, title)
+    from .html_report import write_html_report  # report.html: the same tables and plots in one file
+
+    results["report_html"] = str(write_html_report(out, markdown))
     results["table"] = table
     results["out_dir"] = str(out)
     return results
+
+
+REFIT_RULE = "views carried; weights, gate, temperature and matrix scaling refit on the seed's validation rows"
+
+
+def _refit_rows(meta: CheckpointMeta, data: str | None, data_dir: str | None,
+                policies: Sequence[Policy]) -> ImageDataset | None:
+    """The validation rows a retrained seed refits fitted policies on: the rows their search
+    fitted on (every row a policy records as unused is left out, so conformal rows stay unseen),
+    or None when no policy holds fitted parameters. Refused without a validation split."""
+    fitted = [p for p in policies if fitted_parameters(p)]
+    if not fitted:
+        return None
+    try:
+        val = load_eval_data(meta, data, "val", data_dir)
+    except InvalidInputError as err:
+        names = ", ".join(repr(p.name) for p in fitted)
+        raise InvalidInputError(
+            f"--repeats refits the fitted parameters of policies {names} on each retrained seed's validation rows, "
+            f"but: {err}"
+        ) from None
+    unused: set[int] = set()
+    for policy in fitted:
+        record = (policy.meta or {}).get("validation_rows")
+        if isinstance(record, dict) and record.get("split") == "val" and record.get("n") == len(val):
+            unused |= {r for r in record.get("held_out") or [] if isinstance(r, int)}
+    rows = [i for i in range(len(val)) if i not in unused]
+    if not rows:
+        return val
+    return val.subset(rows, f"{val.name} (rows the search fitted on)") if len(rows) < len(val) else val
+
+
+def _refit_for_seed(model: Any, val: ImageDataset, policies: Sequence[Policy], seed: int, max_batch: int,
+                    progress: bool) -> tuple[list[Policy], dict[str, Any]]:
+    """Each policy for a retrained seed: views-only ones as they are; fitted ones with their views
+    kept and their parameters refitted on ``val`` for this model. Returns (policies, what was done)."""
+    from .search import refit_policy
+
+    out, done = [], {}
+    for policy in policies:
+        if not fitted_parameters(policy):
+            out.append(policy)
+            continue
+        note(f"seed {seed}: refitting {', '.join(fitted_parameters(policy))} of {policy.name!r} on {len(val)} "
+             "validation rows (views kept)", enabled=progress)
+        refitted, info = refit_policy(model, val.images, val.labels, policy, seed=0, max_batch=max_batch)
+        out.append(refitted)
+        done[policy.name] = info
+    return out, done
+
+
+def _refit_markdown(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """results.md lines saying what each retrained seed did with the fitted policies."""
+    lines = []
+    for run in runs:
+        for name, info in (run.get("refit") or {}).items():
+            parts = [f"{len(info['views'])} views kept"]
+            if info.get("weights"):
+                parts.append(f"{info['weights']} weights refit")
+            if info.get("gate_threshold") is not None:
+                parts.append(f"gate refit at {info['gate_threshold']:.4g}")
+            if info.get("temperature") is not None:
+                parts.append(f"temperature refit: {info['temperature']:.4g}")
+            if info.get("matrix_scaling"):
+                parts.append(f"matrix scaling {info['matrix_scaling']}")
+            lines.append(f"- seed {run['seed']}, `{name}`: {'; '.join(parts)} (on {info['n_rows']} validation rows)")
+    if not lines:
+        return []
+    return ["", "## Fitted policies on retrained seeds", "",
+            "Each retrained seed keeps a fitted policy's views and refits the rest on its own validation rows "
+            "(the rows the search fitted on); seed 0 uses the policy as saved.", "", *lines]
 
 
 def _split_phrase(split: str, dataset: ImageDataset) -> str:
@@ -742,7 +853,8 @@ def _demo_search(
         except TTAKitError:
             pass  # unreadable or foreign: search again
     limit = DEMO_SEARCH["val_images"] // (4 if quick else 1)
-    val = load_eval_data(meta, "fashion-mnist", "val", data_dir, limit)
+    full_val = load_eval_data(meta, "fashion-mnist", "val", data_dir)
+    val = full_val.head(limit)
     note(f"searching a policy for {model_dir.name} on {len(val)} validation images", enabled=progress)
     started = time.perf_counter()
     result = search_policy(
@@ -772,7 +884,11 @@ def _demo_search(
         "seconds": time.perf_counter() - started,
         "report": str(report_dir / "search.md"),
     }
-    policy = replace(result.policy, name="searched", meta={**result.policy.meta, "weights_sha256": digest, "quick": quick, "demo_search": info})
+    # the rows past the first `limit` were never searched: conformal calibration may use them
+    rows = _rows_record(full_val, "val", range(len(val)), 0.0)
+    policy = replace(result.policy, name="searched", meta={**result.policy.meta, "weights_sha256": digest, "quick": quick,
+                                                           "checkpoint": str(model_dir), "validation_rows": rows,
+                                                           "demo_search": info})
     policy.save(path)
     return policy, info
 
@@ -859,6 +975,49 @@ def _searched_lesson(
 
 # --------------------------------------------------------------------------- policy search
 
+CONFORMAL_HOLDOUT = 0.2  # share of the validation rows ttakit search leaves for conformal calibration
+HOLDOUT_SEED = 0
+
+
+def _check_holdout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise InvalidInputError(
+            f"--conformal-holdout (conformal_holdout) must be a fraction in [0, 1) of the validation rows to keep "
+            f"from the search for conformal calibration, such as 0.2 (0: search on all of them), got {value!r}"
+        )
+    return float(value)
+
+
+def _search_rows(dataset: ImageDataset, split: str, holdout: float, limit: int | None) -> list[int]:
+    """The rows of ``split`` the search fits on: on the validation split, all but a seeded,
+    stratified ``holdout`` share (kept for conformal calibration); the first ``limit`` of them."""
+    from .data import stratified_indices
+
+    rows = list(range(len(dataset)))
+    if split == "val" and holdout > 0:
+        keep, _ = stratified_indices(dataset.labels, holdout, HOLDOUT_SEED, name="--conformal-holdout")
+        rows = keep.tolist()
+    if limit is not None:
+        if limit < 1:
+            raise InvalidInputError(f"limit must be a positive number of images, got {limit}")
+        rows = rows[:limit]
+    return rows
+
+
+def _rows_record(dataset: ImageDataset, split: str, searched: Sequence[int], holdout: float) -> dict[str, Any]:
+    """What a policy records of the rows it was fitted on (:data:`ttakit.policy.ROWS_KEY`)."""
+    record: dict[str, Any] = {"split": split, "n": len(dataset), "searched": len(searched)}
+    if split == "val":
+        used = set(searched)
+        record.update(
+            sha256=dataset_sha256(dataset),
+            conformal_holdout=holdout,
+            holdout_seed=HOLDOUT_SEED,
+            held_out=[r for r in range(len(dataset)) if r not in used],
+        )
+    return record
+
+
 
 def search_checkpoint(
     checkpoint: str | os.PathLike,
@@ -879,9 +1038,18 @@ def search_checkpoint(
     progress: bool = True,
     device: str | None = None,
     amp: bool = False,
+    conformal_holdout: float = CONFORMAL_HOLDOUT,
 ) -> dict[str, Any]:
     """Search a TTA policy for a checkpoint on its held-out validation split (never the test
     split) and save it as JSON that ``evaluate`` accepts.
+
+    ``conformal_holdout`` of the validation rows (seeded, stratified; default 0.2) are kept from
+    the search, so conformal sets (``evaluate --conformal``, ``predict --conformal``) calibrate on
+    rows nothing in the policy was fitted on; 0 searches on every row (conformal is then refused
+    for this policy). ``limit`` caps the rows searched (the first N of the rest); rows not searched
+    are left for conformal too. The policy records them (``meta["validation_rows"]``: the split's
+    size, content hash and the rows left unseen) and the model it was fitted on
+    (``meta["weights_sha256"]``, ``meta["checkpoint"]``).
 
     The candidate pool is :func:`ttakit.search.default_pool` plus draws of the checkpoint's
     recorded training augmentations; successive halving caches in full only the candidates
@@ -889,11 +1057,10 @@ def search_checkpoint(
     ``<checkpoint>/policy.json``) and the report (``search.md``, ``search.json``, plots) to
     ``report_dir`` (default ``<checkpoint>/search``).
     """
-    if split == "test":
-        raise InvalidInputError(
-            "search selects a policy, so it must not see the test split (--split test); search on 'val' "
-            "(the held-out validation split) and score the saved policy on test with ttakit evaluate"
-        )
+    from .search.run import check_search_split
+
+    check_search_split(split)  # test and train are refused before anything loads
+    holdout = _check_holdout(conformal_holdout)
     from .report import write_search_report
     from .search import search_policy  # the search stack is heavy; load on use
 
@@ -901,7 +1068,9 @@ def search_checkpoint(
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     model, meta = load_checkpoint(checkpoint)
     model = prepare_model(model, device, amp)  # --device / --amp (ttakit.predictors)
-    dataset = load_eval_data(meta, data, split, data_dir, limit)
+    full = load_eval_data(meta, data, split, data_dir)
+    searched_rows = _search_rows(full, split, holdout, limit)
+    dataset = full.subset(searched_rows, full.name) if len(searched_rows) < len(full) else full
     result = search_policy(
         model,
         dataset.images,
@@ -916,7 +1085,12 @@ def search_checkpoint(
         max_batch=max_batch,
         progress=progress,
     )
-    result.policy.meta["dataset"] = dataset.name
+    provenance = {
+        "weights_sha256": meta.weights_sha256 or weights_digest(meta),
+        "checkpoint": str(checkpoint),
+        "validation_rows": _rows_record(full, split, searched_rows, holdout),
+    }
+    result.policy.meta.update(dataset=dataset.name, **provenance)
     policy_path = Path(out) if out is not None else folder / "policy.json"
     reports = write_search_report(result, Path(report_dir) if report_dir is not None else folder / "search")
     result.policy.name = "searched"
@@ -925,12 +1099,18 @@ def search_checkpoint(
     control_path = None
     if result.policy.matrix_scaling is not None and result.fallback is not None and result.fallback.matrix_scaling is not None:
         control_path = policy_path.with_name(f"{policy_path.stem}-no-tta.json")
-        replace(result.fallback, name=MATRIX_CONTROL, meta={"kind": "search-control", "for": str(policy_path)}).save(control_path)
-    table = format_table(result.rows(), title=f"Policies on {len(dataset)} validation images ({split} split)")
+        control_meta = {"kind": "search-control", "for": str(policy_path), **provenance}
+        replace(result.fallback, name=MATRIX_CONTROL, meta=control_meta).save(control_path)
+    held = len(full) - len(dataset)
+    kept = f"; {held} of {len(full)} kept unseen for conformal calibration" if split == "val" and held else ""
+    table = format_table(search_display_rows(result.rows()),
+                         title=f"Policies on {plural(len(dataset), 'validation image')} ({split} split{kept})")
     cost = result.cost or {}
     return {
         "policy": str(policy_path),
         "control_policy": None if control_path is None else str(control_path),
+        "searched_rows": len(dataset),
+        "conformal_rows": held if split == "val" else None,
         "views": result.policy.view_names,
         "weights": result.policy.weights,
         "temperature": result.policy.temperature,

@@ -8,6 +8,11 @@ metadata (classes, input size, channels, layout, pixel range, the normalization 
 ``metadata_props`` entry, a TorchScript extra file, a ``.pt2`` extra file.
 :func:`ttakit.predictors.load` reads it back.
 
+Every export is checked before it is written: the exported file is loaded back and run on a
+few seeded random inputs of the checkpoint's shape, and the largest absolute difference from the
+original model's logits must stay within ``tolerance`` (default ``1e-4``); otherwise nothing is
+written and :class:`ttakit.errors.ModelOutputError` names the difference.
+
 Example:
     >>> export_checkpoint("runs/cnn", "onnx", "cnn.onnx")  # doctest: +SKIP
     PosixPath('cnn.onnx')
@@ -19,7 +24,9 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
+import secrets
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,13 +35,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import atomic_write, check_output_file
-from .errors import unknown_name
+from ._io import _fsync_dir, atomic_write, check_output_file
+from .errors import InvalidInputError, ModelOutputError, unknown_name
 from .predictors import EXPORT_FORMAT, METADATA_KEY, MissingExtraError
 
-__all__ = ["FORMATS", "export_checkpoint", "export_model", "export_metadata"]
+__all__ = ["FORMATS", "SUFFIXES", "check_out_suffix", "format_from_suffix", "metadata_location", "DEFAULT_OPSET", "DEFAULT_TOLERANCE", "export_checkpoint", "export_checked", "export_model",
+           "export_metadata", "check_export"]
 
 FORMATS = ("onnx", "pt2", "torchscript")
+DEFAULT_OPSET = 18  # ONNX opset of exports (onnxruntime 1.14 and later run it)
+DEFAULT_TOLERANCE = 1e-4  # largest absolute logit difference an export may show against its checkpoint
+CHECK_BATCHES = (4, 1)  # the random inputs an export is checked on: a batch of 4 and one image
 _SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 
 
@@ -60,22 +71,198 @@ def export_metadata(meta: Any) -> dict[str, Any]:
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike, format: str, out: str | os.PathLike, *, opset: int | None = None
+    checkpoint: str | os.PathLike,
+    format: str,
+    out: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> Path:
     """Export the checkpoint at ``checkpoint`` to ``out`` as ``format`` (``onnx``, ``pt2`` or
-    ``torchscript``). Returns the written path.
+    ``torchscript``), checked against the checkpoint (see :func:`export_checked`). Returns the
+    written path.
 
     Raises:
         UnknownNameError: an unknown format.
-        InvalidInputError: ``out`` in a folder that does not exist or cannot be written.
+        InvalidInputError: ``out`` in a folder that does not exist or cannot be written; a bad
+            ``opset`` or ``tolerance``.
         CheckpointError: ``checkpoint`` is not a ttakit checkpoint.
+        ModelOutputError: the exported model differs from the checkpoint by more than ``tolerance``.
+    """
+    return Path(export_checked(checkpoint, format, out, opset=opset, tolerance=tolerance)["out"])
+
+
+def export_checked(
+    checkpoint: str | os.PathLike,
+    format: str | None,
+    out: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
+    """Export the checkpoint, load the exported file back, compare it with the checkpoint's model
+    on seeded random inputs of the checkpoint's shape, and only then move it to ``out``.
+
+    Args:
+        checkpoint: a ttakit checkpoint folder.
+        format: ``onnx``, ``pt2`` or ``torchscript``; None: the one the suffix of ``out`` names
+            (a suffix that contradicts ``format`` is refused: :func:`check_out_suffix`).
+        out: the file to write (atomically: a failed check leaves what was there).
+        opset: ONNX opset (``onnx`` only; default :data:`DEFAULT_OPSET`).
+        tolerance: the largest absolute difference allowed between the exported model's and the
+            checkpoint's logits.
+
+    Returns:
+        ``{"out", "format", "opset", "bytes", "max_abs_diff", "tolerance", "n_inputs", "input_shape",
+        "metadata"}`` (``metadata``: where the file keeps its metadata, in words).
+
+    Raises:
+        as :func:`export_checkpoint`.
     """
     from .models import load_checkpoint
 
-    check_format(format)
+    format = check_out_suffix(out, format)
+    opset = check_opset(opset, format)
+    tolerance = check_tolerance(tolerance)
     out = check_output_file(out)
     model, meta = load_checkpoint(checkpoint)
-    return export_model(model, format, out, export_metadata(meta), input_shape=(meta.in_channels, *meta.image_size), opset=opset)
+    shape = (int(meta.in_channels), *(int(s) for s in meta.image_size))
+    # Written beside ``out`` under a temporary name with the format's suffix (how it is loaded back).
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.check{_SUFFIX[format]}")
+    try:
+        export_model(model, format, tmp, export_metadata(meta), input_shape=shape, opset=opset)
+        diff, n_inputs = check_export(model, tmp, format, shape)
+        if not diff <= tolerance:  # NaN fails too
+            raise ModelOutputError(
+                f"the {format} export of {checkpoint} differs from the checkpoint: largest absolute difference "
+                f"{diff:.1e} on {n_inputs} random {'x'.join(map(str, shape))} inputs, more than --tolerance "
+                f"{tolerance:g}; nothing was written to {out} (try another --format{' or --opset' if format == 'onnx' else ''}, "
+                "or a larger --tolerance if that difference is acceptable)"
+            )
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {
+        "out": str(out),
+        "format": format,
+        "opset": opset,
+        "bytes": out.stat().st_size,
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+        "n_inputs": n_inputs,
+        "input_shape": list(shape),
+        "metadata": metadata_location(format),
+    }
+
+
+def metadata_location(format: str) -> str:
+    """Where an export of ``format`` keeps its metadata (inside the exported file: no side file)."""
+    return {
+        "onnx": f"inside the ONNX file (metadata_props entry {METADATA_KEY!r})",
+        "pt2": f"inside the .pt2 archive (extra file {METADATA_KEY!r})",
+        "torchscript": f"inside the TorchScript file (extra file {METADATA_KEY!r})",
+    }[check_format(format)]
+
+
+def check_export(model: nn.Module, path: str | os.PathLike, format: str, input_shape: tuple[int, int, int]
+                 ) -> tuple[float, int]:
+    """Largest absolute difference between ``model`` and the exported file at ``path`` (loaded
+    as ``format`` by :func:`ttakit.predictors.load`) on seeded random inputs of ``input_shape``
+    (batches of :data:`CHECK_BATCHES` images). Returns ``(difference, number of inputs)``."""
+    from .predictors import load
+
+    exported = load(path)
+    if exported.kind != format:
+        raise ModelOutputError(f"the {format} export {path} loads back as a {exported.kind} model")
+    generator = torch.Generator().manual_seed(0)
+    largest, count = 0.0, 0
+    model = model.to("cpu").eval()
+    with torch.inference_mode():
+        for batch in CHECK_BATCHES:
+            x = torch.rand(batch, *input_shape, generator=generator)
+            expected = model(x).float()
+            got = exported(x).float()
+            if got.shape != expected.shape:
+                raise ModelOutputError(
+                    f"the {format} export {path} returns shape {tuple(got.shape)} for {batch} images; the checkpoint "
+                    f"returns {tuple(expected.shape)}"
+                )
+            largest = max(largest, float((got - expected).abs().max()))
+            if not math.isfinite(largest):
+                break
+            count += batch
+    return largest, count
+
+
+def check_opset(opset: Any, format: str) -> int | None:
+    """``opset`` checked for ``format``: an integer from 7 for ``onnx`` (default
+    :data:`DEFAULT_OPSET`), None for the other formats."""
+    if format != "onnx":
+        if opset is not None:
+            raise InvalidInputError(f"--opset applies to --format onnx only, got --opset {opset} with --format {format}")
+        return None
+    if opset is None:
+        return DEFAULT_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 7:
+        raise InvalidInputError(f"opset (--opset) must be an ONNX opset number like {DEFAULT_OPSET}, got {opset!r}")
+    return opset
+
+
+def check_tolerance(tolerance: Any) -> float:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
+            or tolerance < 0:
+        raise InvalidInputError(
+            f"tolerance (--tolerance) must be a finite number >= 0 (like {DEFAULT_TOLERANCE:g}), got {tolerance!r}"
+        )
+    return float(tolerance)
+
+
+# The suffixes each format is written under (the first is suggested); ttakit.predictors.load
+# tells ONNX and .pt2 files by their suffix, so another one would not load back as that format.
+SUFFIXES = {"onnx": (".onnx",), "pt2": (".pt2",), "torchscript": (".pt", ".ts", ".pth", ".torchscript", ".jit")}
+
+
+def format_from_suffix(out: str | os.PathLike) -> str | None:
+    """The export format a file name's suffix stands for, or None."""
+    suffix = Path(out).suffix.lower()
+    return next((f for f, suffixes in SUFFIXES.items() if suffix in suffixes), None)
+
+
+def check_out_suffix(out: str | os.PathLike, format: str | None) -> str:
+    """The format to write ``out`` as: ``format`` checked against the suffix of ``out``, or, when
+    ``format`` is None, the format the suffix names. A folder gets a file name suggested.
+
+    Raises:
+        InvalidInputError: ``out`` is a folder, its suffix contradicts ``format`` (ONNX written
+            into a ``.pt2`` would not load back as ONNX), or no format is given and the suffix
+            names none.
+    """
+    path = Path(out)
+    if format is not None:
+        check_format(format)
+    if path.is_dir():
+        suggest = path / f"model{_SUFFIX[format or 'onnx']}"
+        raise InvalidInputError(f"--out {str(out)!r} is a folder; give a file path like {str(suggest)!r}")
+    named = format_from_suffix(path)
+    if format is None:
+        if named is None:
+            raise InvalidInputError(
+                f"--out {str(out)!r}: cannot tell the format from its suffix {path.suffix or '(none)'!r}; name it "
+                f"{', '.join(repr(path.stem + s[0]) for s in SUFFIXES.values())} or pass --format {'|'.join(FORMATS)}"
+            )
+        return named
+    if named != format:
+        what = f"is the suffix of {named} files" if named else "is not a suffix ttakit reads back"
+        raise InvalidInputError(
+            f"--out {str(out)!r}: --format {format} writes {_WHAT[format]}, but {path.suffix or '(no suffix)'!r} {what}; "
+            f"name it {str(path.with_suffix(_SUFFIX[format]))!r}"
+            + (f" or use --format {named}" if named else f" (accepted: {', '.join(SUFFIXES[format])})")
+        )
+    return format
+
+
+_WHAT = {"onnx": "ONNX", "pt2": "a torch.export archive", "torchscript": "TorchScript"}
 
 
 def check_format(format: str) -> str:
@@ -173,6 +360,12 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, out: str | os.PathLike
             )
             program.save(str(raw), external_data=False)
         proto = onnx.load(str(raw))
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and written != opset:
+        raise InvalidInputError(
+            f"opset (--opset) {opset}: torch {torch.__version__}'s ONNX exporter wrote opset {written} instead; "
+            f"choose an opset it supports, like {DEFAULT_OPSET}"
+        )
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, text
     data = proto.SerializeToString()

@@ -76,7 +76,11 @@ def check_image(x: object, name: str = "image") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
     if x.ndim != 4:
-        hint = " (add a batch dimension with x.unsqueeze(0))" if x.ndim == 3 else ""
+        hint = ""
+        if x.ndim == 3:  # (C, H, W) one image, or (B, H, W) grayscale images?
+            batch = f" (a batch of {x.shape[0]} grayscale images (B, H, W): add the channel axis with x.unsqueeze(1))"
+            single = f" (one {x.shape[0]}-channel image (C, H, W): add the batch axis with x.unsqueeze(0))"
+            hint = single if x.shape[0] == 1 else single + " or" + batch if x.shape[0] in (3, 4) else batch
         raise InvalidInputError(f"{name} must have shape (B, C, H, W), got {x.ndim}-D shape {tuple(x.shape)}{hint}")
     if not x.is_floating_point():
         raise InvalidInputError(

@@ -34,9 +34,17 @@ import torch.nn.functional as F
 
 from ._io import atomic_write
 from .data.core import ImageDataset
+from .data.splits import DEFAULT_TEST_FRACTION
 from .errors import InvalidInputError
 from .progress import progress as progress_bar
-from .train import TrainConfig, _make_optimizer, augment_batch, build_model
+from .train import (
+    TrainConfig,
+    _make_optimizer,
+    augment_batch,
+    autocast,
+    build_model,
+    fit_image_size,
+)
 
 __all__ = ["LRFindResult", "centred_average", "lr_find", "plot_lr_find", "run_lr_find", "suggest_rates"]
 
@@ -207,7 +215,8 @@ def lr_find(
         position += batch
         labels = dataset.labels[index]
         images, targets = augment_batch(dataset.images[index], labels, config, dataset.num_classes, generator)
-        logits = model(images.to(device))
+        with autocast(config):  # --amp
+            logits = model(images.to(device)).float()
         loss = F.cross_entropy(logits, targets.to(device), label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,8 +258,15 @@ def plot_lr_find(result: LRFindResult, path: str | os.PathLike, title: str | Non
     The y range is clipped to the useful part (up to a little above the starting loss), so the
     divergent tail does not flatten the curve.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:  # matplotlib is the optional extra ttakit[plots]
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        from .predictors import MissingExtraError
+
+        raise MissingExtraError(
+            f"drawing the lr-find plot needs matplotlib: pip install 'ttakit[plots]' ({exc.name or exc} is not installed)"
+        ) from exc
 
     if not isinstance(result, LRFindResult):
         raise InvalidInputError(f"result must be an LRFindResult, got {type(result).__name__}")
@@ -292,19 +308,27 @@ def run_lr_find(
     config: TrainConfig | None = None,
     data_dir: str | None = None,
     val_fraction: float = 0.1,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
     plot: str | os.PathLike | None = "lr_find.png",
     progress: bool = True,
+    image_size: int | tuple[int, int] | None = None,
     **sweep: Any,
 ) -> dict[str, Any]:
-    """``ttakit lr-find``: sweep on the training split of ``data`` minus the validation split
-    ``train`` holds out (same fraction and seed), write the plot, return
-    ``{"result": LRFindResult, "plot": path or None, **result.to_json(curve=False)}``."""
-    from .data import load_dataset, train_val_split
-    from .experiment import SPLIT_SEED
+    """``ttakit lr-find``: sweep on exactly the rows ``ttakit train`` trains on.
 
-    full = load_dataset(data, split="train", data_dir=data_dir)
-    train = train_val_split(full, val_fraction, seed=SPLIT_SEED)[0] if val_fraction > 0 else full
-    result = lr_find(train, arch=arch, config=config, progress=progress, **sweep)
+    The rows come from :func:`ttakit.data.make_splits`, the split function ``train`` uses, with
+    the same seed, ``val_fraction`` and ``test_fraction``: the validation split and the test
+    split (the data's own, or the one carved from an ``.npz`` or a flat folder) are never swept
+    on. ``image_size`` (``--image-size``) resizes them as ``train`` does. Writes the plot and returns
+    ``{"result": LRFindResult, "plot": path or None, "size_note": which image size and why,
+    **result.to_json(curve=False)}``."""
+    from .data import make_splits
+    from .data.splits import SPLIT_SEED
+
+    splits = make_splits(data, data_dir, val_fraction=val_fraction, test_fraction=test_fraction, seed=SPLIT_SEED)
+    splits, size_note = fit_image_size(splits, image_size, data)
+    result = lr_find(splits.train, arch=arch, config=config, progress=progress, **sweep)
     shown = Path(str(data)).name or str(data)  # a file or folder by its name: a long path would crowd the title
     written = plot_lr_find(result, plot, title=f"lr-find: {arch} on {shown}") if plot is not None else None
-    return {"result": result, "plot": str(written) if written else None, **result.to_json(curve=False)}
+    return {"result": result, "plot": str(written) if written else None, "size_note": size_note,
+            **result.to_json(curve=False)}

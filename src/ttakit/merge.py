@@ -14,10 +14,12 @@ A merge is a function of a stack ``(K, B, ...)`` of K views, computed by a strea
 ``tsharpen``  mean of square roots (Kim et al.); non-negative values only
 ``vote``      hard majority vote: the (weighted) fraction of views whose argmax over the class
               dimension is each class. Ties between classes with equal votes go to the class
-              with the higher summed score (after ``activation``), and only if those tie too
-              to a uniformly random pick from a generator seeded by ``seed`` (the same seed
-              and input give the same pick; the engine seeds each chunk alike). The winner
-              gets 1e-6 extra so ``argmax`` of the result returns it.
+              with the higher summed score (after ``activation``; within 1e-6 of the row's
+              largest score counts as equal), and only if those tie too to a random pick
+              seeded by ``(seed, id)``, where ``id`` is the row's identity (``ids``; without
+              ids, a hash of the row's own votes and scores). A row's pick is a function of
+              that row alone, never of the other rows of its batch. The winner gets 1e-6
+              extra so ``argmax`` of the result returns it.
 ============  ===============================================================================
 
 Weights are per view ``(K,)``, or per view and class ``(K, C)`` (ClassTTA, Shanmugam et al. 2021):
@@ -36,9 +38,10 @@ matrix scaling, Guo et al. 2017); the engine applies both to a policy's merged o
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -63,6 +66,9 @@ MERGE_MODES = ("mean", "gmean", "sum", "max", "min", "tsharpen", "vote")
 ACTIVATIONS = (None, "softmax", "sigmoid")
 _TTACH_MODES = ("mean", "gmean", "sum", "max", "min", "tsharpen")
 _VOTE_NUDGE = 1e-6
+# Summed vote scores of a row within this fraction of its largest score count as tied: float
+# rounding (which differs with the pass plan) must not decide a vote.
+_VOTE_SCORE_TOL = 1e-6
 # log(0) would be -inf; probabilities this small carry no information a float32 softmax can use.
 PROB_FLOOR = 1e-30
 
@@ -209,12 +215,13 @@ class MergeAccumulator:
             i.e. probabilities): ``p_c ~ sum_k W[k, c] p_kc`` renormalised over ``class_dim``.
         activation: applied to each view before merging.
         class_dim: the class dimension of one view's output (``vote``, ``softmax``).
-        seed: seeds the random tie-break of ``vote``.
+        seed: seeds the random tie-break of ``vote`` (with each row's id: see :meth:`result`).
         renormalize: make a ``gmean`` sum to 1 over ``class_dim``; default: when ``activation`` is
             softmax. Pass True to merge views that already are probabilities.
 
     The settings are checked once; :meth:`fresh` returns an empty accumulator with the same
-    settings without checking them again (the engine makes one per chunk).
+    settings without checking them again (the engine makes one per chunk), and
+    :meth:`take_rows` keeps some rows of the views added so far (the engine's gate).
     """
 
     def __init__(
@@ -257,12 +264,24 @@ class MergeAccumulator:
         self._acc: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None  # vote: summed scores for the tie-break
         self._aliased = False  # whether _acc is the caller's own tensor (one view added as it was)
+        self._divided = False  # whether _acc is already divided by the total weight (add_stack of every view)
 
     def fresh(self) -> MergeAccumulator:
         """An empty accumulator with these settings (not checked again)."""
         new = object.__new__(MergeAccumulator)
         new.__dict__.update(self._settings)
+        new._settings = self._settings
         new._reset()
+        return new
+
+    def take_rows(self, rows: torch.Tensor) -> MergeAccumulator:
+        """An accumulator holding rows ``rows`` (indices along dimension 0) of what was added so
+        far; more views are then added for those rows only."""
+        new = self.fresh()
+        new.count = self.count
+        new._acc = None if self._acc is None else self._acc[rows]
+        new._scores = None if self._scores is None else self._scores[rows]
+        new._divided = self._divided
         return new
 
     def _weight(self, index: int) -> float:
@@ -316,8 +335,8 @@ class MergeAccumulator:
             for i, k in enumerate(indices):
                 self.add(outputs[i], k)
             return
-        for k in indices:
-            self._check_index(k)
+        if min(indices) < 0 or max(indices) >= self.n_views:
+            self._check_index(min(indices) if min(indices) < 0 else max(indices))
         class_dim = self.class_dim if self.class_dim < 0 else self.class_dim + 1
         x = apply_activation(outputs, self.activation, class_dim)
         if mode in ("gmean", "tsharpen"):
@@ -331,6 +350,10 @@ class MergeAccumulator:
             self._acc = part if self._acc is None else torch.minimum(self._acc, part)
         else:
             weights = [self._weight_list[k] for k in indices]
+            if all(w == 1.0 for w in weights) and self._acc is None and n == self.n_views and mode != "sum":
+                # Every view at once, unweighted: the mean in one step (result() divides no more).
+                self._acc, self._divided, self._aliased, self.count = x.mean(dim=0), True, False, n
+                return
             if all(w == 1.0 for w in weights):
                 part = x.sum(dim=0)
             else:
@@ -386,8 +409,15 @@ class MergeAccumulator:
         self._acc = one_hot if self._acc is None else self._acc + one_hot
         self._scores = scores if self._scores is None else self._scores + scores
 
-    def result(self) -> torch.Tensor:
-        """The merged output, with the shape of one view's output."""
+    def result(self, ids: RowIds | None = None) -> torch.Tensor:
+        """The merged output, with the shape of one view's output.
+
+        Args:
+            ids: ``vote`` only: each row's identity, which seeds the row's tie-break with
+                ``seed``: ``(B,)`` integers (a list or an integer tensor), or a callable that
+                maps the indices of the rows that need a tie-break (a 1-D int64 tensor) to their
+                ids. Default: a hash of the row's own votes and scores.
+        """
         if self._acc is None:
             raise InvalidInputError("no views were added to the merge")
         mode = self.mode
@@ -395,31 +425,76 @@ class MergeAccumulator:
             # A single view's output may be the caller's own tensor: hand back a copy, not an alias.
             return self._acc.clone() if self._aliased else self._acc
         if mode == "vote":
-            return self._vote_result()
+            return self._vote_result(ids)
         if self.class_weights:
             return self._acc / self._acc.sum(dim=self.class_dim, keepdim=True).clamp_min(PROB_FLOOR)
-        merged = self._acc / self.total_weight
+        merged = self._acc if self._divided else self._acc / self.total_weight
         if mode == "gmean":
             merged = torch.exp(merged)
             if self.renormalize:
                 merged = merged / merged.sum(dim=self.class_dim, keepdim=True).clamp_min(1e-38)
         return merged
 
-    def _vote_result(self) -> torch.Tensor:
+    def _vote_result(self, ids: RowIds | None) -> torch.Tensor:
         votes, scores = self._acc, self._scores
         dim = self.class_dim % votes.ndim
         tol = 1e-9 * max(self.total_weight, 1.0)
         top = votes >= votes.amax(dim=dim, keepdim=True) - tol
         masked = torch.where(top, scores, torch.full_like(scores, -torch.inf))
-        top &= masked >= masked.amax(dim=dim, keepdim=True) - 1e-12 * scores.abs().amax().clamp_min(1.0)
-        if bool((top.sum(dim=dim) > 1).any()):
-            generator = torch.Generator().manual_seed(self.seed)
-            noise = torch.rand(votes.shape, generator=generator).to(votes.device)
-            winner = torch.where(top, noise, torch.full_like(noise, -1.0)).argmax(dim=dim, keepdim=True)
-        else:  # no tie left: skip drawing noise as large as the output
-            winner = top.to(torch.uint8).argmax(dim=dim, keepdim=True)
+        # Tolerance per row (its largest score), so that no other row of the batch matters.
+        scale = scores.abs().reshape(scores.shape[0], -1).amax(dim=1).view(-1, *([1] * (scores.ndim - 1)))
+        top &= masked >= masked.amax(dim=dim, keepdim=True) - _VOTE_SCORE_TOL * scale
+        winner = top.to(torch.uint8).argmax(dim=dim, keepdim=True)  # the only top class, where there is one
+        tied = torch.nonzero((top.sum(dim=dim) > 1).reshape(votes.shape[0], -1).any(dim=1)).flatten()
+        if tied.numel():
+            keys = _row_ids(ids, tied, votes, scores)
+            for row, key in zip(tied.tolist(), keys, strict=True):
+                generator = torch.Generator().manual_seed(_mix(self.seed, key))
+                noise = torch.rand(votes.shape[1:], generator=generator).to(votes.device)
+                pick = torch.where(top[row], noise, torch.full_like(noise, -1.0)).argmax(dim=dim - 1, keepdim=True)
+                winner[row] = pick
         fractions = votes / self.total_weight
         return fractions.scatter_add(dim, winner, torch.full_like(winner, _VOTE_NUDGE, dtype=fractions.dtype))
+
+
+# A row's identity for the vote's tie-break: (B,) integers, or rows -> their ids.
+RowIds = Sequence[int] | torch.Tensor | Callable[[torch.Tensor], Sequence[int] | torch.Tensor]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(seed: int, key: int) -> int:
+    """A 63-bit generator seed from ``(seed, key)`` (splitmix64's finaliser), the same on every
+    machine and Python run."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(key)) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+def content_key(x: torch.Tensor) -> int:
+    """A stable 63-bit integer from a tensor's dtype, shape and bytes (a row's own identity when
+    the caller gives none)."""
+    data = x.detach().contiguous().flatten().view(torch.uint8).cpu().numpy().tobytes()
+    digest = hashlib.blake2b(data, digest_size=8, person=str((x.dtype, tuple(x.shape))).encode()[:16])
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def _row_ids(ids: RowIds | None, rows: torch.Tensor, votes: torch.Tensor, scores: torch.Tensor) -> list[int]:
+    """The ids of ``rows``: from ``ids`` (a sequence, tensor or callable) or, without ids, a hash
+    of each row's votes and scores."""
+    if ids is None:
+        return [content_key(torch.stack([votes[r], scores[r]])) for r in rows.tolist()]
+    if callable(ids):
+        picked = ids(rows)
+    elif isinstance(ids, torch.Tensor):
+        picked = ids[rows.to(ids.device)]
+    else:
+        picked = [ids[r] for r in rows.tolist()]
+    picked = picked.tolist() if isinstance(picked, torch.Tensor) else list(picked)
+    if len(picked) != rows.numel():
+        raise InvalidInputError(f"ids gave {len(picked)} ids for {rows.numel()} rows; pass one id per row")
+    return [int(i) for i in picked]
 
 
 def check_weights(weights: object, n_views: int, mode: str) -> torch.Tensor | None:
@@ -544,6 +619,7 @@ def merge(
     activation: str | None = None,
     class_dim: int = 1,
     seed: int = 0,
+    ids: RowIds | None = None,
 ) -> torch.Tensor:
     """Merge a stack of views.
 
@@ -551,6 +627,7 @@ def merge(
         stack: ``(K, B, ...)`` de-augmented outputs of K views.
         mode, weights, activation, seed: see :class:`MergeAccumulator`.
         class_dim: the class dimension of one view's output ``(B, C, ...)``.
+        ids: ``vote``: each row's identity for its tie-break (see :meth:`MergeAccumulator.result`).
 
     Returns:
         ``(B, ...)``.
@@ -564,7 +641,7 @@ def merge(
     acc = MergeAccumulator(mode, stack.shape[0], weights, activation, class_dim, seed)
     for view in stack:
         acc.add(view)
-    return acc.result()
+    return acc.result(ids)
 
 
 class Merger:

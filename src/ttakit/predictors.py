@@ -26,8 +26,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -74,6 +75,8 @@ EXPORT_FORMAT = "ttakit-export"
 
 # "package.module:function": a Python callable over NumPy arrays, named on the command line.
 _IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+# "path/to/file.py:function": the same, found by the file's path (no PYTHONPATH needed).
+_FILE_SPEC = re.compile(r"^(?P<file>.+\.py):(?P<attribute>[A-Za-z_][\w.]*)$")
 _KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
@@ -268,11 +271,48 @@ class Predictor(nn.Module):
             f"pixel_range={self.pixel_range}, normalization={self.normalization}, outputs={self.outputs}"
         )
 
+    def check_input(self, images: Any, name: str = "images") -> None:
+        """Refuse a batch this model cannot take, naming the batch's own shape: not ``(B, C, H, W)``
+        (a 3-D batch is told which axis to add), other channels than :attr:`channels`, another
+        size than :attr:`input_size`, or float pixels above 1 (0-255 images: the predictor takes
+        ``[0, 1]`` and scales to its ``pixel_range`` itself; they would saturate silently, so they
+        are refused rather than warned about).
+
+        Raises:
+            InvalidInputError: naming ``name``, the shape or range found and the expected form.
+        """
+        if not isinstance(images, torch.Tensor):
+            raise InvalidInputError(f"{name} must be a (B, C, H, W) tensor, got {type(images).__name__}")
+        shape = tuple(images.shape)
+        if images.ndim == 3:
+            raise InvalidInputError(f"{name} must have shape (B, C, H, W), got 3-D shape {shape}{_axis_hint(shape, self.channels)}")
+        if images.ndim != 4:
+            raise InvalidInputError(f"{name} must have shape (B, C, H, W), got {images.ndim}-D shape {shape}")
+        if self.channels is not None and shape[1] != self.channels:
+            raise InvalidInputError(
+                f"{self._name()} takes {self.channels}-channel images (B, {self.channels}, H, W), got {name} of shape {shape}"
+            )
+        if self.input_size is not None and tuple(shape[2:]) != tuple(self.input_size):
+            h, w = self.input_size
+            raise InvalidInputError(
+                f"{self._name()} takes {h}x{w} images (B, {self.channels or 'C'}, {h}, {w}), got {name} of shape "
+                f"{shape}; resize them to {h}x{w} first (ttakit predict does)"
+            )
+        if images.is_floating_point() and images.numel():
+            high = float(images.detach().amax())
+            if high > 1.0 + 1e-3:
+                low = float(images.detach().amin())
+                raise InvalidInputError(
+                    f"{name} hold values in [{low:g}, {high:g}]; {self._name()} takes float images in [0, 1] (it "
+                    f"scales to its pixel range {self.pixel_range} itself): divide 0-255 images by 255"
+                )
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Raw ``(B, C, H, W)`` images in ``[0, 1]`` -> what the backend takes."""
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise InvalidInputError(f"images must be a (B, C, H, W) tensor, got {shape}")
+            hint = _axis_hint(shape, self.channels) if isinstance(images, torch.Tensor) and images.ndim == 3 else ""
+            raise InvalidInputError(f"images must be a (B, C, H, W) tensor, got {shape}{hint}")
         if self.channels is not None and images.shape[1] != self.channels:
             raise InvalidInputError(
                 f"{self._name()} takes {self.channels}-channel images, got a batch of shape {tuple(images.shape)}"
@@ -289,12 +329,40 @@ class Predictor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images)
         backend = self.model if "model" in self._modules else self._backend
-        if self.fixed_batch and x.shape[0] != self.fixed_batch:
-            parts = [self._call(backend, part) for part in x.split(self.fixed_batch)]
-            out = torch.cat(parts)
-        else:
-            out = self._call(backend, x)
+        try:
+            if self.fixed_batch and x.shape[0] != self.fixed_batch:
+                out = torch.cat([self._fixed_call(backend, part) for part in x.split(self.fixed_batch)])
+            else:
+                out = self._call(backend, x)
+        except (RuntimeError, ModelOutputError) as exc:
+            # A batch of another size than the model records (a size-agnostic model may take it,
+            # so it is tried) fails inside the model with a raw shape error: say what it takes.
+            if self.input_size is not None and tuple(images.shape[2:]) != tuple(self.input_size):
+                h, w = self.input_size
+                raise InvalidInputError(
+                    f"{self._name()} takes {h}x{w} images, got a batch of shape {tuple(images.shape)} "
+                    f"({type(exc).__name__} inside the model); resize the images to {h}x{w}"
+                ) from exc
+            raise
         return self._postprocess(out, images)
+
+    def _fixed_call(self, backend: Callable[[torch.Tensor], Any], part: torch.Tensor) -> torch.Tensor:
+        """One chunk through a graph that takes exactly ``fixed_batch`` images: a short (last)
+        chunk is padded with copies of its last image and the padded rows are dropped."""
+        rows = part.shape[0]
+        if rows < self.fixed_batch:
+            part = torch.cat([part, part[-1:].expand(self.fixed_batch - rows, *part.shape[1:])])
+        out = self._call(backend, part)
+        if isinstance(out, (list, tuple)) and len(out) == 1:
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(np.asarray(out))
+        if out.ndim < 1 or out.shape[0] != self.fixed_batch:
+            raise ModelOutputError(
+                f"{self._name()} returned shape {tuple(out.shape)} for a batch of {self.fixed_batch} images "
+                "(its fixed batch size); expected (B, classes)"
+            )
+        return out[:rows]
 
     def _call(self, backend: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
         if self.kind in ("checkpoint", "module", "pt2", "torchscript"):
@@ -335,6 +403,21 @@ class Predictor(nn.Module):
         return f"the {self.kind} model {self.source}".rstrip() if self.source else f"the {self.kind} model"
 
 
+def _axis_hint(shape: tuple[int, ...], channels: int | None = None) -> str:
+    """Which axis a 3-D batch lacks: ``(C, H, W)`` one image -> ``unsqueeze(0)``; ``(B, H, W)``
+    grayscale images -> ``unsqueeze(1)``."""
+    first = shape[0]
+    batch = f" (a batch of {first} grayscale images (B, H, W): add the channel axis with x.unsqueeze(1))"
+    single = f" (one {first}-channel image (C, H, W): add the batch axis with x.unsqueeze(0))"
+    if channels is not None:
+        return single if first == channels else batch
+    if first in (3, 4):
+        return single + " or" + batch
+    if first == 1:
+        return single
+    return batch
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -361,7 +444,7 @@ def model_kind(source: Any) -> str:
         )
     path = Path(source)
     if not path.exists():
-        if isinstance(source, str) and _IMPORT_SPEC.match(source):
+        if isinstance(source, str) and (_IMPORT_SPEC.match(source) or _FILE_SPEC.match(source)):
             return "import"
         raise DataNotFoundError(f"model {path} does not exist")
     if path.is_dir():
@@ -465,11 +548,19 @@ def _name_of(source: Any) -> str:
 
 def _build(backend, kind: str, source: Any, options: dict[str, Any], found: dict[str, Any]) -> Predictor:
     """Merge what the file says (``found``) with the caller's options (which win) and build."""
+    name = _name_of(source)
+    if options.get("mean") is not None and found.get("normalization") == "model":
+        # Applying the caller's mean/std as well would normalize every image twice.
+        raise InvalidInputError(
+            f"mean/std (--mean/--std) {options['mean']}/{options['std']} given for {kind} model {name}, which "
+            f"normalizes its inputs itself (mean {found.get('mean')}, std {found.get('std')} inside the model); "
+            "applying them too would normalize twice: drop --mean/--std for this model"
+        )
+    _check_contradictions(kind, name, options, found)
     settings = {k: v for k, v in found.items() if v is not None}
     settings.update({k: v for k, v in options.items() if v is not None})
     if options.get("mean") is not None:
         settings["normalization"] = "predictor"  # the caller asked for it: apply it here
-    name = _name_of(source)
     if settings.get("outputs") is None:
         raise InvalidInputError(
             f"say whether {kind} model {name} returns logits or probabilities: outputs='logits' or 'probs' "
@@ -491,6 +582,25 @@ def _build(backend, kind: str, source: Any, options: dict[str, Any], found: dict
         train_augmentations=settings.get("train_augmentations", ()),
         fixed_batch=settings.get("fixed_batch"),
     )
+
+
+def _check_contradictions(kind: str, name: str, options: dict[str, Any], found: dict[str, Any]) -> None:
+    """Refuse --input-size / --channels that contradict what the model file records: the model
+    would fail on the first batch with a raw shape error (or worse, run on resized garbage)."""
+    what = "checkpoint" if kind == "checkpoint" else f"{kind} model"
+    size, recorded_size = options.get("input_size"), found.get("input_size")
+    if size is not None and recorded_size is not None and tuple(size) != tuple(recorded_size):
+        raise InvalidInputError(
+            f"input_size (--input-size) {size[0]}x{size[1]} contradicts {what} {name}, which takes "
+            f"{recorded_size[0]}x{recorded_size[1]} images; drop --input-size (predict resizes images to "
+            f"{recorded_size[0]}x{recorded_size[1]} itself)"
+        )
+    channels, recorded_channels = options.get("channels"), found.get("channels")
+    if channels is not None and recorded_channels is not None and int(channels) != int(recorded_channels):
+        raise InvalidInputError(
+            f"channels (--channels) {channels} contradicts {what} {name}, which takes {recorded_channels}-channel "
+            f"images; drop --channels (predict converts images to {recorded_channels} channel(s) itself)"
+        )
 
 
 def _from_metadata(meta: dict[str, Any] | None, source: str) -> dict[str, Any]:
@@ -571,6 +681,25 @@ def _load_module(source: nn.Module, options: dict[str, Any]) -> Predictor:
     return _build(source.eval(), "module", source, options, found)
 
 
+@contextlib.contextmanager
+def _quiet_loader():
+    """Silence what torch's loaders log and warn while they try a file (torch.export logs a
+    13-line traceback for a file that is not its archive): the one-line error that follows says
+    what went wrong. The loggers' levels are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.export", "torch._export", "torch.jit",
+                                                    "torch.export.pt2_archive")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _load_pt2(source: Any, options: dict[str, Any]) -> Predictor:
     if isinstance(source, (str, os.PathLike)):
         extra = {METADATA_KEY: ""}
@@ -579,7 +708,8 @@ def _load_pt2(source: Any, options: dict[str, Any]) -> Predictor:
         previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
         os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
         try:
-            program = torch.export.load(source, extra_files=extra)
+            with _quiet_loader():
+                program = torch.export.load(source, extra_files=extra)
         except Exception as exc:
             raise CheckpointError(
                 f"{source} is not a readable torch.export archive ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
@@ -610,8 +740,7 @@ def _pt2_input_shape(program: Any) -> list[Any] | None:
 def _load_torchscript(source: Any, options: dict[str, Any]) -> Predictor:
     extra = {METADATA_KEY: ""}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # the user chose TorchScript; no nagging
+        with _quiet_loader():  # the user chose TorchScript: no deprecation nagging, no loader log
             module = torch.jit.load(str(source), map_location="cpu", _extra_files=extra)
     except Exception as exc:
         raise CheckpointError(
@@ -674,7 +803,9 @@ def _load_onnx(source: Any, options: dict[str, Any]) -> Predictor:
     except ImportError as exc:
         raise _missing("onnx", f"ONNX model {source}", exc) from exc
     try:
-        session = onnxruntime.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+        session_options = onnxruntime.SessionOptions()
+        session_options.log_severity_level = 4  # fatal only: a failure is reported as one line below
+        session = onnxruntime.InferenceSession(str(source), session_options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise CheckpointError(
             f"{source} is not a loadable ONNX model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
@@ -806,19 +937,101 @@ def _load_callable(source: Callable[[np.ndarray], Any], options: dict[str, Any])
     return _build(_NumpyRunner(source), "callable", source, options, {})
 
 
-def _load_import(source: str, options: dict[str, Any]) -> Predictor:
-    module_name, _, attribute = source.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InvalidInputError(
-            f"model {source!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?"
-        ) from exc
+def _import_target(source: str) -> Any:
+    """The object ``file.py:name`` (by file path) or ``module:name`` (the current folder is
+    searched first, as ``python -m`` does) names."""
+    import importlib.util
+
+    match = _FILE_SPEC.match(source)
+    if match:
+        file, attribute = Path(match["file"]), match["attribute"]
+        if not file.is_file():
+            raise DataNotFoundError(f"model {source!r}: file {str(file)!r} does not exist (expected FILE.py:FUNCTION)")
+        spec = importlib.util.spec_from_file_location(f"_ttakit_user_model_{abs(hash(str(file.resolve())))}", file)
+        target: Any = importlib.util.module_from_spec(spec)
+        folder = str(file.resolve().parent)
+        sys.path.insert(0, folder)  # its own imports of modules beside it
+        try:
+            spec.loader.exec_module(target)
+        except Exception as exc:
+            raise InvalidInputError(
+                f"model {source!r}: running {str(file)!r} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+            ) from exc
+        finally:
+            if sys.path and sys.path[0] == folder:
+                sys.path.pop(0)
+        where = f"file {str(file)!r}"
+    else:
+        module_name, _, attribute = source.partition(":")
+        sys.path.insert(0, os.getcwd())  # module:function from the current folder without PYTHONPATH=.
+        try:
+            target = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise InvalidInputError(
+                f"model {source!r}: cannot import module {module_name!r} ({exc}); give FILE.py:FUNCTION, or put "
+                "its folder on PYTHONPATH"
+            ) from exc
+        finally:
+            if sys.path and sys.path[0] == os.getcwd():
+                sys.path.pop(0)
+        where = f"module {module_name!r}"
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise InvalidInputError(f"model {source!r}: module {module_name!r} has no attribute {attribute!r}")
+            raise InvalidInputError(f"model {source!r}: {where} has no attribute {attribute!r}")
         target = getattr(target, part)
-    if isinstance(target, nn.Module):
+    return target
+
+
+def _is_factory(target: Any) -> bool:
+    """A class or a function called with no arguments (it builds the model), not a predict function."""
+    import inspect
+
+    if isinstance(target, type):
+        return True
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return False
+    return not any(
+        p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in signature.parameters.values()
+    )
+
+
+class _TorchRunner:
+    """A callable over torch tensors (what a model factory may return instead of an nn.Module)."""
+
+    def __init__(self, function: Callable[[torch.Tensor], Any]):
+        self.function = function
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            return self.function(x)
+
+
+def _load_import(source: str, options: dict[str, Any]) -> Predictor:
+    """``module:function`` or ``file.py:function``: an ``nn.Module``; a function of no arguments
+    (or a class) that builds an ``nn.Module`` or returns a callable over torch tensors; or a
+    function over NumPy batches (one argument: the batch)."""
+    target = _import_target(source)
+    if not isinstance(target, nn.Module) and callable(target) and _is_factory(target):
+        try:
+            built = target()
+        except Exception as exc:
+            raise InvalidInputError(
+                f"model {source!r}: calling it to build the model failed ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]})"
+            ) from exc
+        if isinstance(built, nn.Module):
+            predictor = _load_module(built, options)
+        elif callable(built):
+            predictor = _build(_TorchRunner(built), "callable", source, options, {})
+        else:
+            raise InvalidInputError(
+                f"model {source!r} returned a {type(built).__name__}; a function of no arguments must return an "
+                "nn.Module or a callable over (B, C, H, W) torch tensors"
+            )
+    elif isinstance(target, nn.Module):
         predictor = _load_module(target, options)
     elif callable(target):
         predictor = _build(_NumpyRunner(target), "callable", source, options, {})
@@ -830,31 +1043,17 @@ def _load_import(source: str, options: dict[str, Any]) -> Predictor:
 
 # --------------------------------------------------------------------------- device and AMP
 
-_DEVICE_SPEC = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
-
 
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a torch device, refused when absent here.
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a torch device, refused when absent here: the
+    one device parser, :func:`ttakit.engine.check_device` (``--device`` on every command).
 
     Raises:
         InvalidInputError: an unknown form, or a device this machine does not have.
     """
-    if device is None or isinstance(device, torch.device):
-        return device
-    text = str(device).strip().lower()
-    if not _DEVICE_SPEC.match(text):
-        raise InvalidInputError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
-    parsed = torch.device(text)
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidInputError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise InvalidInputError(
-                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0..)"
-            )
-    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InvalidInputError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
-    return parsed
+    from .engine import check_device
+
+    return check_device(device)
 
 
 class _Autocast(nn.Module):

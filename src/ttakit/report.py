@@ -23,16 +23,16 @@ import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from ._io import atomic_write, atomic_write_text
 from .errors import InvalidInputError
 from .metrics import _check_n_bins, expected_calibration_error, reliability_bins
+
+if TYPE_CHECKING:  # matplotlib is the optional extra ttakit[plots], imported only to draw
+    from matplotlib.figure import Figure
 
 __all__ = [
     "format_mean_std",
@@ -289,7 +289,27 @@ def write_results(out_dir: str | os.PathLike, results: dict, markdown: str) -> t
 # --------------------------------------------------------------------------- plots
 
 
+PLOTS_HINT = "pip install 'ttakit[plots]'"
+
+
+def require_plots(what: str = "drawing plots") -> None:
+    """Raise a one-line :class:`~ttakit.predictors.MissingExtraError` unless matplotlib (the
+    optional extra ``ttakit[plots]``) can be imported. ``import ttakit`` never imports it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        from .predictors import MissingExtraError
+
+        raise MissingExtraError(
+            f"{what} needs matplotlib: {PLOTS_HINT} ({exc.name or exc} is not installed)"
+        ) from exc
+
+
 def _new_figure(width: float, height: float) -> Figure:
+    require_plots()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -559,6 +579,8 @@ def _plot_lifts(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Pa
             )
         ax.axvline(0.0, color="#444444", lw=0.9)
         ax.set_xlim(-limit * 1.04, limit * 1.04)
+        from matplotlib.ticker import MaxNLocator  # _new_figure above checked matplotlib is there
+
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5 if kind == "lift" else 3, symmetric=True))
         ax.tick_params(axis="x", labelsize=8)
         ax.ticklabel_format(axis="x", style="plain", useOffset=False)
@@ -774,6 +796,41 @@ def plot_candidate_lifts(
 # does not import the search package when it loads.
 
 
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """``plural(1, "image")`` is ``"1 image"``, ``plural(2, "image")`` ``"2 images"``.
+
+    Example:
+        >>> plural(1, "image"), plural(119, "candidate"), plural(2, "pass", "passes")
+        ('1 image', '119 candidates', '2 passes')
+    """
+    return f"{n} {noun if n == 1 else (plural_form or noun + 's')}"
+
+
+def _accuracy_key(key: str) -> bool:
+    return key == "accuracy" or key.startswith("accuracy_") or "_accuracy" in key
+
+
+def search_display_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Search's tables in the language of every report: accuracy in percent (``accuracy %``),
+    accuracy lifts in points, an NLL gain named ``NLL change``, and ``views`` as ``passes/img``.
+    The JSON keeps fractions (keys ``accuracy``, ``*_lift``)."""
+    out = []
+    for row in rows:
+        shown: dict[str, Any] = {}
+        for key, value in row.items():
+            if key == "views":
+                shown["passes/img"] = value
+            elif _accuracy_key(key) and _is_number(value):
+                name = "accuracy %" if key == "accuracy" else key.replace("accuracy_lift", "lift (points)")
+                shown[name] = f"{100 * float(value):{'+' if 'lift' in key else ''}.2f}"
+            elif key.endswith("nll_lift"):
+                shown[key.replace("nll_lift", "NLL change")] = value
+            else:
+                shown[key] = value
+        out.append(shown)
+    return out
+
+
 def _search_fmt(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -829,8 +886,8 @@ def search_markdown(result: Any) -> str:
         )
     lines += [f"- note: {n}" for n in result.notes]
     lines += search_cost_lines(result.cost)
-    lines += ["", "## Validation comparison", "", markdown_table(result.rows(), floatfmt=".4f")]
-    lines += ["", "## Selection path", "", markdown_table(result.path, floatfmt=".4f")]
+    lines += ["", "## Validation comparison", "", markdown_table(search_display_rows(result.rows()), floatfmt=".4f")]
+    lines += ["", "## Selection path", "", markdown_table(search_display_rows(result.path), floatfmt=".4f")]
     if result.aggregation is not None:
         a = result.aggregation
         lines += [
@@ -900,13 +957,16 @@ def write_search_report(result: Any, out_dir: str | os.PathLike) -> dict[str, Pa
             "NLL reduction of identity + view over identity\n(nats, after temperature scaling)",
         )
         if result.objective == "nll"
-        else ("pair_accuracy_lift", "accuracy lift of identity + view over identity")
+        else ("pair_accuracy_lift", "accuracy lift of identity + view over identity (points)")
     )
+    n_pool = len(getattr(result, "pool", None) or []) or len(result.candidates)
     paths["candidate_lifts"] = plot_candidate_lifts(
         [r["view"] for r in result.candidates],
-        [r[key] for r in result.candidates],
+        [r[key] if key != "pair_accuracy_lift" else 100 * r[key] for r in result.candidates],
         out / "candidate_lifts.png",
         xlabel=label,
+        title=f"Lift per candidate view ({len(result.candidates)} of {plural(n_pool, 'candidate')})"
+        if n_pool > len(result.candidates) else f"Lift per candidate view (all {plural(n_pool, 'candidate')})",
     )
     if result.copies_curve:
         paths["copies_curve"] = plot_views_curve(
@@ -918,6 +978,9 @@ def write_search_report(result: Any, out_dir: str | os.PathLike) -> dict[str, Pa
             out / "copies_curve.png",
             title="Validation metrics vs number of random copies",
         )
+    from .html_report import write_html_report  # report.html: search.md and its plots in one file
+
+    paths["html"] = write_html_report(out, paths["markdown"].read_text(encoding="utf-8"))
     return paths
 
 

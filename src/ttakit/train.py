@@ -91,6 +91,7 @@ class TrainConfig:
     crop_padding: int = 2
     mixup_alpha: float = 0.2
     device: str = "cpu"
+    amp: bool = False
     label_smoothing: float = 0.0
     cycle_epochs: int = 1
     init: str | None = None
@@ -115,6 +116,11 @@ class TrainConfig:
 
         positive_int("epochs")
         positive_int("batch_size")
+        from .engine import check_device  # the one device parser (--device on every command)
+
+        self.device = str(check_device(self.device) or "cpu")
+        if not isinstance(self.amp, bool):
+            raise InvalidInputError(f"TrainConfig.amp must be True or False, got {self.amp!r}")
         if self.limit is not None:
             positive_int("limit")
         non_negative_int("max_shift")
@@ -602,6 +608,40 @@ def _freeze_batchnorm_stats(model: nn.Module) -> None:
 # ----------------------------------------------------------------------------- resizing
 
 
+LARGE_SIDE = 128  # above this, training at the data's own size is slow: the size note says so
+
+
+def fit_image_size(splits: Any, image_size: int | tuple[int, int] | None, spec: str | os.PathLike) -> tuple[Any, str]:
+    """``splits`` at ``image_size`` (recorded in the recipe as ``image_size``) and one line saying
+    which size training uses and why: ``--image-size``, or the data's own size (an image folder:
+    its most common image size), with a hint when that is large."""
+    from dataclasses import replace as _replace
+
+    from .data.registry import resize_dataset
+
+    height, width = splits.train.image_size
+    if image_size is None:
+        folder = Path(os.fspath(spec)).is_dir()
+        why = "the most common size among the folder's images" if folder else "the data's own size"
+        text = f"image size {height}x{width}: {why} (--image-size to choose another)"
+        if max(height, width) > LARGE_SIDE:
+            text += ("; large for training: memory and time grow with the pixels, so consider --image-size 64 "
+                     "(or the size your architecture expects)")
+        return splits, text
+    size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
+    def resized(dataset: ImageDataset | None) -> ImageDataset | None:
+        return None if dataset is None else resize_dataset(dataset, size)
+
+    recipe = {**splits.recipe, "image_size": list(size)}
+    splits = _replace(splits, train=resized(splits.train), val=resized(splits.val), test=resized(splits.test),
+                      recipe=recipe)
+    same = size == (height, width)
+    return splits, (f"image size {size[0]}x{size[1]}: --image-size"
+                    + (" (the data's own size)" if same else f" (the data's images, {height}x{width}, resized)"))
+
+
+
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize to height ``size`` keeping the aspect ratio (bilinear, antialiased).
 
@@ -673,6 +713,17 @@ def _check_progressive(config: TrainConfig, arch: str, train_ds: ImageDataset) -
         )
 
 
+def autocast(config: TrainConfig) -> Any:
+    """The forward pass's autocast under ``config.amp`` (``--amp``): bfloat16 on CPU, float16 on
+    CUDA and MPS; a no-op context otherwise."""
+    import contextlib
+
+    if not config.amp:
+        return contextlib.nullcontext()
+    device_type = torch.device(config.device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16 if device_type == "cpu" else torch.float16)
+
+
 def _make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
@@ -696,6 +747,7 @@ class TrainResult:
     lr_history: list[float] = field(default_factory=list)
     init_report: InitReport | None = None
     lr_find: Any = None
+    size_note: str | None = None
 
 
 def train_model(
@@ -815,7 +867,8 @@ def train_model(
             )
             images, targets, labels = images.to(device), targets.to(device), labels.to(device)
 
-            logits = model(images)  # (B, K)
+            with autocast(config):
+                logits = model(images).float()  # (B, K)
             loss = F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -13,8 +13,9 @@ key                       shape    meaning
 ``mutual_information``    (B,)     ``predictive_entropy - expected_entropy``; >= 0 when the merge is
                                    the (weighted) mean of the views' probabilities (Jensen); other
                                    merges (gmean, vote) can make it slightly negative
-``disagreement``          (B,)     fraction of the K views whose top class differs from the merged
-                                   top class (unweighted)
+``disagreement``          (B,)     fraction of the K views whose top class differs from the class
+                                   the row reports (``labels``; default the merged top class),
+                                   unweighted
 ========================  =======  ==================================================================
 
 This is the decomposition used for MC-dropout and ensembles (BALD: Houlsby et al. 2011), with the
@@ -51,6 +52,7 @@ def view_uncertainty(
     view_probs: torch.Tensor,
     merged: torch.Tensor,
     weights: Sequence[float] | torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Uncertainty of each image from the spread of its views.
 
@@ -59,6 +61,9 @@ def view_uncertainty(
         merged: ``(B, C)`` the merged probabilities (the prediction whose top class counts as the
             answer; for gated-out images the plain prediction).
         weights: optional ``(K,)`` non-negative view weights for ``expected_entropy`` (the merge's).
+        labels: optional ``(B,)`` integer class each row reports, for ``disagreement``: the top
+            class of the final output when it is recalibrated after the merge (a matrix scaling
+            can move the top class). Default ``merged.argmax(1)``.
 
     Returns:
         dict with ``std`` ``(B, C)`` and ``predictive_entropy``, ``expected_entropy``,
@@ -86,8 +91,20 @@ def view_uncertainty(
                 f"Expected argument `weights` to hold {k} non-negative numbers, not all zero, but got {w.tolist()}"
             )
         expected = (per_view * (w / w.sum())[:, None]).sum(dim=0)
+    if labels is None:
+        labels = merged.argmax(dim=1)
+    elif (
+        not isinstance(labels, torch.Tensor)
+        or labels.shape != merged.shape[:1]
+        or labels.is_floating_point()
+        or labels.is_complex()
+    ):
+        got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise InvalidInputError(
+            f"Expected argument `labels` to be a ({merged.shape[0]},) integer tensor (one class per row), but got {got}"
+        )
     predictive = entropy(merged.to(dtype), dim=1)
-    disagree = (p.argmax(dim=2) != merged.argmax(dim=1)[None]).to(dtype).mean(dim=0)
+    disagree = (p.argmax(dim=2) != labels.to(p.device)[None]).to(dtype).mean(dim=0)
     return {
         "std": std,
         "predictive_entropy": predictive,

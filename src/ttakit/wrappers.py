@@ -45,7 +45,7 @@ class _TTAWrapper(nn.Module):
         matrix_scaling: dict | str | None = FROM_POLICY,
         gate_threshold: float | str | None = FROM_POLICY,
         max_batch: int = 256,
-        pass_size: int | None = None,
+        pass_size: int | str | None = None,
         device: torch.device | str | None = None,
         amp: bool = False,
         inference_mode: bool = True,

@@ -154,8 +154,40 @@ def _may_be_rotated(image: Image.Image) -> bool:
     return image.getexif().get(0x0112, 1) != 1
 
 
-def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """Decode ``path`` into a ``(H, W, channels)`` uint8 array of the model's ``size`` ``(H, W)``.
+RESIZE_MODES = ("stretch", "fit", "crop")
+
+
+def check_resize(resize: str) -> str:
+    """``resize`` checked: ``stretch``, ``fit`` or ``crop`` (see :func:`decode_image`)."""
+    if resize not in RESIZE_MODES:
+        raise InvalidInputError(f"resize (--resize) must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    return resize
+
+
+def resize_image(image: Image.Image, size: tuple[int, int], resize: str = "stretch") -> Image.Image:
+    """``image`` at ``size`` ``(H, W)``: ``stretch`` to it (the aspect ratio changes), ``fit`` it
+    inside keeping the aspect ratio and pad the rest with black (letterbox, centred), or ``crop``:
+    resize the short side to fill it and cut the centre."""
+    height, width = size
+    if image.size == (width, height):
+        return image
+    if resize == "stretch":
+        return image.resize((width, height), Image.Resampling.BILINEAR)
+    w, h = image.size
+    scale = min(width / w, height / h) if resize == "fit" else max(width / w, height / h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    scaled = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    if resize == "crop":
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    canvas = Image.new(image.mode, (width, height))  # black (zeros) in every mode
+    canvas.paste(scaled, ((width - new_w) // 2, (height - new_h) // 2))
+    return canvas
+
+
+def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int], resize: str = "stretch") -> np.ndarray:
+    """Decode ``path`` into a ``(H, W, channels)`` uint8 array of the model's ``size`` ``(H, W)``,
+    resized as ``resize`` says (:func:`resize_image`: ``stretch``, ``fit`` or ``crop``).
 
     Raises:
         DecodeError: missing, unreadable, truncated or non-image file (the message says why).
@@ -170,8 +202,7 @@ def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int]) 
             if _may_be_rotated(image):
                 image = ImageOps.exif_transpose(image)
             image = _to_mode(image, mode)
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            image = resize_image(image, (height, width), resize)
             array = np.array(image, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
     except FileNotFoundError:
         raise DecodeError("file not found") from None
@@ -187,17 +218,19 @@ class ImageFiles(torch.utils.data.Dataset):
     """Image files decoded on demand (in DataLoader workers): item ``i`` is ``(i, image, error)``
     with ``image`` a ``(C, H, W)`` uint8 tensor, or ``(i, None, reason)`` for a bad file."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], channels: int, size: tuple[int, int]):
+    def __init__(self, paths: Sequence[str | os.PathLike], channels: int, size: tuple[int, int],
+                 resize: str = "stretch"):
         self.paths = list(paths)
         self.channels = check_channels(channels)
         self.size = (int(size[0]), int(size[1]))
+        self.resize = check_resize(resize)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            array = decode_image(self.paths[index], self.channels, self.size)
+            array = decode_image(self.paths[index], self.channels, self.size, self.resize)
         except DecodeError as exc:
             return index, None, str(exc)
         return index, torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), ""

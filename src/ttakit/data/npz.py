@@ -1,4 +1,6 @@
-"""Data sets stored as NumPy ``.npz`` archives: images ``x``, labels ``y``, optional ``classes``."""
+"""Data sets stored as NumPy ``.npz`` archives: images ``x``, labels ``y``, optional ``classes``,
+and optionally a test split of their own, ``x_test`` and ``y_test`` (``ttakit audit
+--write-clean`` keeps a checkpoint's held-out test images there)."""
 
 from __future__ import annotations
 
@@ -50,7 +52,16 @@ def _to_unit_float(x: np.ndarray, path: Path) -> np.ndarray:
     raise DataError(f"{path}: 'x' must be uint8 or float in [0, 1], found dtype {x.dtype}")
 
 
-def load_npz(path: str | os.PathLike) -> ImageDataset:
+def npz_has_test_split(path: str | os.PathLike) -> bool:
+    """Whether the ``.npz`` archive at ``path`` holds a test split of its own (``x_test``)."""
+    try:
+        with np.load(Path(path).expanduser(), allow_pickle=False) as archive:
+            return "x_test" in archive.files
+    except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile):
+        return False
+
+
+def load_npz(path: str | os.PathLike, split: str = "train") -> ImageDataset:
     """Load images ``x`` and labels ``y`` (and optional ``classes``) from an ``.npz`` file.
 
     Layout:
@@ -59,6 +70,9 @@ def load_npz(path: str | os.PathLike) -> ImageDataset:
         - ``y``: ``(N,)`` integer class indices, non-negative.
         - ``classes`` (optional): ``(K,)`` strings; otherwise ``"0"`` .. ``"K-1"`` with
           ``K = max(y) + 1``.
+        - ``x_test``, ``y_test`` (optional, together): the archive's own test split, returned for
+          ``split="test"``; any other split reads ``x`` and ``y``. Without them every split
+          reads ``x`` and ``y``.
 
     The file is read with ``allow_pickle=False``, so it cannot run code.
 
@@ -86,7 +100,14 @@ def load_npz(path: str | os.PathLike) -> ImageDataset:
             f"{path} holds a single array (.npy), expected an .npz archive with 'x' and 'y'"
         )
     with archive:
-        missing = [k for k in ("x", "y") if k not in archive.files]
+        keys = ("x", "y")
+        if "x_test" in archive.files or "y_test" in archive.files:
+            missing = [k for k in ("x_test", "y_test") if k not in archive.files]
+            if missing:
+                raise DataError(f"{path} holds a test split but lacks {missing[0]!r}; expected both 'x_test' and 'y_test'")
+            if split == "test":
+                keys = ("x_test", "y_test")
+        missing = [k for k in keys if k not in archive.files]
         if missing:
             found = ", ".join(archive.files) or "none"
             raise DataError(
@@ -94,8 +115,8 @@ def load_npz(path: str | os.PathLike) -> ImageDataset:
                 f"expected 'x' (images) and 'y' (labels), found: {found}"
             )
         try:
-            x = archive["x"]
-            y = archive["y"]
+            x = archive[keys[0]]
+            y = archive[keys[1]]
             names = archive["classes"] if "classes" in archive.files else None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(f"cannot read the arrays in {path}: {exc}") from exc
@@ -132,5 +153,5 @@ def load_npz(path: str | os.PathLike) -> ImageDataset:
         torch.from_numpy(np.ascontiguousarray(images)),
         torch.from_numpy(y.astype(np.int64)),
         classes,
-        name=path.name,
+        name=path.name if keys[0] == "x" else f"{path.name}/test",
     )

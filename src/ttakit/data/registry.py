@@ -117,7 +117,9 @@ def load_dataset(
         spec: a name from :func:`list_datasets`, a path to an ``.npz`` file, or a path to an
             image folder (``<class>/<image>``; when it has ``train/`` and ``test/`` sub-folders,
             the one named by ``split`` is used, otherwise the whole folder for every split).
-        split: ``"train"`` or ``"test"`` for registered names; ignored by ``.npz`` files.
+        split: ``"train"`` or ``"test"`` for registered names; ``.npz`` files and file lists
+            with a test split of their own (``x_test``; lines marked ``test``) read it for
+            ``"test"``, others ignore ``split``.
         data_dir: the folder holding a registered data set's files (required for ``cifar10``).
         image_size: resize to ``(H, W)`` (or an int, square); None keeps the stored size.
 
@@ -147,11 +149,11 @@ def load_dataset(
         return resize_dataset(_DATASETS[key](split, data_dir), image_size)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix.lower() == ".npz":
-        return resize_dataset(load_npz(path), image_size)
+        return resize_dataset(load_npz(path, split), image_size)
     if path.is_file() and path.suffix.lower() == ".txt":  # a labelled file list (ttakit audit --write-clean)
         from .file_list import load_file_list
 
-        return resize_dataset(load_file_list(path), image_size)
+        return resize_dataset(load_file_list(path, split), image_size)
     if path.is_dir():
         return load_image_folder(_folder_for_split(path, split), image_size=image_size)
     if path.suffix.lower() == ".npz" or os.sep in text or path.exists():

@@ -37,16 +37,21 @@ from .registry import _DATASETS, _normalise, load_dataset
 
 __all__ = [
     "SPLITS",
+    "SPLIT_SEED",
     "Splits",
     "check_recipe",
     "dataset_sha256",
     "has_own_test_split",
     "load_split",
     "make_splits",
+    "split_rows",
 ]
 
 SPLITS = ("train", "val", "test")
 DEFAULT_TEST_FRACTION = 0.15
+# The seed every split ttakit draws uses (train, lr-find, audit's carved test split): the
+# validation and test splits are the same for every training seed, so searches compare.
+SPLIT_SEED = 0
 
 
 def dataset_sha256(dataset: ImageDataset) -> str:
@@ -65,11 +70,21 @@ def dataset_sha256(dataset: ImageDataset) -> str:
 
 def has_own_test_split(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> bool:
     """True when ``spec`` names data with a test split of its own: a registered data set, or an
-    image folder holding ``train/`` and ``test/``. ``.npz`` files and flat folders have none."""
+    image folder holding ``train/`` and ``test/``, an ``.npz`` holding ``x_test`` or a file list
+    marking ``test`` lines (the cleaned copies ``ttakit audit --write-clean`` writes). Other
+    ``.npz`` files and flat folders have none."""
     text = str(os.fspath(spec))
     if _normalise(text) in _DATASETS:
         return True
     path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".npz":
+        from .npz import npz_has_test_split
+
+        return npz_has_test_split(path)
+    if path.is_file() and path.suffix.lower() == ".txt":
+        from .file_list import file_list_has_test_split
+
+        return file_list_has_test_split(path)
     return path.is_dir() and (path / "train").is_dir() and (path / "test").is_dir()
 
 
@@ -107,7 +122,7 @@ def make_splits(
     *,
     val_fraction: float = 0.1,
     test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = 0,
+    seed: int = SPLIT_SEED,
 ) -> Splits:
     """Draw the training, validation and test splits of ``spec`` and the recipe recording them.
 
@@ -213,27 +228,22 @@ def _complement(n: int, *parts: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask).flatten()
 
 
-def load_split(
+def split_rows(
     recipe: Mapping[str, Any],
     split: str = "test",
     *,
     data: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
-) -> ImageDataset:
-    """Rebuild ``split`` (``"train"``, ``"val"`` or ``"test"``) of the data a checkpoint's
-    ``recipe`` describes, or of other data ``data``.
+) -> tuple[ImageDataset, torch.Tensor, str]:
+    """Where :func:`load_split`'s rows come from: ``(source, index, name)``.
 
-    - ``"test"``: the data's own test split, or the test split carved at training time (the
-      recorded rows). Other data without a test split of its own whose content differs from
-      the training data is used whole: the model never saw it.
-    - ``"val"``: the validation split held out at training time.
-    - ``"train"``: the images the model trained on (only when asked for by name).
+    ``source`` is the data as loaded (the data's training part, or its own test split), and
+    ``index`` ``(n,)`` the rows of ``source`` that make up ``split``, sorted: the recorded rows
+    for a carved split, the seeded draw for a validation split of data with its own test split,
+    every row for an own test split or for other data. ``source.subset(index, name)`` is the
+    split; ``index`` numbers its rows in the data as given (issues.csv, cleaned copies).
 
-    Raises:
-        InvalidInputError: an unknown split, or ``"val"`` without a validation split.
-        DataError: the data on disk is not the data the recipe was drawn from (its hash
-            differs), or the recipe predates held-out test splits and the data has none, so
-            every image is a training image.
+    Raises: as :func:`load_split`.
     """
     if split not in SPLITS:
         raise InvalidInputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -245,7 +255,8 @@ def load_split(
         data_dir = recipe.get("data_dir")
     own_now = has_own_test_split(spec, data_dir)
     if split == "test" and own_now:
-        return load_dataset(spec, split="test", data_dir=data_dir)
+        test = load_dataset(spec, split="test", data_dir=data_dir)
+        return test, torch.arange(len(test)), test.name
 
     pool = load_dataset(spec, split="train", data_dir=data_dir)
     recorded_hash = recipe.get("sha256")
@@ -254,8 +265,7 @@ def load_split(
     if not same_content and not same_source:
         if split == "test":
             # other data, with no test split of its own and another content: never trained on
-            pool.name = f"{spec} (all {len(pool)} images; not the training data)"
-            return pool
+            return pool, torch.arange(len(pool)), f"{spec} (all {len(pool)} images; not the training data)"
         raise DataError(
             f"split {split!r} exists only for the data the checkpoint was trained on ({recorded_spec}); "
             f"{spec} holds other images (sha256 {digest[:12]}...), so use --split test or no --data"
@@ -281,7 +291,7 @@ def load_split(
                 "the folder was reorganised since training, so restore it or retrain"
             )
         if split == "test":
-            return pool.subset(test_index, f"{base}[test]")
+            return pool, test_index, f"{base}[test]"
         rest = _complement(n, test_index)
         val_index = _index_list(recipe, "val_index", n) if val_fraction > 0 else torch.zeros(0, dtype=torch.long)
     else:
@@ -300,5 +310,36 @@ def load_split(
             raise InvalidInputError(
                 "split 'val' needs a checkpoint trained with a held-out validation split (ttakit train --val-fraction)"
             )
-        return pool.subset(val_index, f"{base}[val]")
-    return pool.subset(_complement(n, val_index, _complement(n, rest)), f"{base}[train]")
+        return pool, val_index, f"{base}[val]"
+    return pool, _complement(n, val_index, _complement(n, rest)), f"{base}[train]"
+
+
+def load_split(
+    recipe: Mapping[str, Any],
+    split: str = "test",
+    *,
+    data: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> ImageDataset:
+    """Rebuild ``split`` (``"train"``, ``"val"`` or ``"test"``) of the data a checkpoint's
+    ``recipe`` describes, or of other data ``data``.
+
+    - ``"test"``: the data's own test split, or the test split carved at training time (the
+      recorded rows). Other data without a test split of its own whose content differs from
+      the training data is used whole: the model never saw it.
+    - ``"val"``: the validation split held out at training time.
+    - ``"train"``: the images the model trained on (only when asked for by name).
+
+    :func:`split_rows` says which rows of the data these are.
+
+    Raises:
+        InvalidInputError: an unknown split, or ``"val"`` without a validation split.
+        DataError: the data on disk is not the data the recipe was drawn from (its hash
+            differs), or the recipe predates held-out test splits and the data has none, so
+            every image is a training image.
+    """
+    source, index, name = split_rows(recipe, split, data=data, data_dir=data_dir)
+    if len(index) == len(source) and bool((index == torch.arange(len(source))).all()):
+        source.name = name
+        return source
+    return source.subset(index, name)

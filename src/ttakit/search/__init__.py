@@ -10,6 +10,7 @@
 ``greedy``         greedy selection (:func:`greedy_search`) and the never-worse check
 ``gate``           gate tuning (:func:`tune_gate_threshold`) and gated outputs from a cache
 ``run``            the orchestration ``ttakit search`` calls (:func:`search_policy`)
+``refit``          a policy's fitted parameters refitted for another model (:func:`refit_policy`)
 =================  ==========================================================================
 
 Search takes tensors (a model, validation images and labels) or a cache, never datasets; the
@@ -52,6 +53,7 @@ _EXPORTS = {
     "successive_halving": "halving",
     "HalvingResult": "halving",
     "search_policy": "run",
+    "refit_policy": "refit",
 }
 _REPORTS = ("search_markdown", "write_search_report")
 

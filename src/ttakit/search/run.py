@@ -32,7 +32,28 @@ from .greedy import (
 from .halving import successive_halving
 from .pool import baseline_policies, pool_with_sources, random_copy_views
 
-__all__ = ["search_policy"]
+__all__ = ["check_search_split", "search_policy"]
+
+
+def check_search_split(split: str) -> str:
+    """``split`` if a search may select on it (``"val"``); refuse ``"test"`` (a policy chosen on
+    the test split makes its test score meaningless) and ``"train"`` (the model fitted those
+    images, so they would choose a policy, weights and temperature for images it has memorised).
+
+    Raises:
+        InvalidInputError: naming ``--split``, the value and the split to use.
+    """
+    if split == "test":
+        raise InvalidInputError(
+            "search selects a policy, so it must not see the test split (--split test); search on 'val' "
+            "(the held-out validation split) and score the saved policy on test with ttakit evaluate"
+        )
+    if split == "train":
+        raise InvalidInputError(
+            "search --split train: the model trained on those images, so they would choose a policy and fit a "
+            "temperature for images it has memorised; search on 'val' (the held-out validation split)"
+        )
+    return split
 
 
 def _accepts_other_sizes(model: Any, images: torch.Tensor) -> bool:
