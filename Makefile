@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 TORCH ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 
-.PHONY: setup data browser demo demo-quick test test-fast bench lint wheel clean
+.PHONY: setup data browser demo demo-quick test test-fast bench lint wheel docs clean
 
 setup: $(STAMP) data browser
 
@@ -55,6 +55,7 @@ fuzz: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # The wheel and the sdist, into dist/. `python -m build` builds in an isolated environment (it
 # fetches setuptools>=77 from the index); BUILD_ARGS=--no-isolation uses the venv's setuptools.
@@ -63,5 +64,10 @@ wheel: $(STAMP)
 	rm -rf dist
 	$(PY) -m build $(BUILD_ARGS) --outdir dist .
 
+# The documentation site (MkDocs Material + mkdocstrings), into site/: open site/index.html, or
+# run `$(VENV)/bin/mkdocs serve` for http://127.0.0.1:8000. --strict: a broken link or docstring fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .hypothesis .ruff_cache

@@ -51,13 +51,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info  # noqa: E402
 from ttakit._io import atomic_write_json, atomic_write_text  # noqa: E402
 from ttakit.aliases import get_policy, policy_from_augmentations  # noqa: E402
-from ttakit.audit import flag_issues, fold_assignment  # noqa: E402
 from ttakit.data import ImageDataset, load_fashion_mnist  # noqa: E402
-from ttakit.evaluate import predict_probs  # noqa: E402
+from ttakit.jobs._policy_eval import predict_probs  # noqa: E402
+from ttakit.label_issues import flag_issues, fold_assignment  # noqa: E402
 from ttakit.metrics import mcnemar_test  # noqa: E402
 from ttakit.models import load_checkpoint, save_checkpoint  # noqa: E402
-from ttakit.report import format_table, markdown_table  # noqa: E402
-from ttakit.train import TrainConfig, predict_logits, train_model  # noqa: E402
+from ttakit.report.tables import format_table, markdown_table  # noqa: E402
+from ttakit.training.config import TrainConfig  # noqa: E402
+from ttakit.training.loop import predict_logits, train_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -121,9 +122,9 @@ def simulated_review(probs: torch.Tensor, noisy: ImageDataset, flipped: torch.Te
     import numpy as np
     from cleanlab.count import num_label_issues
 
-    from ttakit.audit_apply import apply_decisions
     from ttakit.data import load_dataset
-    from ttakit.review_page import review_entries
+    from ttakit.jobs.audit_apply import apply_decisions
+    from ttakit.report.review_page import review_entries
 
     pred = probs.double().numpy()
     expected = int(num_label_issues(noisy.labels.numpy(), pred / pred.sum(1, keepdims=True)))

@@ -45,7 +45,7 @@ from common import load_test_images, machine_info, make_model, save_results  # n
 from ttakit import ClassificationTTAWrapper, get_policy  # noqa: E402
 from ttakit._io import atomic_write_text  # noqa: E402
 from ttakit.engine import _sum_is_finite  # noqa: E402
-from ttakit.report import markdown_table  # noqa: E402
+from ttakit.report.tables import markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

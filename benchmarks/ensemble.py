@@ -39,10 +39,12 @@ from ttakit._io import atomic_write_json, atomic_write_text  # noqa: E402
 from ttakit.aliases import policy_from_augmentations  # noqa: E402
 from ttakit.conformal import calibrate  # noqa: E402
 from ttakit.engine import TTAEngine  # noqa: E402
-from ttakit.ensemble import _apply_temperature, _fit_temperature, hard_vote, soft_vote  # noqa: E402
-from ttakit.experiment import load_eval_data, load_or_train  # noqa: E402
-from ttakit.report import format_table, markdown_table  # noqa: E402
-from ttakit.train import TrainConfig  # noqa: E402
+from ttakit.ensemble_vote import hard_vote, soft_vote
+from ttakit.jobs._ensemble_predict import _apply_temperature, _fit_temperature  # noqa: E402
+from ttakit.jobs._eval_data import load_eval_data  # noqa: E402
+from ttakit.jobs.demo import load_or_train
+from ttakit.report.tables import format_table, markdown_table  # noqa: E402
+from ttakit.training.config import TrainConfig  # noqa: E402
 from ttakit.uncertainty import entropy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -38,8 +38,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, format_table, machine_info, save_results  # noqa: E402
 from ttakit.engine import TTAEngine  # noqa: E402
+from ttakit.jobs.predict import predict_images  # noqa: E402
 from ttakit.models import CheckpointMeta, create_model, save_checkpoint  # noqa: E402
-from ttakit.predict import predict_images  # noqa: E402
 
 POLICIES = ("hflip", "d4")
 

@@ -52,11 +52,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import machine_info, save_results  # noqa: E402
 from ttakit.data import ImageDataset, load_fashion_mnist, train_val_split  # noqa: E402
-from ttakit.evaluate import evaluate_policies  # noqa: E402
-from ttakit.lr_find import lr_find, plot_lr_find  # noqa: E402
+from ttakit.jobs._policy_eval import evaluate_policies  # noqa: E402
 from ttakit.models import save_checkpoint  # noqa: E402
+from ttakit.report.plots import plot_lr_find  # noqa: E402
 from ttakit.search import search_policy  # noqa: E402
-from ttakit.train import TrainConfig, build_model, resize_images, train_model  # noqa: E402
+from ttakit.training.build import build_model  # noqa: E402
+from ttakit.training.config import TrainConfig  # noqa: E402
+from ttakit.training.loop import train_model  # noqa: E402
+from ttakit.training.lr_find import lr_find  # noqa: E402
+from ttakit.training.resize import resize_images  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 

@@ -32,7 +32,8 @@ from recipes import RESULTS, TRANSFER, TRANSFER_BUDGETS, classes_subset, log, ma
 from ttakit._io import atomic_write_text  # noqa: E402
 from ttakit.data import load_fashion_mnist, train_val_split  # noqa: E402
 from ttakit.models import save_checkpoint  # noqa: E402
-from ttakit.train import TrainConfig, accuracy_of, train_model  # noqa: E402
+from ttakit.training.config import TrainConfig  # noqa: E402
+from ttakit.training.loop import accuracy_of, train_model  # noqa: E402
 
 SCRATCH_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 PRETRAINED = [  # (freeze epochs, head rate while frozen, lr slice LOW, HIGH after unfreezing)

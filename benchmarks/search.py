@@ -37,14 +37,15 @@ from common import machine_info  # noqa: E402
 from ttakit._io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from ttakit.aliases import get_policy  # noqa: E402
 from ttakit.errors import CheckpointError  # noqa: E402
-from ttakit.evaluate import evaluate_policies  # noqa: E402
-from ttakit.experiment import load_eval_data, load_or_train  # noqa: E402
+from ttakit.jobs._eval_data import load_eval_data  # noqa: E402
+from ttakit.jobs._policy_eval import evaluate_policies  # noqa: E402
+from ttakit.jobs.demo import load_or_train
 from ttakit.models import load_checkpoint  # noqa: E402
-from ttakit.report import format_table, markdown_table  # noqa: E402
+from ttakit.report.tables import format_table, markdown_table  # noqa: E402
 from ttakit.search import ViewCache, fastai_policy, search_policy  # noqa: E402
 from ttakit.search.cache import cache_views  # noqa: E402
 from ttakit.search.run import candidate_pool  # noqa: E402
-from ttakit.train import TrainConfig  # noqa: E402
+from ttakit.training.config import TrainConfig  # noqa: E402
 
 MODELS = {"flip+shift": ("flip", "shift"), "no-aug": ()}
 VAL_FRACTION = 1 / 6  # 50,000 training and 10,000 validation images

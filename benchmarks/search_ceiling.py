@@ -42,10 +42,10 @@ import ttakit.transforms as T  # noqa: E402
 from common import machine_info, save_results  # noqa: E402
 from search import MODELS, fmt, get_model  # noqa: E402
 from ttakit._io import atomic_write_text  # noqa: E402
-from ttakit.experiment import load_eval_data  # noqa: E402
+from ttakit.jobs._eval_data import load_eval_data  # noqa: E402
 from ttakit.metrics import accuracy, nll  # noqa: E402
 from ttakit.policy import Compose  # noqa: E402
-from ttakit.report import markdown_table  # noqa: E402
+from ttakit.report.tables import markdown_table  # noqa: E402
 from ttakit.search import ViewCache, fit_temperature, greedy_search  # noqa: E402
 from ttakit.search.cache import cache_views  # noqa: E402
 from ttakit.search.calibration import apply_temperature  # noqa: E402

@@ -11,19 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from ttakit.audit import (
-    Issue,
-    _load_audit_data,
-    check_folds,
-    contact_sheet,
-    flag_issues,
-    fold_assignment,
-    issues_to_csv,
-    rows_to_remove,
-    write_clean,
-)
 from ttakit.data import ImageDataset, load_dataset
 from ttakit.errors import InvalidInputError, UnknownNameError
+from ttakit.jobs._audit_data import _load_audit_data, write_clean
+from ttakit.label_issues import Issue, check_folds, flag_issues, fold_assignment, rows_to_remove
+from ttakit.report.audit_md import contact_sheet, issues_to_csv
 
 
 def noisy_probs(n: int = 600, c: int = 4, noise: float = 0.1, seed: int = 0):
@@ -327,8 +319,8 @@ def _noisy_data(tmp_path, kind: str, n: int = 48):
 
 
 def _train_tiny(tmp_path, data: str):
-    from ttakit.experiment import train_run
-    from ttakit.train import TrainConfig
+    from ttakit.jobs.train import train_run
+    from ttakit.training.config import TrainConfig
 
     config = TrainConfig(epochs=1, batch_size=16)
     return train_run(data, out_dir=tmp_path / "cnn", config=config, val_fraction=0.2, test_fraction=0.25,
@@ -338,8 +330,8 @@ def _train_tiny(tmp_path, data: str):
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("kind", ["npz", "folder"])
 def test_write_clean_keeps_the_checkpoints_test_rows_untouched_and_recorded(tmp_path, kind) -> None:
-    from ttakit.audit import audit_checkpoint
     from ttakit.data import has_own_test_split, load_split, make_splits
+    from ttakit.jobs.audit import audit_checkpoint
 
     data, x, y = _noisy_data(tmp_path, kind)
     recipe = _train_tiny(tmp_path, data).meta.extra["data"]
@@ -395,8 +387,8 @@ def _stored_manifest(path):
 def test_issue_rows_come_from_the_recorded_split_and_are_refused_without_it(tmp_path, capsys) -> None:
     import json
 
-    from ttakit.audit import audit_checkpoint
     from ttakit.cli import main
+    from ttakit.jobs.audit import audit_checkpoint
 
     data, x, y = _noisy_data(tmp_path, "npz")
     recipe = _train_tiny(tmp_path, data).meta.extra["data"]
@@ -429,7 +421,7 @@ def _fitted_policy(path, ckpt, *, digest=None, held_out=None):
     """A policy as ``ttakit search`` writes it: a temperature fitted on the checkpoint's validation
     rows, the model's weights hash, and (``held_out``) the validation rows it never saw."""
     from ttakit.data import dataset_sha256
-    from ttakit.experiment import load_eval_data
+    from ttakit.jobs._eval_data import load_eval_data
     from ttakit.models import load_checkpoint
     from ttakit.policy import Policy, View
 
@@ -452,8 +444,8 @@ def test_audit_checks_the_policy_belongs_to_the_checkpoint_and_skips_rows_it_was
     """Issue "sound answers": ``audit --policy`` refuses a policy fitted on another checkpoint
     (``--allow-other-model`` allows it), and ``--split val`` audits only the validation rows the
     policy's fitted parameters never saw (refused when it does not record them)."""
-    from ttakit.audit import audit_checkpoint
     from ttakit.cli import main
+    from ttakit.jobs.audit import audit_checkpoint
 
     data, x, y = _noisy_data(tmp_path, "npz")
     recipe = _train_tiny(tmp_path, data).meta.extra["data"]
@@ -506,8 +498,8 @@ def test_audit_keeps_each_views_vote_and_shows_it_where_they_disagree(tmp_path) 
     import json
 
     from ttakit.aliases import get_policy
-    from ttakit.audit import _policy_probs
-    from ttakit.review_page import write_review_page
+    from ttakit.jobs.audit import _policy_probs
+    from ttakit.report.review_page import write_review_page
 
     images = torch.zeros(3, 1, 8, 8)
     images[0, :, :, :4] = 1.0  # bright left: identity says 0, the flipped view says 1

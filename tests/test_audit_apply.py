@@ -10,9 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from ttakit.audit_apply import DecisionsError, apply_decisions, read_decisions
 from ttakit.cli import main
 from ttakit.data import load_dataset
+from ttakit.jobs.audit_apply import DecisionsError, apply_decisions, read_decisions
 
 
 def _npz(tmp_path, n: int = 12):

@@ -17,8 +17,8 @@ from ttakit.augmentations import (
 )
 from ttakit.errors import InvalidInputError, UnknownNameError
 from ttakit.search import default_pool, random_copy_views
-from ttakit.train import AUGMENTATIONS as TRAIN_AUGMENTATIONS
-from ttakit.train import TrainConfig
+from ttakit.training.config import AUGMENTATIONS as TRAIN_AUGMENTATIONS
+from ttakit.training.config import TrainConfig
 
 
 def test_train_search_and_aliases_share_one_vocabulary() -> None:

@@ -289,7 +289,7 @@ def test_cli_checks_outputs_before_any_work(paths, capsys):
 
 
 def test_an_environment_error_is_one_line_too(paths, capsys, monkeypatch):
-    import ttakit.experiment as experiment
+    import ttakit.jobs.evaluate as experiment
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", f"{paths['tmp']}/x.json")
@@ -304,7 +304,7 @@ def test_an_environment_error_is_one_line_too(paths, capsys, monkeypatch):
 
 
 def test_a_bug_in_ttakit_is_one_line_pointing_at_debug(paths, capsys, monkeypatch):
-    import ttakit.experiment as experiment
+    import ttakit.jobs.evaluate as experiment
 
     def bug(*args, **kwargs):
         return {}["table"]  # a KeyError from deep inside: a bug, not bad input

@@ -129,7 +129,7 @@ def test_export_infers_the_format_and_says_where_the_metadata_is(tmp_path, run, 
 
 def test_predicting_a_misnamed_file_prints_one_line_and_no_torch_log(tmp_path, run, images):
     """An ONNX file named .pt2: torch.export's loader logs a 13-line traceback unless silenced."""
-    from ttakit.export import export_checked
+    from ttakit.jobs.export import export_checked
 
     export_checked(run, "onnx", tmp_path / "m.onnx")
     (tmp_path / "m.pt2").write_bytes((tmp_path / "m.onnx").read_bytes())
@@ -164,7 +164,7 @@ def test_predict_refuses_to_overwrite_unless_asked(tmp_path, run, images, capsys
 
 
 def test_interrupt_says_the_exact_command_to_resume(tmp_path, run, images, capsys, monkeypatch):
-    from ttakit import predict
+    from ttakit.jobs import predict
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -265,7 +265,7 @@ def test_ensemble_compares_with_the_best_member_under_any_policy(tmp_path, halve
 
 
 def test_predict_with_two_models_caches_member_calibration(tmp_path, halves_runs, capsys, monkeypatch):
-    from ttakit import ensemble
+    from ttakit.jobs import _ensemble_predict as ensemble
 
     _, m0, m1 = halves_runs
     folder = tmp_path / "pngs"

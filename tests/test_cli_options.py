@@ -209,7 +209,7 @@ def test_bad_lists_and_sizes_are_one_line(argv, fragment, capsys):
 
 
 def test_predict_uses_the_searched_policy_next_to_the_checkpoint(checkpoint, tmp_path, capsys):
-    from ttakit.evaluate import resolve_policy
+    from ttakit.jobs._policies import resolve_policy
 
     _, _, source = checkpoint
     ckpt = tmp_path / "ckpt"
@@ -272,7 +272,8 @@ def test_train_says_which_image_size_it_uses_and_image_size_chooses_it(tmp_path,
 
 
 def test_plural_and_search_tables_in_percent():
-    from ttakit.report import plural, search_display_rows
+    from ttakit.report.search_report import search_display_rows
+    from ttakit.report.tables import plural
 
     assert (plural(1, "image"), plural(2, "image"), plural(0, "pass", "passes")) == ("1 image", "2 images", "0 passes")
     rows = search_display_rows([{"policy": "none", "views": 1.0, "accuracy": 0.45, "nll": 1.2},

@@ -29,7 +29,8 @@ def fashion_probs() -> dict:
     the 10,000 test images."""
     from ttakit.data import load_fashion_mnist
     from ttakit.engine import TTAEngine
-    from ttakit.train import TrainConfig, train_model
+    from ttakit.training.config import TrainConfig
+    from ttakit.training.loop import train_model
 
     full = load_fashion_mnist("train")
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
@@ -219,7 +220,8 @@ def test_evaluate_conformal_command(tmp_path, capsys) -> None:
 def test_format_set_and_calibrate_predictor_needs_a_checkpoint() -> None:
     from torch import nn
 
-    from ttakit.conformal import calibrate_predictor, format_set
+    from ttakit.conformal import format_set
+    from ttakit.jobs._conformal import calibrate_predictor
 
     assert format_set(torch.tensor([True, False, True]), ["a", "b", "c"]) == "a|c"
     assert format_set(torch.tensor([False, False, False]), ["a", "b", "c"]) == ""
@@ -295,7 +297,7 @@ def test_search_leaves_validation_rows_for_conformal_and_evaluate_calibrates_on_
     import json
 
     from ttakit.cli import main
-    from ttakit.experiment import load_eval_data
+    from ttakit.jobs._eval_data import load_eval_data
     from ttakit.models import load_checkpoint
 
     root, _, ckpt = searched

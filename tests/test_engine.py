@@ -11,7 +11,7 @@ import ttakit
 from ttakit import transforms as T
 from ttakit.engine import TTAEngine, as_policy
 from ttakit.errors import InvalidInputError, ModelOutputError, NotInvertibleError, UnknownNameError
-from ttakit.evaluate import evaluate_policies, predict_probs
+from ttakit.jobs._policy_eval import evaluate_policies, predict_probs
 from ttakit.merge import apply_matrix_scaling, apply_temperature, merge
 from ttakit.policy import Compose, Policy, Step, View
 from ttakit.uncertainty import view_uncertainty

@@ -8,17 +8,10 @@ import torch
 from torch import nn
 
 from tests.conftest import TinyClassifier
-from ttakit.ensemble import (
-    MemberSpec,
-    combine,
-    ensemble_predict,
-    evaluate_ensemble,
-    hard_vote,
-    member_disagreement,
-    parse_member,
-    soft_vote,
-)
+from ttakit.ensemble_vote import hard_vote, member_disagreement, soft_vote
 from ttakit.errors import InvalidInputError, UnknownNameError
+from ttakit.jobs._ensemble_predict import combine, ensemble_predict
+from ttakit.jobs.ensemble import MemberSpec, evaluate_ensemble, parse_member
 from ttakit.metrics import mcnemar_test
 
 
@@ -285,7 +278,7 @@ def test_ensemble_refuses_rows_its_members_were_fitted_on(tmp_path, capsys, spli
     """Issue "sound answers": ``train`` rows trained the members; ``val`` rows fitted their
     temperatures (and chose their searched policies). Both are refused, before any model loads."""
     from ttakit.cli import main
-    from ttakit.ensemble import ensemble_checkpoints
+    from ttakit.jobs.ensemble import ensemble_checkpoints
 
     members = [str(tmp_path / "m0"), str(tmp_path / "m1")]  # never loaded: the refusal comes first
     with pytest.raises(InvalidInputError, match=f"--split {split}") as info:
@@ -313,8 +306,8 @@ def test_calibration_rows_keep_temperatures_and_conformal_sets_apart() -> None:
     they record as unseen. Disjoint, and every row is in one of them."""
     from ttakit.aliases import get_policy
     from ttakit.data import dataset_sha256, stratified_indices
-    from ttakit.ensemble import calibration_rows
-    from ttakit.experiment import CONFORMAL_HOLDOUT, HOLDOUT_SEED
+    from ttakit.jobs._ensemble_predict import calibration_rows
+    from ttakit.jobs._eval_data import CONFORMAL_HOLDOUT, HOLDOUT_SEED
     from ttakit.policy import Policy, View
 
     val = _val_set()
@@ -337,8 +330,8 @@ def test_calibration_rows_keep_temperatures_and_conformal_sets_apart() -> None:
 def halves_members(tmp_path_factory):
     """Two tiny checkpoints trained on the same .npz (so they share their validation split)."""
     from tests._fixtures import write_halves_npz
-    from ttakit.experiment import train_run
-    from ttakit.train import TrainConfig
+    from ttakit.jobs.train import train_run
+    from ttakit.training.config import TrainConfig
 
     root = tmp_path_factory.mktemp("halves-ensemble")
     data = write_halves_npz(root / "h.npz", n=120)
@@ -353,11 +346,11 @@ def test_predict_ensemble_fits_temperatures_on_rows_its_conformal_sets_never_see
     """The ensemble path of ``predict``: each member's temperature is fitted on the temperature rows
     of :func:`calibration_rows`, the conformal sets calibrate on the other rows only."""
     from ttakit import conformal
-    from ttakit import ensemble as E
     from ttakit.aliases import get_policy
-    from ttakit.experiment import load_eval_data
+    from ttakit.jobs import _ensemble_predict as E
+    from ttakit.jobs._eval_data import load_eval_data
+    from ttakit.jobs._predict_runners import _ensemble_runner
     from ttakit.models import load_checkpoint
-    from ttakit.predict import _ensemble_runner
 
     members = [str(halves_members / "m0"), str(halves_members / "m1")]
     val = load_eval_data(load_checkpoint(members[0])[1], None, "val")

@@ -5,7 +5,8 @@ from torch import nn
 from ttakit import Compose, HorizontalFlip, Policy, UnknownNameError, get_policy
 from ttakit.data import ImageDataset
 from ttakit.errors import InvalidInputError, PolicyFormatError
-from ttakit.evaluate import evaluate_policies, predict_probs, resolve_policies, resolve_policy
+from ttakit.jobs._policies import resolve_policies, resolve_policy
+from ttakit.jobs._policy_eval import evaluate_policies, predict_probs
 from ttakit.models import CheckpointMeta
 
 
@@ -94,10 +95,11 @@ def test_evaluate_uncertainty_report_costs_no_second_pass(tmp_path, monkeypatch)
     """`evaluate` scores each policy and reports its uncertainty from the same engine run: the
     test images go through the model once per view (1 + 2 + 8 for none, hflip, d4), not twice,
     and the report equals the one computed by separate runs."""
-    from ttakit import experiment
-    from ttakit.conformal import evaluate_extras
-    from ttakit.experiment import evaluate_checkpoint, train_run
-    from ttakit.train import TrainConfig
+    from ttakit.jobs import evaluate as experiment
+    from ttakit.jobs._conformal import evaluate_extras
+    from ttakit.jobs.evaluate import evaluate_checkpoint
+    from ttakit.jobs.train import train_run
+    from ttakit.training.config import TrainConfig
 
     from ._fixtures import write_halves_npz
 

@@ -7,20 +7,18 @@ import pytest
 import torch
 from PIL import Image
 
-from ttakit import experiment
+import ttakit.jobs._eval_data as eval_data
+import ttakit.jobs.train as train_job
 from ttakit.data import load_dataset
 from ttakit.errors import CheckpointError, DataError, InvalidInputError
-from ttakit.experiment import (
-    check_input_sizes,
-    evaluate_checkpoint,
-    load_eval_data,
-    resolve_named_policies,
-    summarize_runs,
-    train_run,
-)
+from ttakit.jobs import evaluate as experiment
+from ttakit.jobs._eval_data import load_eval_data
+from ttakit.jobs._policies import check_input_sizes, resolve_named_policies
+from ttakit.jobs.evaluate import evaluate_checkpoint, summarize_runs
+from ttakit.jobs.train import train_run
 from ttakit.models import load_checkpoint
 from ttakit.policy import Compose, Policy
-from ttakit.train import TrainConfig
+from ttakit.training.config import TrainConfig
 from ttakit.transforms import HorizontalFlip, Scale, VerticalFlip
 
 from ._fixtures import write_halves_npz
@@ -83,7 +81,7 @@ def test_train_run_records_its_data_recipe(trained):
 def test_evaluate_never_scores_the_images_train_trained_on(kind, tmp_path, monkeypatch):
     data = write_halves_npz(tmp_path / "d.npz", n=80) if kind == "npz" else _write_halves_folder(tmp_path / "imgs")
     seen = {}
-    real_train, real_evaluate = experiment.train_model, experiment.evaluate_policies
+    real_train, real_evaluate = train_job.train_model, experiment.evaluate_policies
 
     def spy_train(train_ds, *args, **kwargs):
         seen["train"] = train_ds.images.clone()
@@ -94,7 +92,7 @@ def test_evaluate_never_scores_the_images_train_trained_on(kind, tmp_path, monke
         seen.setdefault("scored", []).append(dataset.images.clone())
         return real_evaluate(model, dataset, *args, **kwargs)
 
-    monkeypatch.setattr(experiment, "train_model", spy_train)
+    monkeypatch.setattr(train_job, "train_model", spy_train)
     monkeypatch.setattr(experiment, "evaluate_policies", spy_evaluate)
     train_run(str(data), out_dir=tmp_path / "ckpt", config=TrainConfig(epochs=1, batch_size=16), progress=False)
     results = evaluate_checkpoint(tmp_path / "ckpt", policies=["none"], out_dir=tmp_path / "ev", plots=False, progress=False)
@@ -234,7 +232,7 @@ def test_resumed_repeats_are_keyed_by_content_not_names(trained, tmp_path, monke
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
-    experiment.save_checkpoint(ckpt2, model, meta)
+    train_job.save_checkpoint(ckpt2, model, meta)
     assert json.loads((ckpt2 / "checkpoint.json").read_text())["weights_sha256"] != data["weights_sha256"]
     retrained.clear()
     evaluate_checkpoint(ckpt2, **args)
@@ -248,12 +246,12 @@ def test_retrain_does_not_reuse_a_checkpoint_of_another_recipe(trained, tmp_path
     # a checkpoint of the right seed but trained for one epoch only sits where the repeat goes
     train_run(str(data), out_dir=out, config=TrainConfig(epochs=1, batch_size=16, lr=3e-3, seed=1), val_fraction=0.25, progress=False)
     trainings = []
-    real_train_run = experiment.train_run
-    monkeypatch.setattr(experiment, "train_run", lambda *a, **k: trainings.append(k["config"]) or real_train_run(*a, **k))
-    _, found = experiment._retrain(meta, 1, out, progress=False)
+    real_train_run = eval_data.train_run
+    monkeypatch.setattr(eval_data, "train_run", lambda *a, **k: trainings.append(k["config"]) or real_train_run(*a, **k))
+    _, found = eval_data._retrain(meta, 1, out, progress=False)
     assert len(trainings) == 1 and found.extra["train_config"]["epochs"] == 2 and found.seed == 1
     # now the recipe matches: reused, not trained again
-    _, again = experiment._retrain(meta, 1, out, progress=False)
+    _, again = eval_data._retrain(meta, 1, out, progress=False)
     assert len(trainings) == 1 and json.dumps(again.extra["train_config"]) == json.dumps(found.extra["train_config"])
 
 
@@ -353,7 +351,7 @@ def test_repeats_refit_a_fitted_policy_per_seed_and_record_it(trained, tmp_path)
     refits its weights, gate and temperature on its own validation rows (the rows the search
     fitted on, never the ones it left for conformal), and results.json/results.md say so."""
     from ttakit.data import dataset_sha256
-    from ttakit.experiment import load_eval_data
+    from ttakit.jobs._eval_data import load_eval_data
     from ttakit.models import read_checkpoint_meta
 
     root, _, _ = trained
@@ -387,8 +385,9 @@ def test_split_seed_lives_with_the_splits_and_stays_importable_from_experiment()
     lr-find nor audit reaches up into experiment for it."""
     import inspect
 
-    from ttakit import audit, lr_find
     from ttakit.data import splits
+    from ttakit.jobs import audit
+    from ttakit.training import lr_find
 
     assert experiment.SPLIT_SEED is splits.SPLIT_SEED and splits.SPLIT_SEED == 0
     assert "SPLIT_SEED" in splits.__all__

@@ -9,7 +9,7 @@ import torch
 from ttakit import predictors
 from ttakit.cli import main
 from ttakit.engine import TTAEngine
-from ttakit.export import export_checkpoint
+from ttakit.jobs.export import export_checkpoint
 from ttakit.models import CheckpointMeta, create_model, save_checkpoint
 
 CLASSES = ["t-shirt", "trouser", "pullover", "dress"]
@@ -146,7 +146,7 @@ def test_cli_export_fails_when_the_exported_model_differs(tmp_path, capsys, monk
     one line naming the difference and the tolerance, exit code 2, and nothing written."""
     import copy
 
-    import ttakit.export as E
+    import ttakit.jobs.export as E
 
     run, _ = _checkpoint(tmp_path)
     real = E.export_model

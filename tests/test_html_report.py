@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ttakit.html_report import markdown_to_html, write_html_report
+from ttakit.report.html import markdown_to_html, write_html_report
 
 from ._browser import browser  # noqa: F401  (the fixture)
 

@@ -10,9 +10,11 @@ from torch import nn
 
 from ttakit.data.core import ImageDataset
 from ttakit.errors import InvalidInputError
-from ttakit.lr_find import LRFindResult, centred_average, lr_find, plot_lr_find, suggest_rates
 from ttakit.models import Normalize, registry
-from ttakit.train import TrainConfig, train_model
+from ttakit.report.plots import plot_lr_find
+from ttakit.training.config import TrainConfig
+from ttakit.training.loop import train_model
+from ttakit.training.lr_find import LRFindResult, centred_average, lr_find, suggest_rates
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -136,8 +138,8 @@ def _row_keys(dataset: ImageDataset) -> list[bytes]:
 def test_lr_find_sweeps_exactly_the_rows_train_trains_on(tmp_path, monkeypatch, kind):
     """Issue "sound answers": lr-find draws its rows with train's own split (test and validation
     rows held out as train holds them out), never from the whole file or folder."""
-    import ttakit.experiment as experiment
-    import ttakit.lr_find as lr_find_module
+    import ttakit.jobs.lr_find as lr_find_module
+    import ttakit.jobs.train as experiment
 
     n = 60
     rng = np.random.default_rng(0)

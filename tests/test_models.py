@@ -526,7 +526,7 @@ def test_resnet_state_dict_has_torchvision_layout(name):
 def test_resnet18_state_dict_round_trips_through_files(tmp_path):
     from safetensors.torch import save_file
 
-    from ttakit.train import load_init_weights
+    from ttakit.training.transfer import load_init_weights
 
     torch.manual_seed(0)
     source = create_model("resnet18", in_channels=1, num_classes=10).eval()
@@ -549,7 +549,7 @@ def test_resnet18_state_dict_round_trips_through_files(tmp_path):
 
 
 def test_rgb_resnet_weights_into_a_grayscale_resnet_skip_the_stem(tmp_path):
-    from ttakit.train import load_init_weights
+    from ttakit.training.transfer import load_init_weights
 
     rgb = create_model("resnet18", in_channels=3, num_classes=1000)
     torch.save({k: v for k, v in rgb.state_dict().items() if not k.startswith("normalize.")}, tmp_path / "rgb.pt")

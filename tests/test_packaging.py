@@ -92,7 +92,7 @@ def test_job_and_report_modules_import_without_matplotlib(tmp_path):
     code = (
         f"HEAVY = {HEAVY!r}\n"
         "import contextlib, io\n"
-        "import ttakit.report, ttakit.experiment, ttakit.audit, ttakit.lr_find, ttakit.html_report\n"
+        "import ttakit.report, ttakit.jobs.evaluate, ttakit.jobs.demo, ttakit.jobs.audit, ttakit.jobs.lr_find, ttakit.report.html\n"
         "from ttakit.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
@@ -155,9 +155,9 @@ def test_evaluate_no_plots_does_not_need_matplotlib(no_matplotlib, capsys, tmp_p
 
 
 def test_plot_functions_without_matplotlib_raise_one_clear_error(no_matplotlib, tmp_path):
-    from ttakit.lr_find import LRFindResult, plot_lr_find
     from ttakit.predictors import MissingExtraError
-    from ttakit.report import plot_policy_metrics
+    from ttakit.report.plots import plot_lr_find, plot_policy_metrics
+    from ttakit.training.lr_find import LRFindResult
 
     with pytest.raises(MissingExtraError, match=re.escape("pip install 'ttakit[plots]'")):
         plot_policy_metrics([{"name": "none", "accuracy": 0.9, "nll": 0.3}], tmp_path / "p.png")

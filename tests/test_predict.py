@@ -24,8 +24,9 @@ from ttakit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from ttakit.data.decode import DecodeError, decode_image, list_images
 from ttakit.engine import TTAEngine
 from ttakit.errors import DataError, DataNotFoundError, InvalidInputError
+from ttakit.jobs._predict_resume import settings_path
+from ttakit.jobs.predict import errors_path, output_columns, predict_images
 from ttakit.models import CheckpointMeta, create_model, save_checkpoint
-from ttakit.predict import errors_path, output_columns, predict_images, settings_path
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -382,8 +383,8 @@ def test_device_flag_on_evaluate_and_search_is_checked(tmp_path, checkpoint, com
 @pytest.mark.slow
 def test_conformal_sets_are_the_calibrated_sets_of_the_merged_probabilities(tmp_path, fashion):
     from ttakit.conformal import ConformalCalibration
-    from ttakit.experiment import train_run
-    from ttakit.train import TrainConfig
+    from ttakit.jobs.train import train_run
+    from ttakit.training.config import TrainConfig
 
     images, pixels = fashion
     config = TrainConfig(epochs=1, limit=600)
@@ -471,7 +472,7 @@ def test_hard_vote_ties_are_seeded_per_image_and_resume_completes(tmp_path, fash
     # class_1 is the vote's winner, as ensemble.hard_vote picks it with one stream per file
     import zlib
 
-    from ttakit.ensemble import hard_vote
+    from ttakit.ensemble_vote import hard_vote
 
     images, _ = fashion
     order = [int(Path(r["path"]).stem[3:]) for r in rows5]
@@ -521,9 +522,10 @@ def test_ensemble_of_trained_checkpoints_is_calibrated_and_writes_conformal_sets
     temperatures were fitted on: :func:`ttakit.ensemble.calibration_rows`)."""
     from ttakit.aliases import get_policy
     from ttakit.conformal import calibrate
-    from ttakit.ensemble import calibration_rows, ensemble_predict
-    from ttakit.experiment import load_eval_data, train_run
-    from ttakit.train import TrainConfig
+    from ttakit.jobs._ensemble_predict import calibration_rows, ensemble_predict
+    from ttakit.jobs._eval_data import load_eval_data
+    from ttakit.jobs.train import train_run
+    from ttakit.training.config import TrainConfig
 
     images, pixels = fashion
     runs = []
@@ -563,7 +565,7 @@ def test_ensemble_of_trained_checkpoints_is_calibrated_and_writes_conformal_sets
 def test_mean_std_are_refused_for_models_that_normalize_themselves(tmp_path, fashion, checkpoint, capsys):
     """A ttakit checkpoint (and its export) normalizes in its first layer: --mean/--std would
     normalize a second time, so they are refused with one line naming the model."""
-    from ttakit.export import export_checkpoint
+    from ttakit.jobs.export import export_checkpoint
 
     _, pixels = fashion
     run, _ = checkpoint
@@ -588,7 +590,7 @@ def test_mean_std_are_refused_for_models_that_normalize_themselves(tmp_path, fas
 def test_one_model_is_moved_to_the_device_before_the_engine_is_built(tmp_path, fashion, checkpoint, monkeypatch):
     """The engine refuses a device the model is not on, so the model must be moved first (as the
     ensemble path does). On a CPU machine the order is recorded: the move, then the engine."""
-    import ttakit.predict as P
+    import ttakit.jobs._predict_runners as P
     from ttakit.predictors import Predictor
 
     _, pixels = fashion

@@ -60,7 +60,8 @@ def test_checkpoint_predictor_matches_the_model_and_records_what_it_knows(tmp_pa
 
 def test_evaluate_accepts_a_predictor_and_gives_identical_results(tmp_path):
     from ttakit.data import ImageDataset
-    from ttakit.evaluate import evaluate_policies, resolve_policies
+    from ttakit.jobs._policies import resolve_policies
+    from ttakit.jobs._policy_eval import evaluate_policies
 
     folder, model = _checkpoint(tmp_path)
     data = ImageDataset(_images(40), torch.arange(40) % 4, ["a", "b", "c", "d"])
@@ -334,7 +335,8 @@ def test_keras_linear_head_is_detected_as_logits(tmp_path):
 
 def test_evaluate_merges_a_probs_model_without_a_second_softmax():
     from ttakit.data import ImageDataset
-    from ttakit.evaluate import evaluate_policies, resolve_policies
+    from ttakit.jobs._policies import resolve_policies
+    from ttakit.jobs._policy_eval import evaluate_policies
 
     rng = np.random.default_rng(1)
     weights = rng.normal(size=(16, 3)).astype(np.float32) * 4

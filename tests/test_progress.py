@@ -81,7 +81,8 @@ def test_a_piped_training_log_has_one_line_per_epoch(capsys):
     import torch
 
     from ttakit.data import ImageDataset
-    from ttakit.train import TrainConfig, train_model
+    from ttakit.training.config import TrainConfig
+    from ttakit.training.loop import train_model
 
     g = torch.Generator().manual_seed(0)
     ds = ImageDataset(torch.rand(24, 1, 6, 6, generator=g), torch.arange(24) % 2, ["a", "b"])

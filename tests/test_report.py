@@ -13,17 +13,15 @@ from PIL import Image
 
 from ttakit.errors import InvalidInputError
 from ttakit.metrics import McNemarResult, expected_calibration_error, reliability_bins
-from ttakit.report import (
-    format_mean_std,
-    format_table,
+from ttakit.report.plots import (
     lift_plot_layout,
-    markdown_table,
     plot_candidate_lifts,
     plot_policy_metrics,
     plot_reliability_diagram,
     plot_views_curve,
-    write_results,
 )
+from ttakit.report.results import write_results
+from ttakit.report.tables import format_mean_std, format_table, markdown_table
 
 ROWS = [
     {"name": "none", "accuracy": 0.91523, "views": 1, "note": None},
@@ -403,7 +401,8 @@ def test_long_titles_wrap_instead_of_running_off_the_figure(tmp_path: Path, titl
 
 
 def test_lr_find_plot_title_wraps(tmp_path: Path, title_extents) -> None:
-    from ttakit.lr_find import LRFindResult, plot_lr_find
+    from ttakit.report.plots import plot_lr_find
+    from ttakit.training.lr_find import LRFindResult
 
     lrs = np.logspace(-7, 0, 30).tolist()
     losses = [2.3 - 1.5 / (1 + math.exp(-2 * (math.log10(lr) + 3))) for lr in lrs]

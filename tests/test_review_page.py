@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from ttakit.review_page import review_entries, review_page_html, write_review_page
+from ttakit.report.review_page import review_entries, review_page_html, write_review_page
 
 from ._browser import Browser, browser  # noqa: F401  (the fixture)
 

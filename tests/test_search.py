@@ -23,6 +23,7 @@ from ttakit.errors import (
 )
 from ttakit.metrics import accuracy, nll
 from ttakit.policy import Compose, Policy, Step, View
+from ttakit.report import write_search_report
 from ttakit.search import (
     SearchResult,
     ViewCache,
@@ -37,7 +38,6 @@ from ttakit.search import (
     random_copy_policy,
     random_copy_views,
     search_policy,
-    write_search_report,
 )
 
 FLIP_SHIFT = [{"name": "flip", "p": 0.5}, {"name": "shift", "max_pixels": 2}]

@@ -15,7 +15,8 @@ from ttakit.engine import TTAEngine
 from ttakit.errors import InvalidInputError, PolicyFormatError
 from ttakit.merge import apply_temperature, merge
 from ttakit.policy import Policy, View
-from ttakit.search import ViewCache, greedy_search, search_markdown
+from ttakit.report import search_markdown
+from ttakit.search import ViewCache, greedy_search
 from ttakit.search.weights import merge_class_weighted
 from ttakit.transforms import HorizontalFlip, VerticalFlip
 from ttakit.wrappers import ClassificationTTAWrapper

@@ -8,7 +8,7 @@ import pytest
 
 from ttakit.cli import main
 from ttakit.errors import InvalidInputError
-from ttakit.experiment import search_checkpoint
+from ttakit.jobs.search import search_checkpoint
 from ttakit.policy import Policy
 
 
@@ -54,7 +54,7 @@ def test_search_checkpoint_refuses_the_train_split(tmp_path) -> None:
 
 
 def test_demo_lesson_names_the_views_chosen() -> None:
-    from ttakit.experiment import _searched_lesson
+    from ttakit.report.demo_md import _searched_lesson
 
     search = {
         "views": ["identity", "hflip+shift(-1,+0)", "zoom1.05"],
@@ -79,7 +79,7 @@ def test_demo_lesson_names_the_views_chosen() -> None:
 
 
 def test_the_demo_control_is_the_identity_with_the_searched_calibration() -> None:
-    from ttakit.experiment import _matrix_control
+    from ttakit.jobs.demo import _matrix_control
 
     matrix = {"weight": [[1.0, 0.1], [0.0, 1.0]], "bias": [0.2, 0.0]}
     searched = Policy.identity()

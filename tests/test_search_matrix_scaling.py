@@ -17,7 +17,8 @@ from ttakit.errors import InvalidInputError
 from ttakit.merge import apply_matrix_scaling
 from ttakit.metrics import accuracy, nll
 from ttakit.policy import Compose, Policy
-from ttakit.search import ViewCache, cache_views, greedy_search, search_markdown
+from ttakit.report import search_markdown
+from ttakit.search import ViewCache, cache_views, greedy_search
 from ttakit.search.calibration import apply_calibration, compare_matrix_scaling, fit_matrix_scaling
 from ttakit.search.greedy import cache_output
 from ttakit.transforms import HorizontalFlip, Shift
@@ -165,9 +166,10 @@ def test_matrix_scaling_is_refused_on_a_few_hundred_validation_rows():
     accuracy; with 20 rows per fitted number required (600 here) the search does not keep it."""
     from ttakit.data import load_fashion_mnist
     from ttakit.data.core import train_val_split
-    from ttakit.evaluate import evaluate_policies
+    from ttakit.jobs._policy_eval import evaluate_policies
     from ttakit.search import search_policy
-    from ttakit.train import TrainConfig, train_model
+    from ttakit.training.config import TrainConfig
+    from ttakit.training.loop import train_model
 
     classes = [5, 6, 7, 8, 9]
     train_all, val_all = train_val_split(load_fashion_mnist("train"), 0.1, seed=0)

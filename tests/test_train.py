@@ -13,18 +13,16 @@ import torch
 from ttakit.data.core import ImageDataset
 from ttakit.errors import InvalidInputError, UnknownNameError
 from ttakit.models import load_checkpoint
-from ttakit.train import (
-    TrainConfig,
-    accuracy_of,
+from ttakit.training.augment import (
     augment_batch,
     mixup,
-    predict_logits,
     random_crop,
     random_flip,
     random_shift,
-    train_model,
     translate,
 )
+from ttakit.training.config import TrainConfig
+from ttakit.training.loop import accuracy_of, predict_logits, train_model
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -274,12 +272,8 @@ import json  # noqa: E402
 from ttakit.cli import EXIT_BAD_INPUT, main  # noqa: E402
 from ttakit.errors import CheckpointError  # noqa: E402
 from ttakit.models import create_model, save_checkpoint  # noqa: E402
-from ttakit.train import (  # noqa: E402
-    load_init_weights,
-    read_state_dict,
-    schedule_factor,
-    slice_rates,
-)
+from ttakit.training.schedules import schedule_factor, slice_rates  # noqa: E402
+from ttakit.training.transfer import load_init_weights, read_state_dict  # noqa: E402
 
 from ._fixtures import write_halves_npz  # noqa: E402
 
@@ -481,7 +475,7 @@ def test_freeze_leaves_body_bit_identical_then_unfreezes(pretrained_dir):
 
 @recipe
 def test_progressive_resizing_changes_the_input_size(monkeypatch):
-    import ttakit.train as train_module
+    import ttakit.training.build as train_module
 
     seen: list[tuple[int, ...]] = []
     real_create = train_module.create_model

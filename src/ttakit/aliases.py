@@ -25,6 +25,9 @@ __all__ = [
 ]
 
 
+BASELINE = "none"  # the name of plain inference: one identity view
+
+
 def flip_transform() -> Compose:
     """Identity, horizontal flip, vertical flip and both (4 views)."""
     return Compose([T.HorizontalFlip(), T.VerticalFlip()])

@@ -14,7 +14,8 @@
 =================  ==========================================================================
 
 Search takes tensors (a model, validation images and labels) or a cache, never datasets; the
-Markdown/PNG report is :func:`ttakit.report.write_search_report`. Names load on first use, so
+Markdown/PNG report is :func:`ttakit.report.write_search_report` (the report layer, above
+this one). Names load on first use, so
 importing one module (``ttakit.search.gate``) does not import the rest.
 
 Example:
@@ -55,16 +56,12 @@ _EXPORTS = {
     "search_policy": "run",
     "refit_policy": "refit",
 }
-_REPORTS = ("search_markdown", "write_search_report")
-
-__all__ = sorted([*_EXPORTS, *_REPORTS])
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    elif name in _REPORTS:  # the report lives with the other reports
-        value = getattr(importlib.import_module("ttakit.report"), name)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

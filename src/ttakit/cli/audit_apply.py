@@ -25,7 +25,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .audit_apply import DecisionsError, apply_decisions
+    from ..jobs.audit_apply import DecisionsError, apply_decisions
 
     try:
         result = apply_decisions(args.decisions, args.data, args.out, model=args.model, mode=args.mode)

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import _fsync_dir, atomic_write, check_output_file
-from .errors import InvalidInputError, ModelOutputError, unknown_name
-from .predictors import EXPORT_FORMAT, METADATA_KEY, MissingExtraError
+from .._io import _fsync_dir, atomic_write, check_output_file
+from ..errors import InvalidInputError, ModelOutputError, unknown_name
+from ..predictors import EXPORT_FORMAT, METADATA_KEY, MissingExtraError
 
 __all__ = ["FORMATS", "SUFFIXES", "check_out_suffix", "format_from_suffix", "metadata_location", "DEFAULT_OPSET", "DEFAULT_TOLERANCE", "export_checkpoint", "export_checked", "export_model",
            "export_metadata", "check_export"]
@@ -119,7 +119,7 @@ def export_checked(
     Raises:
         as :func:`export_checkpoint`.
     """
-    from .models import load_checkpoint
+    from ..models import load_checkpoint
 
     format = check_out_suffix(out, format)
     opset = check_opset(opset, format)
@@ -170,7 +170,7 @@ def check_export(model: nn.Module, path: str | os.PathLike, format: str, input_s
     """Largest absolute difference between ``model`` and the exported file at ``path`` (loaded
     as ``format`` by :func:`ttakit.predictors.load`) on seeded random inputs of ``input_shape``
     (batches of :data:`CHECK_BATCHES` images). Returns ``(difference, number of inputs)``."""
-    from .predictors import load
+    from ..predictors import load
 
     exported = load(path)
     if exported.kind != format:

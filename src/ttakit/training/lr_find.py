@@ -17,36 +17,27 @@ Example:
     >>> ds = ImageDataset(torch.rand(256, 1, 8, 8), torch.arange(256) % 2, ["a", "b"])
     >>> result = lr_find(ds, arch="resnet20", num_steps=20, config=TrainConfig(batch_size=32), progress=False)
     >>> result.suggestion == result.min10
-    True
-"""
+    True"""
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._io import atomic_write
-from .data.core import ImageDataset
-from .data.splits import DEFAULT_TEST_FRACTION
-from .errors import InvalidInputError
-from .progress import progress as progress_bar
-from .train import (
-    TrainConfig,
-    _make_optimizer,
-    augment_batch,
-    autocast,
-    build_model,
-    fit_image_size,
-)
+from ..data.core import ImageDataset
+from ..errors import InvalidInputError
+from ..progress import progress as progress_bar
+from .augment import augment_batch
+from .build import autocast, build_model
+from .config import TrainConfig
+from .schedules import _make_optimizer
 
-__all__ = ["LRFindResult", "centred_average", "lr_find", "plot_lr_find", "run_lr_find", "suggest_rates"]
+__all__ = ["LRFindResult", "centred_average", "lr_find", "suggest_rates"]
 
 
 @dataclass
@@ -250,85 +241,3 @@ def lr_find(
         optimizer=config.optimizer,
         batch_size=batch,
     )
-
-
-def plot_lr_find(result: LRFindResult, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Loss against rate (log scale): raw loss faint, smoothed loss bold, both suggestions marked.
-
-    The y range is clipped to the useful part (up to a little above the starting loss), so the
-    divergent tail does not flatten the curve.
-    """
-    try:  # matplotlib is the optional extra ttakit[plots]
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        from .predictors import MissingExtraError
-
-        raise MissingExtraError(
-            f"drawing the lr-find plot needs matplotlib: pip install 'ttakit[plots]' ({exc.name or exc} is not installed)"
-        ) from exc
-
-    if not isinstance(result, LRFindResult):
-        raise InvalidInputError(f"result must be an LRFindResult, got {type(result).__name__}")
-    path = Path(path)
-    fig = Figure(figsize=(6.4, 4.2), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    lrs = np.asarray(result.lrs)
-    ax.plot(lrs, result.losses, color="0.75", linewidth=0.8, label="loss per step")
-    ax.plot(lrs, result.smoothed, color="C0", linewidth=2.0, label="smoothed loss")
-    ax.set_xscale("log")
-    finite = [v for v in result.smoothed if math.isfinite(v)]
-    raw = [v for v in result.losses if math.isfinite(v)]
-    if finite:
-        low = min(min(finite), min(raw[: int(np.argmin(finite)) + 1] or finite))
-        top = max(finite[: max(3, len(finite) // 10)])  # the loss where the sweep started
-        span = max(top - low, 1e-3)
-        ax.set_ylim(low - 0.1 * span, top + 0.35 * span)
-    for rate, color, name in ((result.steepest, "C2", "steepest descent"), (result.min10, "C3", "minimum/10")):
-        y = float(np.interp(np.log10(rate), np.log10(lrs), result.smoothed))
-        ax.axvline(rate, color=color, linestyle="--", linewidth=1.0)
-        ax.plot([rate], [y], marker="o", color=color, markersize=7, label=f"{name}: {rate:.1e}")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("training loss")
-    default = f"lr-find: {result.arch} ({result.optimizer}, batch {result.batch_size}, {result.stopped})"
-    ax.set_title(title or default, wrap=True)  # wrapped at the figure's edges, not clipped
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(loc="lower left", fontsize=9)
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        fig.clear()
-
-
-def run_lr_find(
-    data: str = "fashion-mnist",
-    *,
-    arch: str = "seed-cnn",
-    config: TrainConfig | None = None,
-    data_dir: str | None = None,
-    val_fraction: float = 0.1,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    plot: str | os.PathLike | None = "lr_find.png",
-    progress: bool = True,
-    image_size: int | tuple[int, int] | None = None,
-    **sweep: Any,
-) -> dict[str, Any]:
-    """``ttakit lr-find``: sweep on exactly the rows ``ttakit train`` trains on.
-
-    The rows come from :func:`ttakit.data.make_splits`, the split function ``train`` uses, with
-    the same seed, ``val_fraction`` and ``test_fraction``: the validation split and the test
-    split (the data's own, or the one carved from an ``.npz`` or a flat folder) are never swept
-    on. ``image_size`` (``--image-size``) resizes them as ``train`` does. Writes the plot and returns
-    ``{"result": LRFindResult, "plot": path or None, "size_note": which image size and why,
-    **result.to_json(curve=False)}``."""
-    from .data import make_splits
-    from .data.splits import SPLIT_SEED
-
-    splits = make_splits(data, data_dir, val_fraction=val_fraction, test_fraction=test_fraction, seed=SPLIT_SEED)
-    splits, size_note = fit_image_size(splits, image_size, data)
-    result = lr_find(splits.train, arch=arch, config=config, progress=progress, **sweep)
-    shown = Path(str(data)).name or str(data)  # a file or folder by its name: a long path would crowd the title
-    written = plot_lr_find(result, plot, title=f"lr-find: {arch} on {shown}") if plot is not None else None
-    return {"result": result, "plot": str(written) if written else None, "size_note": size_note,
-            **result.to_json(curve=False)}

@@ -46,8 +46,8 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_write_text
-from .errors import InvalidInputError
+from .._io import atomic_write_text
+from ..errors import InvalidInputError
 
 __all__ = ["REVIEW_METHODS", "review_entries", "review_page_html", "thumbnail_data_uri", "write_review_page"]
 
@@ -108,11 +108,11 @@ def review_entries(
         ``1 - p[given]`` (highest first), ambiguous by the margin of the two top classes (smallest
         first), outliers by top probability (lowest first).
     """
-    from .audit import flag_issues
+    from ..label_issues import flag_issues
 
     unknown = [m for m in methods if m not in REVIEW_METHODS]
     if unknown:
-        from .errors import unknown_name
+        from ..errors import unknown_name
 
         raise unknown_name("review method", unknown[0], REVIEW_METHODS)
     p = probs.detach().float().cpu()
@@ -231,7 +231,7 @@ def review_page_html(
     """
     methods = [m for m in REVIEW_METHODS if m in methods]
     if default_method not in methods:
-        from .errors import unknown_name
+        from ..errors import unknown_name
 
         raise unknown_name("review method", default_method, methods)
     data = {

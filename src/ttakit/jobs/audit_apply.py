@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text
-from .errors import DataError, DataNotFoundError, InvalidInputError
+from .._io import atomic_write, atomic_write_json, atomic_write_text
+from ..errors import DataError, DataNotFoundError, InvalidInputError
 
 __all__ = ["DECISIONS", "FOLDER_MODES", "Decision", "DecisionsError", "apply_decisions", "read_decisions"]
 
@@ -126,7 +126,7 @@ def _checkpoint_test_rows(model: str | os.PathLike | None, data: str) -> tuple[l
     except (OSError, ValueError) as exc:
         raise DataError(f"--model {model}: checkpoint.json cannot be read ({exc})") from None
     recipe = dict((meta.get("extra") or {}).get("data") or {})
-    from .data.splits import _same_spec
+    from ..data.splits import _same_spec
 
     if recipe.get("spec") and not _same_spec(str(data), str(recipe["spec"])):
         raise InvalidInputError(
@@ -255,7 +255,7 @@ def apply_decisions(
     source = Path(data).expanduser()
     out = Path(out_dir).expanduser()
     if mode not in FOLDER_MODES:
-        from .errors import unknown_name
+        from ..errors import unknown_name
 
         raise unknown_name("--mode", mode, FOLDER_MODES)
     if not source.exists():
@@ -350,7 +350,7 @@ def _summary(chosen: dict[int, Decision], changes: list[dict[str, Any]], paths: 
 
 def _folder_files(root: Path) -> tuple[list[str], list[int], list[str]]:
     """``(files relative to root, labels, classes)`` in the order ``load_image_folder`` numbers rows."""
-    from .data.image_folder import list_image_files
+    from ..data.image_folder import list_image_files
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:

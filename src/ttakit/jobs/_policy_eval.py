@@ -1,9 +1,7 @@
-"""Evaluate TTA policies on a labelled data set: accuracy, NLL, ECE, Brier, cost, and the lift of
-each policy over plain inference with a paired significance test on the same images."""
+"""Run policies on a data set's images and score them (the core of ``ttakit evaluate``)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,20 +9,16 @@ from typing import Any
 
 import torch
 
-from . import metrics as M
-from .aliases import get_policy, list_policies, policy_from_augmentations
-from .data import ImageDataset
-from .engine import TTAEngine, TTAOutput, eval_mode
-from .errors import InvalidInputError, UnknownNameError, unknown_name
-from .models import CheckpointMeta
-from .policy import Policy
-from .progress import progress as show_progress
+from .. import metrics as M
+from ..aliases import get_policy
+from ..data import ImageDataset
+from ..engine import TTAEngine, TTAOutput, eval_mode
+from ..errors import InvalidInputError
+from ..policy import Policy
+from ..progress import progress as show_progress
+from ._policies import BASELINE
 
-__all__ = ["PolicyEvaluation", "resolve_policy", "resolve_policies", "predict_probs", "run_policy", "evaluate_policies"]
-
-# Plain inference is always evaluated: every lift is measured against it on the same images.
-BASELINE = "none"
-
+__all__ = ["PolicyEvaluation", "predict_probs", "run_policy", "evaluate_policies"]
 
 @dataclass
 class PolicyEvaluation:
@@ -53,41 +47,6 @@ class PolicyEvaluation:
             **{f"lift_{k}": v for k, v in self.lift.items()},
             "ms_per_image": 1000.0 * self.seconds / max(self.metrics.get("n_images", 1), 1),
         }
-
-
-def resolve_policy(spec: str | Policy, meta: CheckpointMeta | None = None) -> Policy:
-    """A policy from a registered name, ``train-aug`` (the checkpoint's training augmentations),
-    or a path to a policy JSON file."""
-    if isinstance(spec, Policy):
-        return spec
-    if spec == "train-aug":
-        if meta is None:
-            raise InvalidInputError("policy 'train-aug' needs a checkpoint that records its training augmentations")
-        return policy_from_augmentations(meta.train_augmentations)
-    if spec.endswith(".json") or os.path.sep in spec:
-        return Policy.load(spec)
-    try:
-        return get_policy(spec)
-    except UnknownNameError:
-        raise unknown_name(
-            "policy (or a policy .json path)", spec, [*list_policies(), "train-aug"]
-        ) from None
-
-
-def resolve_policies(specs: Sequence[str | Policy], meta: CheckpointMeta | None = None) -> list[Policy]:
-    """Resolve each spec (comma-separated strings are split); duplicates by name are dropped."""
-    flat: list[str | Policy] = []
-    for spec in specs:
-        flat.extend(s.strip() for s in spec.split(",") if s.strip()) if isinstance(spec, str) else flat.append(spec)
-    policies, seen = [], set()
-    for spec in flat:
-        policy = resolve_policy(spec, meta)
-        if policy.name not in seen:
-            seen.add(policy.name)
-            policies.append(policy)
-    if not policies:
-        raise InvalidInputError(f"give at least one policy, got {list(specs)!r}")
-    return policies
 
 
 def predict_probs(

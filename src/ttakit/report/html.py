@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_text
+from .._io import atomic_write_text
 
 __all__ = ["markdown_to_html", "record_command", "write_audit_report", "write_html_report"]
 
@@ -226,7 +226,7 @@ def write_html_report(
 
 def write_audit_report(out_dir: str | os.PathLike, result: dict[str, Any]) -> Path:
     """``report.html`` of ``ttakit audit``: what was flagged, the contact sheet, the next steps."""
-    from .report import markdown_table
+    from .tables import markdown_table
 
     out = Path(out_dir)
     rows = result.get("rows") or []

@@ -1,0 +1,161 @@
+"""``ttakit predict``: parse, call :func:`ttakit.jobs.predict.predict_images`, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import InvalidInputError
+from ._common import (
+    EXIT_INTERRUPTED,
+    _add_device_args,
+    _add_model_args,
+    _add_vote_args,
+    _alpha,
+    _positive_int,
+)
+
+
+def _add_predict_parser(commands) -> None:
+    predict = commands.add_parser(
+        "predict", help="TTA predictions for your own images, from any model (or an ensemble of several)",
+        usage="ttakit predict [options] MODEL[:POLICY] [MODEL[:POLICY] ...] IMAGES --out FILE",
+    )
+    predict.add_argument(
+        "inputs", nargs="+", metavar="MODEL[:POLICY] [...] IMAGES",
+        help="one or more models (checkpoint folder, .pt2, TorchScript, .onnx, .keras/.h5, or module:function), each "
+        "optionally with its policy after a colon; several models write ENSEMBLE predictions. Last: the images, a "
+        "folder (searched recursively), a quoted glob, or a text file of paths",
+    )
+    predict.add_argument("--policy", default=None,
+                         help="policy name, train-aug, or a policy .json, for models without :POLICY (default: the "
+                         "policy.json that ttakit search wrote in a checkpoint folder, else none; --policy none: "
+                         "plain inference)")
+    predict.add_argument("--out", required=True, help="CSV file to write (.jsonl for JSON Lines)")
+    predict.add_argument("--top-k", type=_positive_int, default=5, help="classes per row (default 5)")
+    predict.add_argument("--workers", type=int, default=None, help="decoding processes (0: in the main process)")
+    predict.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default: --max-batch)")
+    predict.add_argument("--resume", action="store_true",
+                         help="keep rows already in --out and predict the rest; refused when the model, policy or an "
+                         "option that changes answers differs from the first run's (batch size, workers, device may "
+                         "change)")
+    predict.add_argument("--resize", default=None, choices=("fit", "crop", "stretch"),
+                         help="how images reach the model's size: fit (keep the aspect ratio, pad with black), crop "
+                         "(resize the short side, cut the centre) or stretch; default: what the checkpoint records "
+                         "for its training images, else stretch (the summary says which)")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace an existing --out (refused by default: add --resume to keep its rows)")
+    predict.add_argument("--retry-errors", action="store_true",
+                         help="with --resume: try the files in the errors file again (they leave it when they decode)")
+    predict.add_argument("--conformal", type=_alpha, default=None, metavar="ALPHA",
+                         help="add each image's conformal prediction set covering 1 - ALPHA (ttakit checkpoints: "
+                         "calibrated on their validation split)")
+    predict.add_argument("--conformal-method", default="lac", choices=("lac", "aps"), help="lac (default) or aps")
+    predict.add_argument(
+        "--allow-other-model", action="store_true",
+        help="use a policy whose weights, gate, temperature or matrix were fitted on another checkpoint "
+        "(refused by default: a policy records the model it was searched on)",
+    )
+    _add_vote_args(predict.add_argument_group("several models (as in ttakit ensemble)"),
+                   calibrated_on="the models on their shared validation split")
+    _add_device_args(predict, max_batch=True)
+    _add_model_args(predict)
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    names = ("layout", "input_size", "channels", "pixel_range", "mean", "std", "classes", "outputs")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _searched_policy(model: str) -> str:
+    """A checkpoint folder's own ``policy.json`` (written by ``ttakit search``), said in the log,
+    as ``ttakit ensemble`` does; else ``none``. ``--policy none`` turns it off."""
+    found = Path(model) / "policy.json"
+    if Path(model).is_dir() and found.is_file():
+        print(f"using the policy that ttakit search wrote next to the checkpoint: {found} (--policy none: plain "
+              "inference)")
+        return str(found)
+    return "none"
+
+
+def _resume_command() -> str:
+    """This process's ``ttakit predict`` command with ``--resume`` (and without ``--overwrite``)."""
+    import shlex
+
+    from ..report import html as html_report
+
+    argv = [a for a in (html_report._COMMAND or sys.argv[1:]) if a != "--overwrite"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return "ttakit " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from ..jobs.ensemble import parse_member
+    from ..jobs.predict import predict_images
+
+    if len(args.inputs) < 2:
+        raise InvalidInputError(
+            f"predict needs MODEL [MODEL ...] IMAGES: at least one model and the images, got only {args.inputs[0]!r}"
+        )
+    members = [parse_member(spec) for spec in args.inputs[:-1]]
+    if args.weights is not None and len(args.weights) != len(members):
+        raise InvalidInputError(
+            f"--weights needs one number per model ({len(members)}), got {len(args.weights)}: "
+            f"{','.join(f'{w:g}' for w in args.weights)}"
+        )
+    models = [m.model for m in members]
+    policies = [m.policy or args.policy or _searched_policy(m.model) for m in members]
+    try:
+        summary = predict_images(
+            models[0] if len(models) == 1 else models,
+            args.inputs[-1],
+            out=args.out,
+            policy=policies if len(models) > 1 else policies[0],
+            top_k=args.top_k,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            resume=args.resume,
+            retry_errors=args.retry_errors,
+            overwrite=args.overwrite,
+            resize=args.resize,
+            device=args.device,
+            amp=args.amp,
+            max_batch=args.max_batch,
+            progress=not args.no_progress,
+            model_options=_model_options(args),
+            conformal=args.conformal,
+            conformal_method=args.conformal_method,
+            vote=args.vote,
+            weights=args.weights,
+            tie_break=args.tie_break,
+            seed=args.tie_break_seed,
+            calibrate=not args.no_calibrate,
+            allow_other_model=args.allow_other_model,
+        )
+    except KeyboardInterrupt:
+        print(f"ttakit predict: interrupted; the rows finished so far are kept in {args.out}; continue with: "
+              f"{_resume_command()}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    skipped = f" ({summary['n_done_before']} already in {summary['out']})" if summary["n_done_before"] else ""
+    if summary.get("n_retried"):
+        skipped += f" ({summary['n_retried']} from the errors file retried)"
+    how = f"policy {summary['policy']} ({len(summary['views'])} views"
+    if summary.get("ensemble"):
+        ens = summary["ensemble"]
+        how = (f"an ensemble of {len(ens['members'])} models, {ens['vote']} vote ("
+               + ", ".join(f"{m['model']}:{m['policy']}" for m in ens["members"]) + f"; {ens['calibration']}")
+    print(
+        f"predicted {summary['n_predicted']} of {summary['n_images']} images{skipped} with {how}, "
+        f"{summary['passes_per_image']:.2f} passes/img) "
+        f"in {summary['seconds']:.1f} s ({summary.get('seconds_preparing', 0.0):.1f} s loading and calibrating, "
+        f"{summary['images_per_second']:.0f} img/s predicting) -> {summary['out']}"
+    )
+    if summary.get("resize"):
+        print(f"images resized with --resize {summary['resize']} ({summary['resize_source']})")
+    if summary["n_errors"]:
+        from ..report.tables import plural
+
+        print(f"{plural(summary['n_errors'], 'file')} could not be read: see {summary['errors']}")
+    return 0

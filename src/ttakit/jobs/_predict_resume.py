@@ -1,0 +1,245 @@
+"""Resuming ``ttakit predict``: the rows already written and the settings they were written with."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_write_json
+from ..errors import InvalidInputError
+from ..policy import Policy
+from ..predictors import Predictor
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a write cut short by a kill)."""
+    with open(path, "rb+") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size == 0:
+            return
+        back = min(size, 1 << 20)
+        while True:
+            handle.seek(size - back)
+            tail = handle.read(back)
+            cut = tail.rfind(b"\n")
+            if cut >= 0 or back == size:
+                break
+            back = min(size, back * 2)
+        keep = size - back + cut + 1 if cut >= 0 else 0
+        if keep != size:
+            handle.truncate(keep)
+
+
+def read_done(out: str | os.PathLike, format: str, columns: list[str] | None = None) -> set[str]:
+    """Paths already in ``out`` (a torn last line is removed first).
+
+    Raises:
+        InvalidInputError: the file was written with other columns (another ``--top-k``) or is
+            not a ttakit predictions file.
+    """
+    path = Path(out)
+    if not path.exists():
+        return set()
+    _truncate_torn_tail(path)
+    done: set[str] = set()
+    with open(path, encoding="utf-8", newline="") as handle:
+        if format == "jsonl":
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    done.add(json.loads(line)["path"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise InvalidInputError(
+                        f"--resume: line {number} of {path} is not a ttakit prediction row; use another --out"
+                    ) from None
+            return done
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return done
+        if columns is not None and header != columns:
+            raise InvalidInputError(
+                f"--resume: {path} has the columns {','.join(header)} but this run writes {','.join(columns)}; "
+                "use the same --top-k and --conformal as the first run, or another --out"
+            )
+        for row in reader:
+            if len(row) == len(header):
+                done.add(row[0])
+    return done
+
+
+def _read_error_rows(path: Path) -> list[list[str]]:
+    if not path.exists():
+        return []
+    _truncate_torn_tail(path)
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)
+        return [row for row in reader if row]
+
+
+# --------------------------------------------------------------------------- what the answers depend on
+
+SETTINGS_FORMAT = "ttakit-predict-settings"
+# What each setting is called on the command line, for the message naming what differs.
+_SETTING_NAMES = {
+    "top_k": "--top-k", "format": "output format", "conformal": "--conformal", "conformal_method": "--conformal-method",
+    "amp": "--amp", "vote": "--vote", "weights": "--weights", "tie_break": "--tie-break", "seed": "--seed",
+    "calibrate": "--no-calibrate", "resize": "--resize",
+}
+
+
+def settings_path(out: str | os.PathLike) -> Path:
+    """Where ``predict`` records what its rows depend on (for ``resume``): ``<out>.settings.json``."""
+    out = Path(out)
+    return out.with_name(out.name + ".settings.json")
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def _weights_digest(predictor: Predictor) -> str:
+    """SHA-256 of what the model computes with: its weights and buffers (torch models), its file
+    (ONNX, Keras) or its code (a Python callable)."""
+    digest = hashlib.sha256()
+    module = predictor._modules.get("model")
+    if module is not None:
+        digest.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+        for name, tensor in sorted(module.state_dict().items()):
+            if isinstance(tensor, torch.Tensor):
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(_tensor_bytes(tensor))
+        return digest.hexdigest()
+    source = Path(predictor.source) if predictor.source else None
+    if source is not None and source.is_file():
+        with open(source, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    backend = getattr(predictor, "_backend", None)
+    function = getattr(backend, "function", backend)
+    code = getattr(function, "__code__", None)
+    digest.update(f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__name__)}".encode())
+    if code is not None:
+        digest.update(code.co_code)
+        digest.update(repr(code.co_consts).encode())
+    return digest.hexdigest()
+
+
+def model_fingerprint(predictor: Predictor) -> dict[str, Any]:
+    """What a model's answers depend on: a digest of its weights (or file, or code) and the
+    settings it is read with (input size, channels, layout, pixel range, mean/std, classes,
+    outputs). Its path is kept for messages only: the same model named another way matches."""
+    described = predictor.describe()
+    name = described.pop("source", "") or predictor.kind
+    return {"name": name, "weights": _weights_digest(predictor), "settings": described}
+
+
+def policy_fingerprint(policy: Policy) -> dict[str, Any]:
+    """A policy's views and merge settings (its name and provenance are kept for messages only)."""
+    data = policy.to_json()
+    for key in ("format", "format_version", "ttakit_version", "meta"):
+        data.pop(key, None)
+    return data
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(_comparable(settings), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the names kept for messages (model paths, policy names)."""
+    out = dict(settings)
+    for key in ("models", "policies"):
+        if isinstance(out.get(key), list):
+            out[key] = [{k: v for k, v in item.items() if k != "name"} if isinstance(item, dict) else item
+                        for item in out[key]]
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = "on" if value is True else "off" if value is False else "none" if value is None else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two runs' settings, named as the user knows it."""
+    found = []
+    old_models, new_models = old.get("models", []), new.get("models", [])
+    if len(old_models) != len(new_models):
+        found.append(f"the number of models ({len(old_models)} then, {len(new_models)} now)")
+    else:
+        for i, (a, b) in enumerate(zip(old_models, new_models, strict=True)):
+            which = "the model" if len(new_models) == 1 else f"model {i + 1}"
+            if a.get("weights") != b.get("weights"):
+                found.append(f"{which} (weights of {a.get('name')} then, {b.get('name')} now)")
+            for key in sorted(set(a.get("settings", {})) | set(b.get("settings", {}))):
+                x, y = a.get("settings", {}).get(key), b.get("settings", {}).get(key)
+                if x != y:
+                    found.append(f"{which}'s {key} ({_short(x)} then, {_short(y)} now)")
+    old_policies, new_policies = old.get("policies", []), new.get("policies", [])
+    for i, (a, b) in enumerate(zip(old_policies, new_policies, strict=False)):
+        if {k: v for k, v in a.items() if k != "name"} != {k: v for k, v in b.items() if k != "name"}:
+            which = "the policy" if len(new_policies) == 1 else f"the policy of model {i + 1}"
+            found.append(f"{which} ({a.get('name')} then, {b.get('name')} now)"
+                         if a.get("name") != b.get("name") else f"{which} {b.get('name')} (its views or merge settings)")
+    for key in sorted((set(old) | set(new)) - {"models", "policies"}):
+        if old.get(key) != new.get(key):
+            found.append(f"{_SETTING_NAMES.get(key, key)} ({_short(old.get(key))} then, {_short(new.get(key))} now)")
+    return found
+
+
+def check_resume_settings(out: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Refuse to resume ``out`` unless it was written with these ``settings`` (read from
+    :func:`settings_path`, written when the output was started).
+
+    Raises:
+        InvalidInputError: the settings file is missing or unreadable while ``out`` holds rows,
+            or the model, policy or an option that changes an answer differs (named).
+    """
+    out = Path(out)
+    side = settings_path(out)
+    if not side.exists():
+        if out.exists() and out.stat().st_size > 0:
+            raise InvalidInputError(
+                f"--resume: cannot check that {out} was made with this model, policy and options: {side.name} "
+                "is missing beside it; start over without --resume, or use another --out"
+            )
+        return
+    try:
+        recorded = json.loads(side.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict) or recorded.get("format") != SETTINGS_FORMAT:
+            raise ValueError("not a ttakit predict settings file")
+        old = recorded["settings"]
+        if not isinstance(old, dict):
+            raise ValueError("no settings")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError) as exc:
+        raise InvalidInputError(
+            f"--resume: {side} is not a readable ttakit predict settings file ({exc}); start over without --resume, "
+            "or use another --out"
+        ) from None
+    if recorded.get("sha256") == _settings_hash(settings):
+        return
+    found = _differences(old, settings) or ["settings recorded by another ttakit version"]
+    raise InvalidInputError(
+        f"--resume: {out} was made with other settings: {'; '.join(found)}; resume with the same model, policy and options, "
+        "or start over without --resume (or use another --out)"
+    )
+
+
+def _write_settings(out: Path, settings: dict[str, Any]) -> None:
+    atomic_write_json(settings_path(out), {"format": SETTINGS_FORMAT, "format_version": 1,
+                                           "sha256": _settings_hash(settings), "settings": settings})
+
+
+# --------------------------------------------------------------------------- rows

@@ -1,0 +1,424 @@
+"""Find mislabelled and ambiguous images in a labelled data set with out-of-sample TTA
+probabilities, and write a cleaned copy to retrain on.
+
+Every image is scored by a model that did not train on it: either ``K`` models trained on
+``K - 1`` folds each (:func:`cross_val_probs`, the recipe read from a ttakit checkpoint), or a
+given model on data it never saw. Two methods flag images (:func:`flag_issues`):
+
+* the practitioner's rule: the model calls the image another class and is sure of it: the
+  probability of every class but the label together, ``1 - p[label]``, is above
+  ``mislabel_threshold`` (0.9; ``mislabel_by="others"``, the default, which ``benchmarks/audit.py``
+  measures best on flipped labels: recall 0.96 at precision 0.68), or with ``mislabel_by="top"``
+  the top class's probability is -> ``mislabelled``; its top probability lies within
+  ``ambiguous_range`` (0.5-0.6) -> ``ambiguous`` (it probably shows two classes);
+* confident learning: :func:`cleanlab.filter.find_label_issues` on the same probabilities
+  (cleanlab is the maintained implementation; it is called, not rewritten) -> ``mislabelled``.
+
+:func:`audit_checkpoint` is the job behind ``ttakit audit``: it writes ``issues.csv`` (one row
+per flag: the image's row in the data as given, or its file for a folder; given and suggested
+label; probability; kind; method; rank; the TTA views' top classes when they disagree),
+``contact_sheet.png``, ``review.html`` (:mod:`ttakit.review_page`) and, on request, the data
+without the flagged images (``--write-clean``), which ``ttakit train --data`` accepts. All of them
+use the same flags (the same ``mislabel_by``).
+
+Example:
+    >>> probs = torch.tensor([[0.95, 0.05], [0.55, 0.45], [0.1, 0.9]])
+    >>> issues = flag_issues(probs, torch.tensor([1, 0, 1]), methods=("rule",))
+    >>> [(i.row, i.kind, i.suggested) for i in issues]
+    [(0, 'mislabelled', 0), (1, 'ambiguous', 1)]"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_write_text
+from ..errors import InvalidInputError
+from ..label_issues import (
+    AUDIT_METHODS,
+    _check_range,
+    _check_threshold,
+    _summarize,
+    check_folds,
+    flag_issues,
+    fold_assignment,
+    rows_to_remove,
+)
+from ..policy import check_policy_model
+from ..report.audit_md import _summary_rows, contact_sheet, issues_to_csv
+from ._audit_data import (
+    _has_own_test,
+    _load_audit_data,
+    _require_labels,
+    _require_recorded_split,
+    _rows_not_fitted_on,
+    _same_source,
+    _write_clean_copy,
+)
+
+__all__ = [
+    "AUDIT_METHODS",
+    "audit_checkpoint",
+    "check_folds",
+    "contact_sheet",
+    "cross_val_probs",
+    "flag_issues",
+    "fold_assignment",
+    "issues_to_csv",
+    "rows_to_remove",
+]
+
+#: Images per engine call when each view's output is kept: bounds the ``(K, n, C)`` per-view
+#: outputs in memory to this many images (the engine chunks each call further by ``max_batch``).
+_VIEW_CHUNK = 4096
+
+
+def _view_keys(names: Sequence[str]) -> list[str]:
+    """The views' names, made unique (``hflip``, ``hflip#2``) to key a dict."""
+    seen: dict[str, int] = {}
+    keys = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return keys
+
+
+def _policy_probs(model: Any, images: torch.Tensor, policies: dict[str, Any], max_batch: int, progress: bool,
+                  label: str, views_of: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Probabilities ``(N, C)`` of ``images`` under each policy, and, for the policy named
+    ``views_of`` (when it has 2 or more views), each view's top class ``(N,)`` (view name -> int64):
+    the class each TTA view alone votes for, from the same engine run as the merged probabilities.
+    Only the top classes are kept (not ``K`` copies of the probabilities)."""
+    from ..engine import TTAEngine, eval_mode
+    from ..progress import progress as show_progress
+    from ._policy_eval import predict_probs
+
+    out: dict[str, torch.Tensor] = {}
+    votes: dict[str, torch.Tensor] = {}
+    for name, policy in policies.items():
+        if name != views_of or len(policy) < 2:
+            probs, _ = predict_probs(model, images, policy, max_batch=max_batch, progress=progress,
+                                     desc=f"{label} {name}")
+            out[name] = probs.float().cpu()
+            continue
+        engine = TTAEngine(model, policy, activation="softmax", max_batch=max_batch)
+        merged, tops = [], []
+        with eval_mode(model), show_progress(desc=f"{label} {name}", total=len(images), unit="img",
+                                             enabled=progress) as bar:
+            for start in range(0, len(images), _VIEW_CHUNK):
+                run = engine.run(images[start : start + _VIEW_CHUNK], return_views=True, progress=bar.update)
+                merged.append(run.merged.float().cpu())
+                # (K, n, C) raw outputs before softmax: their argmax is each view's vote
+                tops.append(run.views.float().argmax(dim=-1).cpu())
+        out[name] = torch.cat(merged)
+        per_view = torch.cat(tops, dim=1)
+        votes = {key: per_view[k] for k, key in enumerate(_view_keys(run.view_names))}
+    return out, votes
+
+
+def cross_val_probs(
+    dataset: Any,
+    folds: int,
+    *,
+    config: Any = None,
+    arch: str = "seed-cnn",
+    arch_kwargs: dict[str, Any] | None = None,
+    policies: dict[str, Any] | None = None,
+    seed: int = 0,
+    max_batch: int = 256,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Out-of-sample probabilities of every image: ``folds`` models, each trained on the other
+    folds (:func:`ttakit.train.train_model`) and scoring its held-out fold under each policy.
+
+    Args:
+        dataset: an :class:`~ttakit.data.ImageDataset` with labels.
+        config: a :class:`~ttakit.train.TrainConfig` (seeds: ``config.seed + fold``).
+        policies: name -> policy; default ``{"none": plain inference}``.
+
+    Returns:
+        ``(probs, fold)``: ``probs`` name -> ``(N, C)``, ``fold`` ``(N,)`` each image's fold.
+    """
+    probs, assignment, _ = _cross_val(dataset, folds, config=config, arch=arch, arch_kwargs=arch_kwargs,
+                                      policies=policies, seed=seed, max_batch=max_batch, progress=progress)
+    return probs, assignment
+
+
+def _cross_val(
+    dataset: Any,
+    folds: int,
+    *,
+    config: Any = None,
+    arch: str = "seed-cnn",
+    arch_kwargs: dict[str, Any] | None = None,
+    policies: dict[str, Any] | None = None,
+    seed: int = 0,
+    max_batch: int = 256,
+    progress: bool = True,
+    views_of: str | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`cross_val_probs`, plus each view's out-of-fold top class ``(N,)`` under the policy
+    named ``views_of`` (view name -> int64; empty when it has fewer than 2 views)."""
+    from dataclasses import replace
+
+    from ..aliases import get_policy
+    from ..progress import note
+    from ..training.config import TrainConfig
+    from ..training.loop import train_model
+
+    folds = check_folds(folds)
+    config = config if config is not None else TrainConfig()
+    policies = policies or {"none": get_policy("none")}
+    assignment = fold_assignment(dataset.labels, folds, seed)
+    n, c = len(dataset), dataset.num_classes
+    probs = {name: torch.zeros(n, c) for name in policies}
+    votes: dict[str, torch.Tensor] = {}
+    for k in range(folds):
+        held = torch.nonzero(assignment == k).flatten()
+        train_rows = torch.nonzero(assignment != k).flatten()
+        note(f"fold {k + 1}/{folds}: training on {len(train_rows)} images, scoring {len(held)}", enabled=progress)
+        fold_config = replace(config, seed=int(config.seed) + k, limit=None)
+        result = train_model(dataset.subset(train_rows), fold_config, arch=arch, arch_kwargs=arch_kwargs,
+                             progress=progress)
+        scored, fold_votes = _policy_probs(result.model, dataset.images[held], policies, max_batch, progress,
+                                           f"fold {k + 1}", views_of)
+        for name, p in scored.items():
+            probs[name][held] = p
+        for name, v in fold_votes.items():
+            votes.setdefault(name, torch.zeros(n, dtype=torch.long))[held] = v
+    return probs, assignment, votes
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _train_config(meta: Any, epochs: int | None) -> Any:
+    from dataclasses import replace
+
+    from ..training.config import TrainConfig
+
+    saved = dict(meta.extra.get("train_config") or {})
+    known = {f.name for f in fields(TrainConfig)}
+    saved = {k: v for k, v in saved.items() if k in known}
+    if "augment" in saved:
+        saved["augment"] = tuple(saved.get("augment") or ())
+    try:
+        config = TrainConfig(**saved)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"checkpoint {meta.source}: its recorded training configuration is not valid ({exc})") from exc
+    return replace(config, epochs=epochs) if epochs is not None else config
+
+
+def audit_checkpoint(
+    model: str,
+    *,
+    data: str | None = None,
+    data_dir: str | None = None,
+    split: str = "train",
+    folds: int | None = None,
+    policy: str | None = None,
+    methods: Sequence[str] = AUDIT_METHODS,
+    mislabel_threshold: float = 0.9,
+    ambiguous_range: tuple[float, float] = (0.5, 0.6),
+    mislabel_by: str = "others",
+    out_dir: str | os.PathLike = "audit",
+    write_clean_to: str | os.PathLike | None = None,
+    remove: str = "all",
+    epochs: int | None = None,
+    limit: int | None = None,
+    max_batch: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    allow_other_model: bool = False,
+) -> dict[str, Any]:
+    """``ttakit audit``: score every image of ``split`` out of sample, flag, and write the results.
+
+    With ``folds``: ``folds`` models with the checkpoint's architecture and training recipe
+    (``epochs`` overrides its epochs), each trained on the other folds of the split, score the
+    held-out fold; every image of the split is audited. Without: the given model scores a split
+    it did not train on (``val``, ``test``, or other data than its own).
+
+    The flags use the TTA probabilities of ``policy`` (default: the checkpoint's training
+    augmentations, ``train-aug``, or plain inference if it trained without any). A policy holding
+    fitted parameters must have been fitted on this checkpoint
+    (:func:`ttakit.policy.check_policy_model`; ``allow_other_model`` allows another). Auditing the
+    checkpoint's own validation split with a policy fitted on validation rows (``ttakit search``)
+    audits only the rows it never saw (``meta["validation_rows"]``): a row is never flagged by
+    something fitted on it, and those rows can still be audited soundly.
+    """
+    from ..aliases import get_policy
+    from ..models import check_compatible
+    from ..predictors import load as load_predictor
+    from ._policies import resolve_policy
+
+    threshold = _check_threshold(mislabel_threshold)
+    amb = _check_range(ambiguous_range)
+    if folds is not None:
+        folds = check_folds(folds)
+    predictor = load_predictor(model)
+    meta = getattr(predictor, "meta", None)
+    if folds is not None and meta is None:
+        raise InvalidInputError(
+            f"--folds trains new models with the recipe of a ttakit checkpoint, but {model} is not one; "
+            "audit it without --folds on data it did not train on"
+        )
+    recipe = dict(meta.extra.get("data") or {}) if meta is not None else {}
+    spec = data or recipe.get("spec") or (meta.dataset if meta is not None else None)
+    if spec is None:
+        raise InvalidInputError(f"give the data to audit with --data (the model {model} does not record its own)")
+    data_dir = data_dir or (recipe.get("data_dir") if spec == recipe.get("spec") else None)
+    if policy is None:
+        policy = "train-aug" if getattr(predictor, "train_augmentations", None) else "none"
+    tta_policy = resolve_policy(policy, meta)
+    check_policy_model(tta_policy, predictor, allow_other_model=allow_other_model)  # fitted on this model?
+    if write_clean_to is not None and split == "test":
+        raise InvalidInputError(
+            "--write-clean with --split test: cleaning never touches the held-out test images (a model retrained "
+            "on them would be scored on images a model picked); audit --split train or val to write a cleaned copy"
+        )
+    own = bool(recipe) and _same_source(str(spec), str(recipe.get("spec")))
+    if folds is None and split == "train" and own:
+        raise InvalidInputError(
+            f"{model} trained on the train split of {spec}, so its predictions there say nothing about the "
+            "labels; audit with --folds K (models that did not train on each image), or --split val / test"
+        )
+
+    # `source` is the data as given; `positions` number the audited rows in it, from the split
+    # the checkpoint recorded (never by matching pixels), and `test_index` its held-out test rows.
+    test_index: list[int] | None = None
+    fitted_note = ""
+    if own:
+        from ..data.splits import split_rows
+
+        _require_recorded_split(recipe, split, model)
+        source, index, _ = split_rows(recipe, split, data=data, data_dir=data_dir)
+        positions = index.tolist()
+        if split == "val":
+            positions, fitted_note = _rows_not_fitted_on(tta_policy, source, positions)
+        if recipe.get("test_source") == "carved" and split != "test":
+            test_index = [int(i) for i in recipe["test_index"]]
+    else:
+        source = _load_audit_data(spec, split, data_dir)
+        positions = list(range(len(source)))
+        if write_clean_to is not None and not _has_own_test(spec, data_dir):
+            # no test split yet: keep apart the one ttakit train would carve, so a model trained
+            # on the cleaned copy is scored on images no audit touched
+            from ..data import make_splits
+            from ..data.splits import SPLIT_SEED
+
+            test_index = [int(i) for i in make_splits(spec, data_dir, val_fraction=0.0, seed=SPLIT_SEED).recipe["test_index"]]
+            held = set(test_index)
+            positions = [i for i in positions if i not in held]
+    if limit is not None and limit < 1:
+        raise InvalidInputError(f"--limit must be a positive number of images, got {limit}")
+    positions = positions[:limit] if limit is not None else positions
+    dataset = source.subset(positions, f"{spec}[{split}]") if positions != list(range(len(source))) else source
+    _require_labels(dataset, spec)
+    if meta is not None:
+        check_compatible(meta, dataset.channels, dataset.image_size)
+        if list(dataset.classes) != list(meta.classes):
+            raise InvalidInputError(
+                f"{model} predicts classes {list(meta.classes)[:6]}... but the data has {list(dataset.classes)[:6]}...; "
+                "audit it on data with the same classes in the same order"
+            )
+
+    policies = {"none": get_policy("none")}
+    if tta_policy.name != "none" or len(tta_policy) > 1:
+        policies[tta_policy.name] = tta_policy
+    main = tta_policy.name if tta_policy.name in policies else "none"
+
+    if folds is not None:
+        config = _train_config(meta, epochs)
+        probs, _, view_votes = _cross_val(
+            dataset, folds, config=config, arch=meta.arch, arch_kwargs=meta.arch_kwargs, policies=policies,
+            seed=seed, max_batch=max_batch, progress=progress, views_of=main,
+        )
+        how = f"{folds}-fold cross-validation ({meta.arch}, {config.epochs} epochs per fold)"
+    else:
+        probs, view_votes = _policy_probs(predictor, dataset.images, policies, max_batch, progress, "audit", main)
+        how = f"{model} on data it did not train on{fitted_note}"
+
+    issues = flag_issues(probs[main], dataset.labels, methods=methods, mislabel_threshold=threshold,
+                         ambiguous_range=amb, mislabel_by=mislabel_by)
+    summary = _summarize(issues, len(dataset))
+    # The same flags from plain probabilities, to show what TTA changed.
+    if main != "none":
+        plain_issues = flag_issues(probs["none"], dataset.labels, methods=methods, mislabel_threshold=threshold,
+                                   ambiguous_range=amb, mislabel_by=mislabel_by)
+        summary_plain = _summarize(plain_issues, len(dataset))
+    else:
+        summary_plain = summary
+
+    out = Path(out_dir)
+    files = getattr(dataset, "files", None)
+    file_column = None
+    root = Path(str(spec)).expanduser()
+    if (root / "train").is_dir() and (root / "test").is_dir():  # files are relative to the split's folder
+        root = root / ("test" if split == "test" else "train")
+    if files is not None:
+        file_column = [str(root / f) if not Path(f).is_absolute() else f for f in files]
+    csv_path = atomic_write_text(out / "issues.csv", issues_to_csv(issues, dataset.classes, file_column, positions,
+                                                                      view_votes))
+    sheet = contact_sheet(
+        dataset.images, issues, dataset.classes, out / "contact_sheet.png", rows=positions,
+        title=f"Flagged images of {spec}/{split}: red probably mislabelled, orange ambiguous (given → suggested, p)",
+    )
+    # review.html: look at the flagged images, then decide
+    from ..report.review_page import write_review_page
+
+    review = write_review_page(
+        out / "review.html", dataset.images, probs[main], dataset.labels, dataset.classes, rows=positions,
+        files=file_column, plain_probs=probs["none"] if main != "none" else None, view_probs=view_votes,
+        methods=("others", "top", *(("cleanlab",) if "cleanlab" in methods else ())),
+        default_method=mislabel_by if "rule" in methods else "cleanlab",
+        mislabel_threshold=threshold, ambiguous_range=amb, title=f"ttakit audit of {spec}/{split}: review",
+        subtitle=f"{len(dataset)} images scored by {how}; TTA policy {main}", run=f"{model}|{spec}|{split}|{out}",
+    )
+    cleaned = None
+    manifest = None
+    removed = rows_to_remove(issues, remove)
+    if write_clean_to is not None:
+        cleaned, manifest = _write_clean_copy(
+            source, [positions[r] for r in removed], write_clean_to, spec=str(spec), data_dir=data_dir,
+            split=split, model=str(model), test_index=test_index, root=root, recipe=recipe if own else None,
+        )
+    rows = _summary_rows(summary, summary_plain, main)
+    result = {
+        "format": "ttakit-audit",
+        "format_version": 1,
+        "model": str(model),
+        "data": str(spec),
+        "split": split,
+        "n_images": len(dataset),
+        "scored_by": how,
+        "policy": main,
+        "methods": list(methods),
+        "mislabel_threshold": threshold,
+        "mislabel_by": mislabel_by,
+        "ambiguous_range": list(amb),
+        "flagged": summary,
+        "flagged_plain": summary_plain,
+        "n_flagged_images": len({i.row for i in issues}),
+        "removed": len(removed) if cleaned is not None else None,
+        "rows": rows,
+        "issues_csv": str(csv_path),
+        "contact_sheet": str(sheet) if sheet else None,
+        "review_page": str(review),
+        "clean": str(cleaned) if cleaned else None,
+        "clean_manifest": manifest,
+        "out_dir": str(out),
+    }
+    from .._io import atomic_write_json
+    from ..report.tables import format_table
+
+    atomic_write_json(out / "audit.json", result)
+    from ..report.html import write_audit_report
+
+    result["report_html"] = str(write_audit_report(out, result))
+    result["table"] = format_table(rows, title=f"audit of {spec}/{split} ({len(dataset)} images): flagged images")
+    return result

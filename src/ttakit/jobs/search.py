@@ -1,0 +1,170 @@
+"""The job behind ``ttakit search``: search a checkpoint's policy on held-out rows and write it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..data import ImageDataset, dataset_sha256
+from ..errors import InvalidInputError
+from ..models import load_checkpoint
+from ..predictors import prepare_model
+from ..report.search_report import search_display_rows
+from ..report.tables import format_table, plural
+from ..search.calibration import MATRIX_CONTROL
+from ._eval_data import CONFORMAL_HOLDOUT, HOLDOUT_SEED, load_eval_data, weights_digest
+
+
+def _check_holdout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise InvalidInputError(
+            f"--conformal-holdout (conformal_holdout) must be a fraction in [0, 1) of the validation rows to keep "
+            f"from the search for conformal calibration, such as 0.2 (0: search on all of them), got {value!r}"
+        )
+    return float(value)
+
+
+def _search_rows(dataset: ImageDataset, split: str, holdout: float, limit: int | None) -> list[int]:
+    """The rows of ``split`` the search fits on: on the validation split, all but a seeded,
+    stratified ``holdout`` share (kept for conformal calibration); the first ``limit`` of them."""
+    from ..data import stratified_indices
+
+    rows = list(range(len(dataset)))
+    if split == "val" and holdout > 0:
+        keep, _ = stratified_indices(dataset.labels, holdout, HOLDOUT_SEED, name="--conformal-holdout")
+        rows = keep.tolist()
+    if limit is not None:
+        if limit < 1:
+            raise InvalidInputError(f"limit must be a positive number of images, got {limit}")
+        rows = rows[:limit]
+    return rows
+
+
+def _rows_record(dataset: ImageDataset, split: str, searched: Sequence[int], holdout: float) -> dict[str, Any]:
+    """What a policy records of the rows it was fitted on (:data:`ttakit.policy.ROWS_KEY`)."""
+    record: dict[str, Any] = {"split": split, "n": len(dataset), "searched": len(searched)}
+    if split == "val":
+        used = set(searched)
+        record.update(
+            sha256=dataset_sha256(dataset),
+            conformal_holdout=holdout,
+            holdout_seed=HOLDOUT_SEED,
+            held_out=[r for r in range(len(dataset)) if r not in used],
+        )
+    return record
+
+
+
+def search_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    report_dir: str | os.PathLike | None = None,
+    data: str | None = None,
+    split: str = "val",
+    data_dir: str | None = None,
+    limit: int | None = None,
+    budget: int = 8,
+    objective: str = "nll",
+    learn_weights: bool = True,
+    gate: bool = True,
+    halving: bool = True,
+    matrix_scaling: bool = True,
+    max_batch: int = 256,
+    progress: bool = True,
+    device: str | None = None,
+    amp: bool = False,
+    conformal_holdout: float = CONFORMAL_HOLDOUT,
+) -> dict[str, Any]:
+    """Search a TTA policy for a checkpoint on its held-out validation split (never the test
+    split) and save it as JSON that ``evaluate`` accepts.
+
+    ``conformal_holdout`` of the validation rows (seeded, stratified; default 0.2) are kept from
+    the search, so conformal sets (``evaluate --conformal``, ``predict --conformal``) calibrate on
+    rows nothing in the policy was fitted on; 0 searches on every row (conformal is then refused
+    for this policy). ``limit`` caps the rows searched (the first N of the rest); rows not searched
+    are left for conformal too. The policy records them (``meta["validation_rows"]``: the split's
+    size, content hash and the rows left unseen) and the model it was fitted on
+    (``meta["weights_sha256"]``, ``meta["checkpoint"]``).
+
+    The candidate pool is :func:`ttakit.search.default_pool` plus draws of the checkpoint's
+    recorded training augmentations; successive halving caches in full only the candidates
+    still in the running (``halving=False``: all of them). Writes the policy to ``out`` (default
+    ``<checkpoint>/policy.json``) and the report (``search.md``, ``search.json``, plots) to
+    ``report_dir`` (default ``<checkpoint>/search``).
+    """
+    from ..search.run import check_search_split
+
+    check_search_split(split)  # test and train are refused before anything loads
+    holdout = _check_holdout(conformal_holdout)
+    from ..report.search_report import write_search_report
+    from ..search import search_policy  # the search stack is heavy; load on use
+
+    checkpoint = Path(checkpoint)
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    model, meta = load_checkpoint(checkpoint)
+    model = prepare_model(model, device, amp)  # --device / --amp (ttakit.predictors)
+    full = load_eval_data(meta, data, split, data_dir)
+    searched_rows = _search_rows(full, split, holdout, limit)
+    dataset = full.subset(searched_rows, full.name) if len(searched_rows) < len(full) else full
+    result = search_policy(
+        model,
+        dataset.images,
+        dataset.labels,
+        train_augmentations=meta.train_augmentations,
+        budget=budget,
+        objective=objective,
+        learn_weights=learn_weights,
+        gate=gate,
+        halving=halving,
+        matrix_scaling=matrix_scaling,
+        max_batch=max_batch,
+        progress=progress,
+    )
+    provenance = {
+        "weights_sha256": meta.weights_sha256 or weights_digest(meta),
+        "checkpoint": str(checkpoint),
+        "validation_rows": _rows_record(full, split, searched_rows, holdout),
+    }
+    result.policy.meta.update(dataset=dataset.name, **provenance)
+    policy_path = Path(out) if out is not None else folder / "policy.json"
+    reports = write_search_report(result, Path(report_dir) if report_dir is not None else folder / "search")
+    result.policy.name = "searched"
+    result.policy.save(policy_path)
+    # The same calibration without TTA, to score beside the policy: what the views add is the rest.
+    control_path = None
+    if result.policy.matrix_scaling is not None and result.fallback is not None and result.fallback.matrix_scaling is not None:
+        control_path = policy_path.with_name(f"{policy_path.stem}-no-tta.json")
+        control_meta = {"kind": "search-control", "for": str(policy_path), **provenance}
+        replace(result.fallback, name=MATRIX_CONTROL, meta=control_meta).save(control_path)
+    held = len(full) - len(dataset)
+    kept = f"; {held} of {len(full)} kept unseen for conformal calibration" if split == "val" and held else ""
+    table = format_table(search_display_rows(result.rows()),
+                         title=f"Policies on {plural(len(dataset), 'validation image')} ({split} split{kept})")
+    cost = result.cost or {}
+    return {
+        "policy": str(policy_path),
+        "control_policy": None if control_path is None else str(control_path),
+        "searched_rows": len(dataset),
+        "conformal_rows": held if split == "val" else None,
+        "views": result.policy.view_names,
+        "weights": result.policy.weights,
+        "temperature": result.policy.temperature,
+        "matrix_scaling": result.policy.matrix_scaling is not None,
+        "gate_threshold": result.policy.gate_threshold,
+        "search_seconds": result.search_seconds,
+        "forward_passes": cost.get("forward_passes"),
+        "full_caching_passes": cost.get("full_caching_passes"),
+        "reports": {k: str(v) for k, v in reports.items()},
+        "table": table,
+        "cost_line": (
+            f"forward passes: {cost['forward_passes']:,} spent ({cost['fraction_of_full']:.0%} of the "
+            f"{cost['full_caching_passes']:,} that caching all {cost['pool_size']} candidates costs; "
+            f"{cost['saved_passes']:,} saved)"
+            if cost
+            else ""
+        ),
+    }
