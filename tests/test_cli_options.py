@@ -53,6 +53,16 @@ def checkpoint(tmp_path_factory):
 # --------------------------------------------------------------------------- help and defaults
 
 
+def test_every_command_is_one_module_with_add_parser_and_run():
+    import ttakit.cli as cli
+
+    names = [module.NAME for module in cli.COMMANDS]
+    assert sorted(names) == sorted(_commands())  # the registry is the parser's list of commands
+    for module in cli.COMMANDS:
+        assert module.__name__ == "ttakit.cli." + module.NAME.replace("-", "_")
+        assert callable(module.add_parser) and callable(module.run)
+
+
 @pytest.mark.parametrize("command", sorted(_commands()))
 def test_every_option_has_help_and_shows_its_default(command):
     parser = _commands()[command]

@@ -319,3 +319,25 @@ def test_vote_ties_under_the_gate_are_broken_per_image(pass_size):
         assert torch.equal(merged.argmax(1), whole.merged.argmax(1))
     plain = engine(x)  # without ids: the image's pixels seed its pick, alike in every batch
     assert torch.equal(_run(engine, x, 3)[0].argmax(1), plain.argmax(1))
+
+
+@pytest.mark.parametrize(
+    ("batch", "passes"),
+    [
+        (1, [2]),  # both views of a small batch in one pass
+        (8, [16]),
+        (32, [32, 32]),
+        (64, [64, 64]),  # 33..max_batch-1: one view of the whole batch per pass, as ttach
+        (256, [32] * 16),  # max_batch and more: chunks of 32, one view per pass
+    ],
+)
+def test_the_default_cpu_plan_follows_the_batch_size(batch, passes):
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return x.mean(dim=(2, 3))
+
+    TTAEngine(Recording(), "hflip", max_batch=256)(torch.rand(batch, 3, 4, 4))
+    assert seen == passes

@@ -50,6 +50,7 @@ def test_entries_order_reasons_and_votes() -> None:
     by_row = {e["row"]: e for e in entries}
     assert by_row[4]["flags"] == ["others"] and by_row[0]["flags"] == ["others", "top"]
     assert by_row[4]["suggested"] == 0 and by_row[1]["suggested"] == 1
+    assert by_row[4]["probability"] == 0.62 and by_row[4]["given_probability"] == 0.01
     assert by_row[0]["votes"] == [["no TTA", 1], ["TTA", 0]]  # plain inference calls it class 1
     assert by_row[0]["views"] == []  # no per-view outputs given
     views = {"identity": probs, "hflip": torch.tensor([[0.1, 0.1, 0.8]] * 5)}
@@ -220,6 +221,9 @@ def test_review_decide_reload_export_apply(audited, browser, tmp_path, capsys) -
         names = audited["classes"]
         assert f"views: identity \u2192 {names[it['views'][0][1]]}, hflip \u2192 {names[it['views'][1][1]]}" in text
     assert all("views:" not in text for it, text in zip(rendered, cards, strict=True) if not it["views"])
+    # each card gives the suggestion's probability and the given label's, which the default rule judges
+    for it, text in zip(rendered, cards, strict=True):
+        assert f"(p = {it['p']:.2f}; p(given) = {it['pGiven']:.2f})" in text
 
     # by keyboard: the first image is focused; r relabels to the suggestion and moves on
     first = _focused(b)

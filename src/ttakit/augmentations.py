@@ -1,4 +1,4 @@
-"""The training-augmentation vocabulary shared by :mod:`ttakit.train`, :mod:`ttakit.aliases` and
+"""The training-augmentation vocabulary shared by :mod:`ttakit.training`, :mod:`ttakit.aliases` and
 :mod:`ttakit.search`.
 
 A checkpoint records its train-time augmentations as records like ``{"name": "flip", "p": 0.5}``

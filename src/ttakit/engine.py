@@ -20,8 +20,10 @@ per-sample tensor arguments are sliced along with the images.
 
 Speed: the policy's per-view work (transformers, bound augmentation steps, label pass-through,
 merge settings, weights) is prepared once, when the engine is built; the views of a stacked pass
-of class scores are merged in one step. The default plan is fixed: passes of up to 32 images on
-CPU (the views of a small batch share one forward pass), ``max_batch`` elsewhere.
+of class scores are merged in one step. The default plan is fixed by the batch size: on CPU,
+passes of up to 32 images (the views of a small batch share one forward pass; a batch of
+``max_batch`` or more is cut into chunks of 32), one view of the whole batch per pass for batches
+of 33 to ``max_batch - 1`` images (ttach's plan); ``max_batch`` elsewhere.
 ``pass_size="auto"`` opts in to choosing the plan by timing the first calls
 (:mod:`ttakit._pass_tuner`); it changes speed only.
 
@@ -32,234 +34,70 @@ prediction) calls :meth:`TTAEngine.run`; it is the only chunking loop.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
-import numbers
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
+from ._amp import autocast
+from ._device import _first_tensor, _same_device, check_device, eval_mode
+from ._engine_args import (
+    _check_class_dim,
+    _check_flag,
+    _check_gate,
+    _check_ids,
+    _check_max_batch,
+    _check_model,
+    _check_output_key,
+    _check_pass_size,
+    _check_seed,
+    _model_output_kind,
+    as_policy,
+)
+from ._engine_checks import (
+    _sum_is_finite,
+    check_output_shape,
+    find_non_finite,
+    non_finite_error,
+    unwrap_output,
+)
+from ._engine_finish import Scaling, TTAOutput, _as_normal_tensor, merged_uncertainty
+from ._engine_views import (
+    DeaugmentHook,
+    _bound_augment,
+    _cat,
+    _check_deaugment,
+    _deaugment_label,
+    _group_by_shape,
+    _index_args,
+    _label_passes_through,
+    _RowIds,
+    _slice_args,
+)
 from ._pass_tuner import PassTuner, candidate_pass_sizes
 from .errors import InvalidInputError, ModelOutputError
 from .functional import check_image
 from .merge import (
-    PROB_FLOOR,
     MergeAccumulator,
+    _at_least_float32,
     apply_activation,
-    apply_matrix_scaling,
-    apply_temperature,
     check_activation,
     check_matrix_scaling,
     check_merge_mode,
     check_temperature,
     check_weights,
-    content_key,
 )
-from .policy import Compose, Policy, Transformer, View
-from .transforms import BaseTransform
-from .uncertainty import view_uncertainty
+from .policy import Compose, Policy, View
 
 __all__ = ["TTAEngine", "TTAOutput", "as_policy", "check_device", "eval_mode", "DeaugmentHook", "FROM_POLICY"]
 
-# (transformer, output of the model on the view, spatial size of the view) -> output in the input's frame
-DeaugmentHook = Callable[[Transformer, torch.Tensor, tuple[int, int]], torch.Tensor]
 
 # Default of ``temperature`` and ``gate_threshold``: take the policy's.
 FROM_POLICY = "policy"
 
-_MODEL_OUTPUTS = ("logits", "probs")
-# On CPU a large forward pass runs slower per image once its activations outgrow the caches (on
-# the shared 2-core benchmark machine the seed CNN and ResNet-20 took 1.3-3x longer per image at
-# 64-256 images than at 8-32, the more so the busier the machine), so passes hold at most 32
-# images there: enough to stack the views of a small batch (benchmarks/engine.py).
+# On CPU a forward pass runs slower per image once its activations outgrow the caches, so passes
+# hold at most 32 images there: enough to stack the views of a small batch (benchmarks/engine.py).
 _CPU_PASS = 32
-_DEVICE_FORMS = "'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...), 'mps' or a torch.device"
-
-
-def _deaugment_label(transformer: Transformer, output: torch.Tensor, view_size) -> torch.Tensor:
-    return transformer.deaugment_label(output)
-
-
-def _deaugment_mask(transformer: Transformer, output: torch.Tensor, view_size) -> torch.Tensor:
-    if output.ndim != 4:
-        raise ModelOutputError(
-            f"a segmentation model must return masks of shape (B, C, H, W), got shape {tuple(output.shape)}"
-        )
-    return transformer.deaugment_mask(output)
-
-
-_DEFAULT_HOOKS: dict[str, DeaugmentHook] = {"label": _deaugment_label, "mask": _deaugment_mask}
-
-
-@dataclass
-class TTAOutput:
-    """What :meth:`TTAEngine.run` returns.
-
-    Attributes:
-        merged: ``(B, ...)`` the merged output, temperature applied (see :class:`TTAEngine`).
-        views: ``(K, B, ...)`` each view's de-augmented raw output (before ``activation``), or None
-            unless ``return_views=True``. Under the gate, rows that were not gated hold the
-            identity view's output in every view (the other views did not run on them).
-        view_names: the K views' names, in policy order.
-        passes_per_image: forward passes spent per image (images through the model / B): K
-            without a gate, ``1 + (K - 1) * gated_fraction`` with one.
-        gated: ``(B,)`` bool, the rows that got every view, or None when no gate is active.
-        uncertainty: None unless ``return_uncertainty=True``; then per-image tensors
-            (:func:`ttakit.uncertainty.view_uncertainty`): ``std`` ``(B, C)``,
-            ``predictive_entropy``, ``expected_entropy``, ``mutual_information`` and
-            ``disagreement`` ``(B,)``. The entropies are of the merge before temperature and
-            matrix scaling (renormalised over classes: ``sum``, ``max``, ``min``, ``tsharpen`` and
-            ``vote`` do not sum to 1); ``disagreement`` counts the views whose top class differs
-            from the class the row reports (``merged``'s top class, after the scaling). On rows
-            the gate kept plain only the identity ran: ``std``, ``mutual_information`` and
-            ``disagreement`` are 0 there.
-    """
-
-    merged: torch.Tensor
-    views: torch.Tensor | None
-    view_names: list[str]
-    passes_per_image: float = 0.0
-    gated: torch.Tensor | None = None
-    uncertainty: dict[str, torch.Tensor] | None = None
-
-    @property
-    def passes(self) -> torch.Tensor:
-        """``(B,)`` forward passes each image got: K, or 1 / K under the gate."""
-        k = len(self.view_names)
-        if self.gated is None:
-            return torch.full((self.merged.shape[0],), k, dtype=torch.long)
-        return 1 + (k - 1) * self.gated.long().cpu()
-
-
-def as_policy(policy: Policy | Compose | Sequence[View] | str) -> Policy:
-    """Accept a :class:`Policy`, a ttach-style :class:`Compose`, a list of views or a policy name."""
-    if isinstance(policy, Policy):
-        return policy
-    if isinstance(policy, Compose):
-        return policy.to_policy()
-    if isinstance(policy, str):
-        # Imported here: aliases builds on this module's callers, not on the engine.
-        from .aliases import get_policy
-
-        return get_policy(policy)
-    if isinstance(policy, Sequence) and policy and all(isinstance(v, View) for v in policy):
-        return Policy(list(policy))
-    # A ttach.Compose: rebuild it from its transforms, which follow the same protocol.
-    if hasattr(policy, "aug_transforms") and hasattr(policy, "aug_transform_parameters"):
-        return Compose(policy.aug_transforms).to_policy()
-    raise InvalidInputError(
-        f"policy must be a ttakit.Policy, a Compose, a list of View or a policy name, got {type(policy).__name__}"
-    )
-
-
-def check_device(device: object) -> torch.device | None:
-    """``None`` or a usable device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a ``torch.device``.
-
-    Raises :class:`InvalidInputError` naming the value and the valid forms, or saying that CUDA /
-    MPS is not available on this machine.
-    """
-    if device is None:
-        return None
-    if isinstance(device, torch.device):
-        parsed = device
-    elif isinstance(device, str):
-        try:
-            parsed = torch.device(device.strip())
-        except (RuntimeError, ValueError):
-            raise InvalidInputError(f"device must be one of {_DEVICE_FORMS}, got {device!r}") from None
-    else:
-        raise InvalidInputError(f"device must be one of {_DEVICE_FORMS}, got {type(device).__name__} {device!r}")
-    if parsed.type == "cpu":
-        return parsed
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidInputError(
-                f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, "
-                f"CUDA build: {torch.version.cuda is not None}); use device='cpu'"
-            )
-        count = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= count:
-            raise InvalidInputError(
-                f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
-            )
-        return parsed
-    if parsed.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise InvalidInputError(f"device {device!r}: MPS (Apple GPU) is not available on this machine; use 'cpu'")
-        return parsed
-    raise InvalidInputError(f"device must be one of {_DEVICE_FORMS}, got {device!r}")
-
-
-class eval_mode:  # noqa: N801 - used like a function: ``with eval_mode(model):``
-    """Put an ``nn.Module`` in eval mode for the block and restore its mode afterwards (any other
-    callable is left alone)."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.was_training = bool(getattr(model, "training", False))
-
-    def __enter__(self) -> None:
-        if self.was_training and hasattr(self.model, "eval"):
-            self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.was_training and hasattr(self.model, "train"):
-            self.model.train(True)
-
-
-def _model_output_kind(model: Any) -> str:
-    kind = getattr(model, "outputs", None)
-    if not isinstance(kind, str):  # no declaration (or e.g. a sub-module called "outputs")
-        return "logits"
-    if kind not in _MODEL_OUTPUTS:
-        raise InvalidInputError(
-            f"the model declares outputs={kind!r}; expected 'logits' or 'probs' (probabilities, not softmaxed again)"
-        )
-    return kind
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether two devices are the same; "cuda" (no index) is the current CUDA device."""
-    if a.type != b.type:
-        return False
-    if a.index is None or b.index is None:
-        if a.type != "cuda":
-            return True
-        current = torch.cuda.current_device()
-        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-    return a.index == b.index
-
-
-def _first_tensor(model: Any) -> torch.Tensor | None:
-    if isinstance(model, nn.Module):
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            return tensor
-    return None
-
-
-def _as_normal_tensor(x: torch.Tensor | None) -> torch.Tensor | None:
-    # Tensors made under inference_mode reject in-place updates outside it; ttach's outputs are
-    # ordinary tensors that callers may modify (``pred[pred < 0.5] = 0``), so hand back a copy.
-    return x.clone() if x is not None and x.is_inference() else x
-
-
-def _label_passes_through(transformer: Transformer) -> bool:
-    """Whether de-augmenting class scores returns them untouched (true of every ttakit transform),
-    probed once so the engine can skip the call and merge a stacked pass in one go."""
-    probe = torch.zeros(1, 2)
-    try:
-        return transformer.deaugment_label(probe) is probe
-    except Exception:  # a foreign transform: call it every time and let it raise there
-        return False
-
-
-def _check_flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 class TTAEngine:
@@ -296,8 +134,9 @@ class TTAEngine:
             images exist at a time).
         pass_size: images per forward pass (at most ``max_batch``): views of a small batch are
             stacked up to it, a large batch is cut into chunks of it. Default ``None``: a fixed
-            plan, 32 on CPU (enough to stack the views of a small batch; larger passes run slower
-            per image there) and ``max_batch`` on other devices. ``"auto"``: on CPU, chosen per
+            plan, on CPU 32 (enough to stack the views of a small batch; larger passes run slower
+            per image there), or the whole batch for 33 to ``max_batch - 1`` images (one view per
+            pass, as ttach runs them); ``max_batch`` on other devices. ``"auto"``: on CPU, chosen per
             input shape from the wall time of the first calls (:mod:`ttakit._pass_tuner`, like
             ``torch.backends.cudnn.benchmark``) among 32, the whole batch (one view per pass) and
             ``max_batch``; calls with extra arguments or per-view outputs use the default. The
@@ -349,60 +188,27 @@ class TTAEngine:
         check_outputs: bool = True,
         seed: int = 0,
     ):
-        if not callable(model):
-            raise InvalidInputError(f"model must be callable (an nn.Module or a function), got {type(model).__name__}")
-        self.model = model
+        self.model = _check_model(model)
         self.policy = as_policy(policy)
         self.policy.check_targets(target)
         self.target = target
-        n_views = len(self.policy)
         self.merge_mode = check_merge_mode(merge_mode or self.policy.merge_mode)
-        given = weights if weights is not None else self.policy.weights
-        checked = check_weights(given, n_views, self.merge_mode)
-        self.weights = None if checked is None else checked.tolist()
-        # (K, C) class-by-view weights: merged by the accumulator, p_c ~ sum_k W[k][c] p_kc renormalised.
-        self._class_weights = checked is not None and checked.ndim == 2
-        # Per-view weights for the uncertainty's expected entropy (class-by-view: each view's mean).
-        self._view_weights = checked.mean(1).tolist() if self._class_weights else self.weights
+        self._set_weights(weights)
         if activation == "auto":
             activation = "softmax" if target == "label" else None
         self.activation = check_activation(activation)
         self.model_outputs = _model_output_kind(model)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise InvalidInputError(f"max_batch must be a positive integer number of images, got {max_batch!r}")
-        self.max_batch = max_batch
-        if pass_size is not None and pass_size != "auto" and (
-            isinstance(pass_size, bool) or not isinstance(pass_size, int) or pass_size < 1
-        ):
-            raise InvalidInputError(
-                "pass_size must be a positive integer number of images, 'auto' (chosen by timing the first calls) "
-                f"or None (the default plan), got {pass_size!r}"
-            )
-        self.pass_size = pass_size
+        self.max_batch = _check_max_batch(max_batch)
+        self.pass_size = _check_pass_size(pass_size)
         self.pass_tuner: PassTuner | None = PassTuner() if pass_size == "auto" else None
-        if output_key is not None and not isinstance(output_key, str):
-            raise InvalidInputError(f"output_key must be a string key of the model's output mapping, got {output_key!r}")
-        self.output_key = output_key
-        if deaugment is None:
-            if target not in _DEFAULT_HOOKS:
-                raise InvalidInputError(f"target {target!r} needs a deaugment hook; use its TTA wrapper")
-            deaugment = _DEFAULT_HOOKS[target]
-        elif not callable(deaugment):
-            raise InvalidInputError(f"deaugment must be a callable hook, got {type(deaugment).__name__}")
-        self.deaugment = deaugment
-        if isinstance(class_dim, bool) or not isinstance(class_dim, int) or class_dim == 0:
-            raise InvalidInputError(
-                f"class_dim must be a non-zero integer (the class dimension of one output, e.g. 1 for (B, C); "
-                f"0 is the batch), got {class_dim!r}"
-            )
-        self.class_dim = class_dim
+        self.output_key = _check_output_key(output_key)
+        self.deaugment = _check_deaugment(deaugment, target)
+        self.class_dim = _check_class_dim(class_dim)
         self.device = check_device(device)
         self.amp = _check_flag(amp, "amp")
         self.inference_mode = _check_flag(inference_mode, "inference_mode")
         self.check_outputs = _check_flag(check_outputs, "check_outputs")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise InvalidInputError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = _check_seed(seed)
 
         self.temperature = check_temperature(
             self.policy.temperature if temperature == FROM_POLICY else temperature, "temperature"
@@ -410,19 +216,37 @@ class TTAEngine:
         self.matrix_scaling = check_matrix_scaling(
             self.policy.matrix_scaling if matrix_scaling == FROM_POLICY else matrix_scaling, "matrix_scaling"
         )
-        self._matrix_tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         threshold = self.policy.gate_threshold if gate_threshold == FROM_POLICY else gate_threshold
-        self.gate_threshold = self._check_gate(threshold)
+        self.gate_threshold = _check_gate(threshold, self.target, self.policy)
+        self._prepare_views()
+        self._prepare_merge()
+        self._probe: torch.Tensor | None = _first_tensor(model)
+        if self.device is not None and self._probe is not None and not _same_device(self._probe.device, self.device):
+            raise InvalidInputError(
+                f"device={device!r} but the model's parameters are on {self._probe.device}; move the model first "
+                f"(model.to({str(self.device)!r})) or pass device=None to run where the model is"
+            )
 
-        # Per-policy work, done once: transformers, bound augmentations, the identity view, label
-        # pass-through, the stages of the gate, merge settings.
+    def _set_weights(self, weights: Sequence[float] | torch.Tensor | None) -> None:
+        given = weights if weights is not None else self.policy.weights
+        checked = check_weights(given, len(self.policy), self.merge_mode)
+        self.weights = None if checked is None else checked.tolist()
+        # (K, C) class-by-view weights: merged by the accumulator, p_c ~ sum_k W[k][c] p_kc renormalised.
+        self._class_weights = checked is not None and checked.ndim == 2
+        # Per-view weights for the uncertainty's expected entropy (class-by-view: each view's mean).
+        self._view_weights = checked.mean(1).tolist() if self._class_weights else self.weights
+
+    def _prepare_views(self) -> None:
+        """Per-policy work, done once: transformers, bound augmentations, the identity view, label
+        pass-through, the stages of the gate."""
+        n_views = len(self.policy)
         self.transformers = list(self.policy)
         self._names = self.policy.view_names
         self._identity = next((k for k, v in enumerate(self.policy.views) if v.is_identity), None)
         self._others = [k for k in range(n_views) if k != self._identity]
         self._passthrough = (
             [_label_passes_through(t) for t in self.transformers]
-            if target == "label" and deaugment is _deaugment_label
+            if self.target == "label" and self.deaugment is _deaugment_label
             else [False] * n_views
         )
         self._augment = [
@@ -432,14 +256,17 @@ class TTAEngine:
         # The views run in stages: all at once, or under the gate the identity on every image and
         # then the others on the images it is unsure of.
         self._stages = [list(range(n_views))] if self.gate_threshold is None else [[self._identity], self._others]
+
+    def _prepare_merge(self) -> None:
+        """The merge settings, and what the merged output is (for the temperature and the
+        uncertainty): probabilities, logits or sigmoid outputs."""
         probs_in = self.model_outputs == "probs" and self.activation == "softmax"
         # A probs model is never softmaxed again; its gmean is renormalised as softmax's would be.
         self._merge_activation = None if probs_in else self.activation
         self._template = MergeAccumulator(
-            self.merge_mode, n_views, self.weights, self._merge_activation, class_dim, self.seed,
+            self.merge_mode, len(self.policy), self.weights, self._merge_activation, self.class_dim, self.seed,
             renormalize=True if probs_in else None,
         )
-        # What the merged output is, for the temperature and the uncertainty: probabilities, logits, sigmoid.
         if self.activation == "sigmoid":
             self._space = "sigmoid"
         elif self.activation == "softmax" or self.model_outputs == "probs":
@@ -456,37 +283,7 @@ class TTAEngine:
                 f"class-by-view weights (policy {self.policy.name!r}) merge class probabilities, but activation="
                 f"{self.activation!r} on a model returning {self.model_outputs}; pass activation='softmax'"
             )
-        self._probe: torch.Tensor | None = _first_tensor(model)
-        if self.device is not None and self._probe is not None and not _same_device(self._probe.device, self.device):
-            raise InvalidInputError(
-                f"device={device!r} but the model's parameters are on {self._probe.device}; move the model first "
-                f"(model.to({str(self.device)!r})) or pass device=None to run where the model is"
-            )
-
-    def _check_gate(self, threshold: object) -> float | None:
-        if threshold is None:
-            return None
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, numbers.Real)
-            or not math.isfinite(threshold)
-            or not 0 <= threshold <= 1
-        ):
-            raise InvalidInputError(
-                f"gate_threshold must be a number in [0, 1] (0 never runs the extra views, 1 runs them on "
-                f"every image) or None for no gate, got {threshold!r}"
-            )
-        if self.target != "label":
-            raise InvalidInputError(
-                f"the gate (gate_threshold={threshold}) needs class scores (target 'label'), got target "
-                f"{self.target!r}; pass gate_threshold=None"
-            )
-        if not any(v.is_identity for v in self.policy.views):
-            raise InvalidInputError(
-                f"the gate needs a policy that holds the identity view (its plain prediction is reused and decides "
-                f"which images get the others), but policy {self.policy.name!r} holds only {self.policy.view_names}"
-            )
-        return float(threshold)
+        self._scaling = Scaling(self.temperature, self.matrix_scaling, self.class_dim, self._space)
 
     @property
     def view_names(self) -> list[str]:
@@ -562,7 +359,7 @@ class TTAEngine:
         device = self.device
         if device is None:
             device = self._probe.device if self._probe is not None else images.device
-        pass_size = self._default_pass(device)
+        pass_size = self._default_pass(device, total)
         tuner, timed_key = self.pass_tuner, None
         if tuner is not None and device.type == "cpu" and not args and not return_views and not return_uncertainty:
             key = (tuple(images.shape), images.dtype)
@@ -579,12 +376,15 @@ class TTAEngine:
             tuner.record(timed_key, pass_size, tuner.clock() - started)
         return out
 
-    def _default_pass(self, device: torch.device) -> int:
-        """Most images per forward pass without timing: ``pass_size``, or 32 on CPU and
-        ``max_batch`` elsewhere."""
+    def _default_pass(self, device: torch.device, total: int) -> int:
+        """Most images per forward pass without timing, for a call of ``total`` images:
+        ``pass_size``; else ``max_batch`` off the CPU; on CPU the whole batch when it holds more
+        than 32 and fewer than ``max_batch`` images (one view per pass, ttach's plan), else 32."""
         if isinstance(self.pass_size, int):
             return min(self.pass_size, self.max_batch)
-        return min(_CPU_PASS, self.max_batch) if device.type == "cpu" else self.max_batch
+        if device.type != "cpu":
+            return self.max_batch
+        return total if _CPU_PASS < total < self.max_batch else min(_CPU_PASS, self.max_batch)
 
     def _run(self, images, args, ids, device, pass_size, return_views, return_uncertainty, progress) -> TTAOutput:
         total = images.shape[0]
@@ -675,10 +475,10 @@ class TTAEngine:
                     forwarded += batch.shape[0]
                     del batch
                     if self.check_outputs and not _sum_is_finite(out):
-                        self._find_non_finite(out, group, n, rows, bad)
+                        find_non_finite(out, group, n, rows, bad)
                     if all(self._passthrough[k] for k in group):  # class scores come back as they are
                         stack = out.reshape(len(group), n, *out.shape[1:])
-                        self._check_shape(tuple(stack.shape[1:]), group[0], ref)
+                        check_output_shape(tuple(stack.shape[1:]), group[0], ref, self._names, self.class_dim)
                         if not bad:  # nothing is merged after a NaN/inf: the error follows
                             acc.add_stack(stack, group)
                         if store:
@@ -687,14 +487,14 @@ class TTAEngine:
                     else:
                         for i, k in enumerate(group):
                             output = self.deaugment(self.transformers[k], out[i * n : (i + 1) * n], view_size)
-                            self._check_shape(tuple(output.shape), k, ref)
+                            check_output_shape(tuple(output.shape), k, ref, self._names, self.class_dim)
                             if not bad:
                                 acc.add(output, k)
                             if store:
                                 outputs[k] = _at_least_float32(output)
                     del out
         if bad:
-            raise self._non_finite_error(bad, offset, ids)
+            raise non_finite_error(self._names, bad, offset, ids)
         return acc, outputs, gated, rows, forwarded
 
     def _finish_chunk(self, chunk, ids, acc, outputs, gated, rows, forwarded, keep, want_uncertainty):
@@ -712,7 +512,7 @@ class TTAEngine:
                 merged = acc.result(ids_of).to(merged.dtype)
             elif rows.numel():
                 merged[rows] = acc.result(ids_of).to(merged.dtype)
-        final = self._scale(merged, gated)
+        final = self._scaling(merged, gated)
         views = None
         if keep:
             if gated is None:
@@ -725,7 +525,14 @@ class TTAEngine:
                             views[k] = outputs[k]
                         else:
                             views[k, rows] = outputs[k]
-        uncertainty = self._uncertainty(views, merged, final, gated) if want_uncertainty else None
+        uncertainty = (
+            merged_uncertainty(
+                views, merged, final, gated, class_dim=self.class_dim, views_are_probs=self.model_outputs == "probs",
+                space=self._space, view_weights=self._view_weights,
+            )
+            if want_uncertainty
+            else None
+        )
         return final, views, gated, forwarded, uncertainty
 
     def _confidence(self, plain_raw: torch.Tensor) -> torch.Tensor:
@@ -734,12 +541,7 @@ class TTAEngine:
         return probs.amax(dim=self.class_dim)
 
     def _forward(self, batch: torch.Tensor, args) -> torch.Tensor:
-        if self.amp:
-            device_type = batch.device.type
-            dtype = torch.bfloat16 if device_type == "cpu" else torch.float16
-            with torch.autocast(device_type, dtype=dtype):
-                output = self.model(batch, *args)
-        else:
+        with autocast(batch.device.type, self.amp):
             output = self.model(batch, *args)
         if isinstance(output, torch.Tensor):
             if self.output_key is not None:
@@ -747,241 +549,10 @@ class TTAEngine:
                     f"output_key={self.output_key!r} was given but the model returned Tensor, not a mapping"
                 )
         else:
-            output = self._unwrap(output)
+            output = unwrap_output(output, self.output_key)
         if output.ndim == 0 or output.shape[0] != batch.shape[0]:
             raise ModelOutputError(
                 f"the model returned shape {tuple(output.shape)} for a batch of {batch.shape[0]} images; "
                 "its first dimension must be the batch"
             )
         return output.float() if self.amp else output
-
-    def _unwrap(self, output: Any) -> torch.Tensor:
-        """The tensor to merge from a model output that is not a tensor (a mapping), or an error."""
-        if isinstance(output, Mapping):
-            if self.output_key is None:
-                raise ModelOutputError(
-                    f"the model returned a mapping with keys {sorted(output)}; name the output to merge "
-                    "with output_key (output_label_key / output_mask_key / output_keypoints_key in the wrappers)"
-                )
-            if self.output_key not in output:
-                raise ModelOutputError(f"output_key {self.output_key!r} is not among the model's outputs {sorted(output)}")
-            output = output[self.output_key]
-        elif self.output_key is not None:
-            raise ModelOutputError(
-                f"output_key={self.output_key!r} was given but the model returned {type(output).__name__}, not a mapping"
-            )
-        if not isinstance(output, torch.Tensor):
-            raise ModelOutputError(f"the model must return a tensor (or a mapping of tensors), got {type(output).__name__}")
-        return output
-
-    # ------------------------------------------------------------------------------ checks
-
-    def _find_non_finite(self, out: torch.Tensor, group: list[int], n: int, rows, bad: dict[int, list[int]]) -> None:
-        """Record in ``bad`` the chunk rows whose output is NaN/inf, per view of the pass ``out``
-        (``len(group)`` views of ``n`` rows each; ``rows`` maps them to the chunk's rows)."""
-        finite = torch.isfinite(out).reshape(out.shape[0], -1).all(dim=1).cpu()
-        for i, k in enumerate(group):
-            found = torch.nonzero(~finite[i * n : (i + 1) * n]).flatten()
-            if found.numel():
-                chunk_rows = found if rows is None else rows.cpu()[found]
-                bad.setdefault(k, []).extend(chunk_rows.tolist())
-
-    def _non_finite_error(self, bad: dict[int, list[int]], offset: int, ids: torch.Tensor | None) -> ModelOutputError:
-        first = min(min(found) for found in bad.values())
-        views = ", ".join(repr(self._names[k]) for k in sorted(bad) if first in bad[k])
-        image = f"the image with id {int(ids[first])}" if ids is not None else f"image {offset + first} of the batch"
-        return ModelOutputError(
-            f"the model returned NaN/inf for {image} under view(s) {views}; check the model and its input "
-            "normalisation (TTA cannot merge non-finite outputs)"
-        )
-
-    def _check_shape(self, shape: tuple[int, ...], index: int, ref: list) -> None:
-        """``shape``: view ``index``'s de-augmented output ``(n, ...)``. The first view's must fit
-        ``class_dim``; every later one must match it per image (whatever the plan and checks)."""
-        if ref:
-            first, expected = ref[0]
-            if shape[1:] != expected:
-                raise ModelOutputError(
-                    f"view {self._names[index]!r} returned outputs of shape {shape[1:]} per image after "
-                    f"de-augmentation, but view {self._names[first]!r} returned {expected}; every view must map "
-                    "back to the same shape"
-                )
-            return
-        ndim = len(shape)
-        if not -ndim < self.class_dim < ndim:
-            raise InvalidInputError(
-                f"class_dim={self.class_dim} does not fit the model's output of shape {shape} (one view, batch "
-                f"first): expected a dimension in 1..{ndim - 1} (or -{ndim - 1}..-1); pass class_dim=1 for (B, C) scores"
-            )
-        ref.append((index, shape[1:]))
-
-    # ------------------------------------------------------------------------------ temperature, uncertainty
-
-    def _scale(self, merged: torch.Tensor, gated: torch.Tensor | None) -> torch.Tensor:
-        """The temperature and matrix scaling on the merged output (under the gate: on the gated
-        rows only)."""
-        if self.temperature is None and self.matrix_scaling is None:
-            return merged
-        if gated is None:
-            return self._temper(merged)
-        rows = torch.nonzero(gated).flatten()
-        if rows.numel() == 0:
-            return merged
-        if rows.numel() == gated.numel():
-            return self._temper(merged)
-        merged = merged.clone()
-        merged[rows] = self._temper(merged[rows]).to(merged.dtype)
-        return merged
-
-    def _temper(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.temperature
-        if t is not None:
-            if self._space == "probs":
-                x = apply_temperature(x, t, self.class_dim)
-            elif self._space == "sigmoid":
-                p = _at_least_float32(x).clamp(1e-7, 1 - 1e-7)
-                x = torch.sigmoid(torch.logit(p) / t)
-            else:
-                x = _at_least_float32(x) / t
-        if self.matrix_scaling is not None:
-            x = _at_least_float32(x)
-            key = (x.device, x.dtype)
-            if key not in self._matrix_tensors:
-                self._matrix_tensors[key] = (
-                    torch.tensor(self.matrix_scaling["weight"], dtype=x.dtype, device=x.device),
-                    torch.tensor(self.matrix_scaling["bias"], dtype=x.dtype, device=x.device),
-                )
-            weight, bias = self._matrix_tensors[key]
-            x = apply_matrix_scaling(x, weight, bias, self.class_dim, probs=self._space == "probs")
-        return x
-
-    def _uncertainty(self, views: torch.Tensor, merged: torch.Tensor, final: torch.Tensor, gated: torch.Tensor | None):
-        """Per-image uncertainty of the views around the merge (before temperature and matrix),
-        with disagreement measured against the class the row reports (``final``'s top class)."""
-        if views.ndim != 3 or self.class_dim % 2 != 1:
-            raise InvalidInputError(
-                f"return_uncertainty needs (B, C) class scores with class_dim=1, got outputs of shape "
-                f"{tuple(views.shape[1:])} and class_dim={self.class_dim}"
-            )
-        view_probs = views if self.model_outputs == "probs" else torch.softmax(views, dim=2)
-        merged_probs = merged if self._space == "probs" else torch.softmax(_at_least_float32(merged), dim=1)
-        # sum, max, min, tsharpen and vote do not sum to 1 over the classes: entropies need a distribution.
-        merged_probs = _at_least_float32(merged_probs)
-        merged_probs = merged_probs / merged_probs.sum(dim=1, keepdim=True).clamp_min(PROB_FLOOR)
-        out = view_uncertainty(view_probs, merged_probs, self._view_weights, labels=final.argmax(dim=1))
-        if gated is not None:
-            plain = ~gated
-            for key in ("std", "mutual_information", "disagreement"):
-                out[key][plain] = 0.0
-            out["expected_entropy"][plain] = out["predictive_entropy"][plain]
-        return out
-
-
-class _RowIds:
-    """The vote's tie-break ids of the accumulator's rows (computed only for rows that tie): the
-    caller's ``ids``, else a hash of the image itself; ``rows`` maps accumulator rows to the chunk."""
-
-    def __init__(self, chunk: torch.Tensor, ids: torch.Tensor | None, rows: torch.Tensor | None):
-        self.chunk, self.ids, self.rows = chunk, ids, rows
-
-    def __call__(self, tied: torch.Tensor) -> list[int]:
-        rows = tied if self.rows is None else self.rows[tied.to(self.rows.device)]
-        if self.ids is not None:
-            return self.ids[rows.cpu()].tolist()
-        return [content_key(self.chunk[r]) for r in rows.tolist()]
-
-
-def _bound_augment(view: View) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A view's augmentation with its steps bound once (ttakit's identity steps skipped), for views
-    whose class scores need no de-augmentation (so no recorded input size)."""
-    steps = tuple(
-        (s.transform.apply_aug_image, {s.transform.pname: s.param})
-        for s in view.steps
-        if not (isinstance(s.transform, BaseTransform) and s.transform.is_identity(s.param))
-    )
-
-    def augment(image: torch.Tensor) -> torch.Tensor:
-        for apply, kwargs in steps:
-            image = apply(image, **kwargs)
-        return image
-
-    return augment
-
-
-_IDS_FORMS = "a (B,) integer tensor or a list of B integers (one per image)"
-
-
-def _check_ids(ids: object, total: int) -> torch.Tensor | None:
-    """``None`` or the images' ids as a CPU int64 tensor of ``total`` values."""
-    if ids is None:
-        return None
-    if isinstance(ids, torch.Tensor):
-        if ids.ndim != 1:
-            raise InvalidInputError(f"ids must be {_IDS_FORMS}, got a tensor of shape {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise InvalidInputError(f"ids must be {_IDS_FORMS}, got a tensor of dtype {ids.dtype}")
-        checked = ids.detach().to("cpu", torch.int64)
-    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-        raise InvalidInputError(f"ids must be {_IDS_FORMS}, got {type(ids).__name__}")
-    else:
-        wrong = [v for v in ids if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
-        if wrong:
-            raise InvalidInputError(f"ids must be {_IDS_FORMS}, got {_show(ids)} (not an integer: {wrong[0]!r})")
-        try:
-            checked = torch.tensor([int(v) for v in ids], dtype=torch.int64)
-        except (OverflowError, RuntimeError):
-            raise InvalidInputError(f"ids must be {_IDS_FORMS} that fit in int64, got {_show(ids)}") from None
-    if checked.numel() != total:
-        raise InvalidInputError(f"ids must hold one integer per image ({total}), got {checked.numel()}")
-    return checked
-
-
-def _show(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _sum_is_finite(x: torch.Tensor) -> bool:
-    """Whether the sum of ``x`` is finite, which proves every value is: a NaN or an inf of either
-    sign makes any sum NaN or inf (False also when finite values overflow the sum: callers then
-    check value by value)."""
-    if not x.is_floating_point():
-        return True
-    if x.numel() <= 64 and x.device.type == "cpu":  # a few class scores: summed in Python, no kernel
-        return math.isfinite(sum(x.reshape(-1).tolist()))
-    return math.isfinite(float(x.detach().sum()))
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def _slice_args(args: tuple, total: int, start: int, stop: int) -> tuple:
-    """Per-sample tensor arguments (first dimension ``total``) cut to ``[start, stop)``."""
-    return tuple(
-        a[start:stop] if isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == total else a for a in args
-    )
-
-
-def _index_args(args: tuple, total: int, rows: torch.Tensor) -> tuple:
-    """Per-sample tensor arguments (first dimension ``total``) at ``rows``."""
-    return tuple(
-        a[rows.to(a.device)] if isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == total else a
-        for a in args
-    )
-
-
-def _group_by_shape(augmented: dict[int, torch.Tensor]) -> list[list[int]]:
-    # Views that change the image size (Scale, Resize, crops) cannot share a batch with others.
-    images = iter(augmented.values())
-    shape = next(images).shape
-    if all(image.shape == shape for image in images):
-        return [list(augmented)]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k, image in augmented.items():
-        groups.setdefault(tuple(image.shape), []).append(k)
-    return list(groups.values())

@@ -14,7 +14,6 @@ EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 SPLITS = ("train", "val", "test")
-_DRAWING_COMMANDS = ("evaluate", "search", "demo", "audit", "lr-find")  # need ttakit[plots]
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -209,7 +208,7 @@ def check_out_path(path: str | os.PathLike | None, kind: str, flag: str = "--out
     _writable_ancestor(target, flag)
 
 
-# --------------------------------------------------------------------------- predict / export (issue 10)
+# --------------------------------------------------------------------------- running a model
 
 
 def _add_device_args(parser: argparse.ArgumentParser, max_batch: bool = False) -> None:
@@ -272,6 +271,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--outputs", choices=("logits", "probs"), default=None, help="what the model returns")
 
 
+def _model_options(args: argparse.Namespace) -> dict:
+    """The options of :func:`_add_model_args` that were given, as ``ttakit.predictors.load`` takes them."""
+    names = ("layout", "input_size", "channels", "pixel_range", "mean", "std", "classes", "outputs")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _add_global_args(parser: argparse.ArgumentParser, default) -> None:
     """--debug and --no-progress, on the main parser (default off) and on every command (default
     SUPPRESS, so a flag given before the command is not undone): before or after the command."""
@@ -279,20 +284,6 @@ def _add_global_args(parser: argparse.ArgumentParser, default) -> None:
                         help="on an unexpected error, show the traceback (before or after the command)")
     parser.add_argument("--no-progress", action="store_true", default=default,
                         help="hide progress bars (before or after the command)")
-
-
-# command -> its output options: (argument name, "folder" or "file", flag), checked before any work.
-OUTPUTS: dict[str, list[tuple[str, str, str]]] = {
-    "train": [("out", "folder", "--out")],
-    "evaluate": [("out", "folder", "--out")],
-    "search": [("out", "file", "--out"), ("report_dir", "folder", "--report-dir")],
-    "demo": [("out", "folder", "--out")],
-}
-
-
-def _check_outputs(args: argparse.Namespace) -> None:
-    for name, kind, flag in OUTPUTS.get(args.command, []):
-        check_out_path(getattr(args, name, None), kind, flag)
 
 
 def _alpha(text: str) -> float:

@@ -39,7 +39,11 @@ def _folds(text: str) -> int:
     return value
 
 
-def _add_audit_parser(commands) -> None:
+NAME = "audit"
+DRAWS = "writing PNG plots"
+
+
+def add_parser(commands) -> None:
     audit = commands.add_parser(
         "audit", help="find mislabelled and ambiguous images with out-of-sample TTA probabilities"
     )
@@ -76,7 +80,7 @@ def _add_audit_parser(commands) -> None:
     audit.add_argument("--out", default="audit", help="folder for issues.csv and contact_sheet.png (default audit)")
 
 
-def _run_audit(args: argparse.Namespace, progress: bool) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..jobs.audit import audit_checkpoint
 
     check_out_path(args.out, "folder")
@@ -100,7 +104,7 @@ def _run_audit(args: argparse.Namespace, progress: bool) -> int:
         limit=args.limit,
         max_batch=args.max_batch,
         seed=args.fold_seed,
-        progress=progress,
+        progress=not args.no_progress,
         allow_other_model=args.allow_other_model,
         **_run_options(audit_checkpoint, args),
     )

@@ -1,12 +1,14 @@
 """``ttakit audit-apply`` (also spelled ``ttakit audit apply``): apply the review page's
-``decisions.csv`` to the audited data (see :mod:`ttakit.audit_apply`)."""
+``decisions.csv`` to the audited data (see :mod:`ttakit.jobs.audit_apply`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-EXIT_BAD_INPUT = 2
+from ._common import EXIT_BAD_INPUT
+
+NAME = "audit-apply"
 
 
 def add_parser(commands) -> None:

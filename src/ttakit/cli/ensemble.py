@@ -14,8 +14,10 @@ from ._common import (
     check_out_path,
 )
 
+NAME = "ensemble"
 
-def _add_ensemble_parser(commands) -> None:
+
+def add_parser(commands) -> None:
     ensemble = commands.add_parser(
         "ensemble", help="combine several models (each with its TTA policy) by soft or hard vote, on held-out data"
     )
@@ -38,7 +40,7 @@ def _add_ensemble_parser(commands) -> None:
     )
 
 
-def _run_ensemble(args: argparse.Namespace, progress: bool) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..jobs.ensemble import ensemble_checkpoints
 
     check_out_path(args.out, "folder")
@@ -55,7 +57,7 @@ def _run_ensemble(args: argparse.Namespace, progress: bool) -> int:
         calibrate=not args.no_calibrate,
         max_batch=args.max_batch,
         out_dir=args.out,
-        progress=progress,
+        progress=not args.no_progress,
         allow_other_model=args.allow_other_model,
         **_run_options(ensemble_checkpoints, args),
     )
@@ -63,5 +65,3 @@ def _run_ensemble(args: argparse.Namespace, progress: bool) -> int:
     print(f"\nresults written to {results['out_dir']} (results.json, results.md)")
     return 0
 
-
-# --------------------------------------------------------------------------- audit (issue 11)

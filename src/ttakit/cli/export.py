@@ -7,8 +7,10 @@ from pathlib import Path
 
 from ._common import _add_device_args, _positive_int, _run_options
 
+NAME = "export"
 
-def _add_export_parser(commands) -> None:
+
+def add_parser(commands) -> None:
     export = commands.add_parser("export", help="write a checkpoint as ONNX, torch.export (.pt2) or TorchScript")
     export.add_argument("checkpoint", help="checkpoint folder (from ttakit train)")
     export.add_argument("--format", default=None, choices=("onnx", "pt2", "torchscript"),
@@ -35,7 +37,7 @@ def _tolerance(text: str) -> float:
     return value
 
 
-def _run_export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..jobs.export import export_checked
 
     result = export_checked(args.checkpoint, args.format, args.out, opset=args.opset, tolerance=args.tolerance,
@@ -49,5 +51,3 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"use it with: ttakit predict {path} IMAGES --out preds.csv")
     return 0
 
-
-# --------------------------------------------------------------------------- training recipe (issue 12)

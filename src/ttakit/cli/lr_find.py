@@ -15,8 +15,11 @@ from ._common import (
 )
 from .train import _add_image_size_arg, _rate, _train_run_options
 
+NAME = "lr-find"
+DRAWS = "writing PNG plots"  # needs ttakit[plots]: said before any work
 
-def _add_lr_find_parser(commands) -> None:
+
+def add_parser(commands) -> None:
     lr_find = commands.add_parser(
         "lr-find", help="sweep the learning rate exponentially and suggest one (writes lr_find.png)"
     )
@@ -42,7 +45,7 @@ def _add_lr_find_parser(commands) -> None:
     _add_device_args(lr_find)
 
 
-def _run_lr_find(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..jobs.lr_find import run_lr_find
     from ..training.config import TrainConfig
 

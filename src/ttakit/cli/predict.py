@@ -13,11 +13,14 @@ from ._common import (
     _add_model_args,
     _add_vote_args,
     _alpha,
+    _model_options,
     _positive_int,
 )
 
+NAME = "predict"
 
-def _add_predict_parser(commands) -> None:
+
+def add_parser(commands) -> None:
     predict = commands.add_parser(
         "predict", help="TTA predictions for your own images, from any model (or an ensemble of several)",
         usage="ttakit predict [options] MODEL[:POLICY] [MODEL[:POLICY] ...] IMAGES --out FILE",
@@ -63,11 +66,6 @@ def _add_predict_parser(commands) -> None:
     _add_model_args(predict)
 
 
-def _model_options(args: argparse.Namespace) -> dict:
-    names = ("layout", "input_size", "channels", "pixel_range", "mean", "std", "classes", "outputs")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
 def _searched_policy(model: str) -> str:
     """A checkpoint folder's own ``policy.json`` (written by ``ttakit search``), said in the log,
     as ``ttakit ensemble`` does; else ``none``. ``--policy none`` turns it off."""
@@ -91,7 +89,7 @@ def _resume_command() -> str:
     return "ttakit " + " ".join(shlex.quote(a) for a in argv)
 
 
-def _run_predict(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..jobs.ensemble import parse_member
     from ..jobs.predict import predict_images
 

@@ -4,7 +4,90 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import _joined, _positive_int, _run_options, _size, _sizes
+from ._common import (
+    _add_data_args,
+    _add_device_args,
+    _add_list_arg,
+    _fraction,
+    _joined,
+    _positive_int,
+    _run_options,
+    _size,
+    _sizes,
+)
+
+NAME = "train"
+OUTPUTS = [("out", "folder", "--out")]  # (argument, "folder" or "file", flag): checked before any work
+
+
+def add_parser(commands) -> None:
+    train = commands.add_parser("train", help="train a model and save a checkpoint")
+    _add_data_args(train)
+    train.add_argument("--arch", default="seed-cnn", help="architecture (seed-cnn, seed-cnn-gap, resnet20, resnet18, resnet34, resnet50; all but seed-cnn take --progressive)")
+    train.add_argument("--epochs", type=_positive_int, default=3, help="passes over the training images")
+    train.add_argument("--batch-size", type=_positive_int, default=128, help="images per training step")
+    train.add_argument("--lr", type=_lr, default=1e-3, help="learning rate, or auto: run lr-find first (default 1e-3)")
+    train.add_argument("--optimizer", default="adam", help="adam (constant lr) or sgd (one-cycle schedule)")
+    _add_list_arg(train, "--augment", default=[], help="train-time augmentations: flip, shift, crop, mixup",
+                  metavar="NAME")
+    _add_image_size_arg(train)
+    train.add_argument("--seed", type=int, default=0, help="training seed (weights, shuffling, augmentations)")
+    train.add_argument("--limit", type=_positive_int, default=None, help="train on the first N images only")
+    train.add_argument("--val-fraction", type=_fraction, default=0.1, help="held-out validation share (for search)")
+    train.add_argument(
+        "--test-fraction", type=_fraction, default=0.15,
+        help="held-out test share, carved (seeded, stratified) when the data has no test split of its own "
+        "(a flat image folder, an .npz); default 0.15",
+    )
+    train.add_argument("--out", required=True, help="checkpoint folder to write")
+    _add_recipe_args(train)
+    _add_device_args(train)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..jobs.train import train_run
+    from ..training.config import TrainConfig
+
+    progress = not args.no_progress
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        augment=_augment_with_mixup(args),
+        seed=args.seed,
+        limit=args.limit,
+        **_recipe_options(args),
+        **_train_run_options(args),
+    )
+    result = train_run(
+        args.data,
+        out_dir=args.out,
+        config=config,
+        arch=args.arch,
+        image_size=args.image_size,
+        data_dir=args.data_dir,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        progress=progress,
+    )
+    last = result.history[-1]
+    scores = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k in ("train_acc", "val_acc", "val_loss"))
+    if result.init_report is not None:
+        print(result.init_report.summary())
+    if result.size_note and not progress:  # with progress, train already said so
+        print(result.size_note)
+    if result.lr_find is not None and not progress:  # with progress, train already said so
+        print(f"lr auto: {result.lr_find.summary()}; trained at {result.meta.metrics['lr']:.3g}")
+    print(f"saved checkpoint to {result.checkpoint_dir} ({scores})")
+    recipe = result.meta.extra.get("data") or {}
+    if recipe.get("test_source") == "carved":
+        print(
+            f"held out {len(recipe['test_index'])} of {recipe['n_images']} images as its test split "
+            f"(--test-fraction {recipe['test_fraction']}, seed {recipe['split_seed']}; recorded in the checkpoint): "
+            "ttakit evaluate scores only those"
+        )
+    return 0
 
 
 def _lr(text: str) -> float | str:

@@ -27,9 +27,11 @@ def conformal_split(
     *,
     policies: Sequence[Any] = (),
     split: str | None = None,
+    val: Any = None,
 ) -> Any:
     """The calibration data for ``--conformal ALPHA``: the rows of the checkpoint's validation split
-    that nothing in ``policies`` was fitted on, checked up front (``alpha`` in ``(0, 1)``, enough
+    (or of ``val``, the validation rows given for a model that records no split) that nothing in
+    ``policies`` was fitted on, checked up front (``alpha`` in ``(0, 1)``, enough
     images for it). None when ``alpha`` is None.
 
     A policy fitted on validation rows (by ``ttakit search``: views, weights, gate, temperature,
@@ -55,12 +57,13 @@ def conformal_split(
     from ..policy import unused_validation_rows
     from ._eval_data import load_eval_data
 
-    try:
-        val = load_eval_data(meta, data, "val", data_dir)
-    except InvalidInputError as err:
-        raise InvalidInputError(
-            f"--conformal {alpha:g} calibrates on the validation split held out at training time: {err}"
-        ) from None
+    if val is None:
+        try:
+            val = load_eval_data(meta, data, "val", data_dir)
+        except InvalidInputError as err:
+            raise InvalidInputError(
+                f"--conformal {alpha:g} calibrates on the validation split held out at training time: {err}"
+            ) from None
     n_val = len(val)
     rows: set[int] | None = None
     why = []
@@ -138,7 +141,7 @@ def evaluate_extras(
     calibrated on ``val`` (from :func:`conformal_split`: rows no policy was fitted on) and scored on
     ``dataset``; randomized APS draws per test image from its identity (:func:`row_ids`).
 
-    ``evaluations``: the :class:`ttakit.evaluate.PolicyEvaluation` results of the run that
+    ``evaluations``: the :class:`ttakit.jobs.evaluate.PolicyEvaluation` results of the run that
     scored these policies on ``dataset`` (``evaluate_policies(..., return_uncertainty=True)``);
     their probabilities and uncertainty are used as they are, so the test images go through
     the model once per view in all. Policies not among them are run here.

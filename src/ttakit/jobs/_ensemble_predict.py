@@ -49,7 +49,7 @@ def member_probs(
     """One member's class probabilities ``(N, C)`` under ``policy`` and its forward passes per image.
 
     Runs through the engine with everything the policy stores (views, merge, weights, gate,
-    temperature): :func:`ttakit.evaluate.predict_probs`.
+    temperature): :func:`ttakit.jobs._policy_eval.predict_probs`.
     """
     probs, passes = _member_run(predictor, images, policy, max_batch=max_batch, progress=progress, desc=desc)
     return probs, float(passes.double().mean())
@@ -66,7 +66,7 @@ def _member_run(
     device: Any = None,
     amp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(probs (N, C), passes (N,))``: one engine run (:func:`ttakit.evaluate.run_policy`) and
+    """``(probs (N, C), passes (N,))``: one engine run (:func:`ttakit.jobs._policy_eval.run_policy`) and
     the forward passes each image got (fewer under a gate)."""
     from ._policy_eval import run_policy
 
@@ -77,11 +77,11 @@ def _member_run(
 
 
 def _fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature minimising the NLL of ``softmax(log(probs) / T)`` on held-out ``labels``."""
-    from ..merge import PROB_FLOOR
-    from ..search import fit_temperature
+    """The temperature minimising the NLL of ``softmax(log(probs) / T)`` on held-out ``labels``
+    (:func:`ttakit.search.calibration.fit_probs_temperature`, the one fit of a member's temperature)."""
+    from ..search.calibration import fit_probs_temperature
 
-    return float(fit_temperature(torch.log(probs.double().clamp_min(PROB_FLOOR)), labels))
+    return fit_probs_temperature(probs, labels)
 
 
 def calibration_rows(val: Any, policies: Sequence[Any], *, strict: bool = False) -> tuple[list[int], list[int]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..data import ImageDataset, dataset_sha256, load_split
 from ..data.splits import DEFAULT_TEST_FRACTION
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidInputError
 from ..models import CheckpointMeta, check_compatible, load_checkpoint
 from ..models.checkpoint import weights_sha256
 from ..policy import Policy
@@ -28,6 +28,19 @@ def _data_recipe(meta: CheckpointMeta) -> dict[str, Any]:
             f"(the data split recipe), got {type(recipe).__name__}"
         )
     return dict(recipe)
+
+
+def at_recorded_size(dataset: ImageDataset, recipe: dict[str, Any] | None) -> ImageDataset:
+    """``dataset`` at the image size a checkpoint trained at (``ttakit train --image-size``,
+    recorded in its split recipe as ``image_size``), resized the way training resized it; as it
+    is when the recipe records no size. Every job that scores a checkpoint's rows (evaluate,
+    search, audit) goes through this one helper."""
+    size = (recipe or {}).get("image_size")
+    if not size:
+        return dataset
+    from ..data.registry import resize_dataset
+
+    return resize_dataset(dataset, (int(size[0]), int(size[1])))
 
 
 def load_eval_data(
@@ -49,11 +62,7 @@ def load_eval_data(
     ensemble) uses to get its data, so none of them can score training images by accident.
     """
     recipe = _data_recipe(meta)
-    dataset = load_split(recipe, split, data=data, data_dir=data_dir).head(limit)
-    if recipe.get("image_size"):  # trained with --image-size: score at that size too
-        from ..data.registry import resize_dataset
-
-        dataset = resize_dataset(dataset, tuple(int(v) for v in recipe["image_size"]))
+    dataset = at_recorded_size(load_split(recipe, split, data=data, data_dir=data_dir).head(limit), recipe)
     check_compatible(meta, dataset.channels, dataset.image_size)
     if list(dataset.classes) != list(meta.classes):
         raise CheckpointError(
@@ -151,3 +160,132 @@ def _run_key(
 
 CONFORMAL_HOLDOUT = 0.2  # share of the validation rows ttakit search leaves for conformal calibration
 HOLDOUT_SEED = 0
+
+
+# --------------------------------------------------------------------------- models that are not ttakit checkpoints
+
+NO_SPLIT = "the model records no split"
+
+
+def is_checkpoint(model: Any) -> bool:
+    """Whether ``model`` is a ttakit checkpoint (a folder with ``checkpoint.json``); anything
+    :func:`ttakit.predictors.load` reads otherwise (``.onnx``, ``.pt2``, TorchScript, Keras,
+    ``file.py:function``) is not. A path that does not exist counts as a checkpoint, so the
+    checkpoint loader says what is wrong with it, as before."""
+    from ..errors import TTAKitError
+    from ..predictors import model_kind
+
+    try:
+        return model_kind(model) == "checkpoint"
+    except TTAKitError:
+        return True
+
+
+def load_other_model(model: Any, model_options: dict[str, Any] | None, data: str | None, command: str) -> Any:
+    """A model that is not a ttakit checkpoint as a :class:`~ttakit.predictors.Predictor`; it
+    records no data, so ``data`` (``--data``) is required."""
+    from ..predictors import load
+
+    if data is None:
+        raise InvalidInputError(
+            f"{model} is not a ttakit checkpoint, so it records no data: give the labelled images to {command} "
+            "with --data (fashion-mnist, an .npz file, an image folder or a file list)"
+        )
+    return load(model, **(model_options or {}))
+
+
+def own_data_split(data: str, split: str, data_dir: str | None = None) -> ImageDataset | None:
+    """``split`` of ``data`` as the data itself defines it, for a model that records no split:
+    ``"test"``: its own test split (an ``.npz`` with ``x_test``, a file list with ``test`` lines,
+    an image folder with ``train/`` and ``test/``, a registered data set); ``"val"``: an image
+    folder's ``val/`` sub-folder. None when the data has no such split."""
+    from ..data import load_dataset
+    from ..data.splits import has_own_test_split
+
+    if split == "test":
+        return load_dataset(data, "test", data_dir) if has_own_test_split(data, data_dir) else None
+    if split == "val":
+        path = Path(str(data)).expanduser()
+        if path.is_dir() and (path / "val").is_dir():
+            from ..data.image_folder import load_image_folder
+
+            found = load_image_folder(path / "val")
+            found.name = f"{data}[val]"
+            return found
+    return None
+
+
+def fit_to_model(dataset: ImageDataset, predictor: Any, what: str) -> ImageDataset:
+    """``dataset`` as ``predictor`` takes it: resized (stretched, bilinear) to the input size the
+    model records or ``--input-size`` gives; refused in one line when the channels, the class
+    names (``--classes``) or the number of outputs differ from the data's."""
+    import torch
+
+    from ..data.registry import resize_dataset
+
+    name = getattr(predictor, "source", "") or "the model"
+    if predictor.channels is not None and int(predictor.channels) != dataset.channels:
+        raise InvalidInputError(
+            f"{name} takes {predictor.channels}-channel images but {what} has {dataset.channels}-channel images; "
+            "give data of the model's channels (or --channels if the model file says wrong)"
+        )
+    if predictor.input_size is not None:
+        dataset = resize_dataset(dataset, tuple(int(v) for v in predictor.input_size))
+    if predictor.classes is not None and list(predictor.classes) != list(dataset.classes):
+        raise InvalidInputError(
+            f"{name} predicts classes {list(predictor.classes)[:6]} but {what} has classes {list(dataset.classes)[:6]} "
+            "(names and order must match)"
+        )
+    if len(dataset):
+        with torch.inference_mode():
+            predictor.eval()
+            outputs = predictor(dataset.images[:1])
+        if outputs.shape[1] != dataset.num_classes:
+            raise InvalidInputError(
+                f"{name} returns {outputs.shape[1]} outputs per image but {what} has {dataset.num_classes} classes; "
+                "give data with the classes the model predicts"
+            )
+    return dataset
+
+
+def other_model_meta(predictor: Any, dataset: ImageDataset, model: Any, data: str) -> CheckpointMeta:
+    """What a job needs to know of a model that is not a checkpoint, as checkpoint metadata: its
+    kind, input channels and size (the data's, fitted to the model), the data's classes; no split,
+    no training augmentations, no weights hash (a fitted policy counts as another model's)."""
+    return CheckpointMeta(
+        arch=str(predictor.kind),
+        classes=list(dataset.classes),
+        in_channels=dataset.channels,
+        image_size=list(dataset.image_size),
+        mean=predictor.mean,
+        std=predictor.std,
+        dataset=str(data),
+        extra={"data": {"spec": str(data)}, "model_kind": str(predictor.kind), "records_split": False},
+        source=str(model),
+    )
+
+
+def other_model_out(model: Any, suffix: str) -> Path:
+    """Where a job writes for a model that is not a checkpoint folder: ``<name>-<suffix>`` beside
+    the model file (``file.py:function``: beside the file)."""
+    text = str(model)
+    path = Path(text)
+    if not path.exists() and ":" in text:
+        path = Path(text.rsplit(":", 1)[0])
+    return path.with_name(f"{path.stem or 'model'}-{suffix}")
+
+
+def refuse_other_model_options(checkpoint: Any, model_options: dict[str, Any] | None, val_data: str | None) -> None:
+    """A ttakit checkpoint records how it reads images and its own validation split: the options
+    for other models are refused with it rather than silently ignored."""
+    if model_options:
+        flags = ", ".join("--" + name.replace("_", "-") for name in model_options)
+        raise InvalidInputError(
+            f"{flags}: for models that do not record how they read images; checkpoint {checkpoint} records its own "
+            "(drop them)"
+        )
+    if val_data is not None:
+        raise InvalidInputError(
+            f"--val-data: for models that record no split; checkpoint {checkpoint} records its own validation split "
+            "(drop --val-data)"
+        )

@@ -18,7 +18,21 @@ from ..policy import Policy
 from ..progress import progress as show_progress
 from ._policies import BASELINE
 
-__all__ = ["PolicyEvaluation", "predict_probs", "run_policy", "evaluate_policies"]
+__all__ = ["PolicyEvaluation", "place_model", "predict_probs", "run_policy", "evaluate_policies"]
+
+
+def place_model(models: Any, device: str | torch.device | None) -> None:
+    """Move ``models`` (one model or a list) to ``device`` (``--device``; None: leave them), so the
+    engine runs each where it is. A model that is not a torch module (ONNX, Keras, a NumPy
+    function) runs where its own runtime runs."""
+    from ..engine import check_device
+
+    target = check_device(device)
+    if target is None:
+        return
+    for model in models if isinstance(models, (list, tuple)) else [models]:
+        if isinstance(model, torch.nn.Module):
+            model.to(target)
 
 @dataclass
 class PolicyEvaluation:

@@ -17,7 +17,7 @@ given model on data it never saw. Two methods flag images (:func:`flag_issues`):
 :func:`audit_checkpoint` is the job behind ``ttakit audit``: it writes ``issues.csv`` (one row
 per flag: the image's row in the data as given, or its file for a folder; given and suggested
 label; probability; kind; method; rank; the TTA views' top classes when they disagree),
-``contact_sheet.png``, ``review.html`` (:mod:`ttakit.review_page`) and, on request, the data
+``contact_sheet.png``, ``review.html`` (:mod:`ttakit.report.review_page`) and, on request, the data
 without the flagged images (``--write-clean``), which ``ttakit train --data`` accepts. All of them
 use the same flags (the same ``mislabel_by``).
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from ..label_issues import (
 )
 from ..policy import check_policy_model
 from ..report.audit_md import _summary_rows, contact_sheet, issues_to_csv
+from ..report.tables import plural
 from ._audit_data import (
     _has_own_test,
     _load_audit_data,
@@ -89,11 +90,13 @@ def _view_keys(names: Sequence[str]) -> list[str]:
 
 
 def _policy_probs(model: Any, images: torch.Tensor, policies: dict[str, Any], max_batch: int, progress: bool,
-                  label: str, views_of: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                  label: str, views_of: str | None = None, amp: bool = False,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Probabilities ``(N, C)`` of ``images`` under each policy, and, for the policy named
     ``views_of`` (when it has 2 or more views), each view's top class ``(N,)`` (view name -> int64):
     the class each TTA view alone votes for, from the same engine run as the merged probabilities.
-    Only the top classes are kept (not ``K`` copies of the probabilities)."""
+    Only the top classes are kept (not ``K`` copies of the probabilities). The model runs where
+    it is, under autocast with ``amp``."""
     from ..engine import TTAEngine, eval_mode
     from ..progress import progress as show_progress
     from ._policy_eval import predict_probs
@@ -103,10 +106,10 @@ def _policy_probs(model: Any, images: torch.Tensor, policies: dict[str, Any], ma
     for name, policy in policies.items():
         if name != views_of or len(policy) < 2:
             probs, _ = predict_probs(model, images, policy, max_batch=max_batch, progress=progress,
-                                     desc=f"{label} {name}")
+                                     desc=f"{label} {name}", amp=amp)
             out[name] = probs.float().cpu()
             continue
-        engine = TTAEngine(model, policy, activation="softmax", max_batch=max_batch)
+        engine = TTAEngine(model, policy, activation="softmax", max_batch=max_batch, amp=amp)
         merged, tops = [], []
         with eval_mode(model), show_progress(desc=f"{label} {name}", total=len(images), unit="img",
                                              enabled=progress) as bar:
@@ -134,11 +137,11 @@ def cross_val_probs(
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Out-of-sample probabilities of every image: ``folds`` models, each trained on the other
-    folds (:func:`ttakit.train.train_model`) and scoring its held-out fold under each policy.
+    folds (:func:`ttakit.training.train_model`) and scoring its held-out fold under each policy.
 
     Args:
         dataset: an :class:`~ttakit.data.ImageDataset` with labels.
-        config: a :class:`~ttakit.train.TrainConfig` (seeds: ``config.seed + fold``).
+        config: a :class:`~ttakit.training.TrainConfig` (seeds: ``config.seed + fold``).
         policies: name -> policy; default ``{"none": plain inference}``.
 
     Returns:
@@ -161,6 +164,7 @@ def _cross_val(
     max_batch: int = 256,
     progress: bool = True,
     views_of: str | None = None,
+    amp: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`cross_val_probs`, plus each view's out-of-fold top class ``(N,)`` under the policy
     named ``views_of`` (view name -> int64; empty when it has fewer than 2 views)."""
@@ -186,7 +190,7 @@ def _cross_val(
         result = train_model(dataset.subset(train_rows), fold_config, arch=arch, arch_kwargs=arch_kwargs,
                              progress=progress)
         scored, fold_votes = _policy_probs(result.model, dataset.images[held], policies, max_batch, progress,
-                                           f"fold {k + 1}", views_of)
+                                           f"fold {k + 1}", views_of, amp=amp)
         for name, p in scored.items():
             probs[name][held] = p
         for name, v in fold_votes.items():
@@ -197,7 +201,9 @@ def _cross_val(
 # --------------------------------------------------------------------------- outputs
 
 
-def _train_config(meta: Any, epochs: int | None) -> Any:
+def _train_config(meta: Any, epochs: int | None, device: str | None = None, amp: bool = False) -> Any:
+    """The checkpoint's recorded training recipe for the fold models, run on ``device`` (default
+    the CPU, not the device it trained on) with ``amp``; ``epochs`` overrides its epochs."""
     from dataclasses import replace
 
     from ..training.config import TrainConfig
@@ -207,11 +213,158 @@ def _train_config(meta: Any, epochs: int | None) -> Any:
     saved = {k: v for k, v in saved.items() if k in known}
     if "augment" in saved:
         saved["augment"] = tuple(saved.get("augment") or ())
+    saved["device"], saved["amp"] = str(device) if device is not None else "cpu", bool(amp)
     try:
         config = TrainConfig(**saved)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"checkpoint {meta.source}: its recorded training configuration is not valid ({exc})") from exc
     return replace(config, epochs=epochs) if epochs is not None else config
+
+
+@dataclass
+class _Plan:
+    """What ``ttakit audit`` scores: the model, its recipe, the data as given and the audited rows."""
+
+    model: str
+    predictor: Any
+    meta: Any
+    recipe: dict[str, Any]
+    spec: Any
+    data_dir: str | None
+    split: str
+    tta_policy: Any
+    own: bool
+    source: Any = None
+    positions: list[int] = field(default_factory=list)
+    test_index: list[int] | None = None
+    fitted_note: str = ""
+
+
+def _plan(model: str, data: str | None, data_dir: str | None, split: str, folds: int | None, policy: str | None,
+          write_clean: bool, allow_other_model: bool) -> _Plan:
+    """Load the model and check the request: ``--folds`` needs a checkpoint, the data is known,
+    the policy belongs to the model, a model is never audited on the rows it trained on."""
+    from ..predictors import load as load_predictor
+    from ._policies import resolve_policy
+
+    predictor = load_predictor(model)
+    meta = getattr(predictor, "meta", None)
+    if folds is not None and meta is None:
+        raise InvalidInputError(
+            f"--folds trains new models with the recipe of a ttakit checkpoint, but {model} is not one; "
+            "audit it without --folds on data it did not train on"
+        )
+    recipe = dict(meta.extra.get("data") or {}) if meta is not None else {}
+    spec = data or recipe.get("spec") or (meta.dataset if meta is not None else None)
+    if spec is None:
+        raise InvalidInputError(f"give the data to audit with --data (the model {model} does not record its own)")
+    data_dir = data_dir or (recipe.get("data_dir") if spec == recipe.get("spec") else None)
+    if policy is None:
+        policy = "train-aug" if getattr(predictor, "train_augmentations", None) else "none"
+    tta_policy = resolve_policy(policy, meta)
+    check_policy_model(tta_policy, predictor, allow_other_model=allow_other_model)  # fitted on this model?
+    if write_clean and split == "test":
+        raise InvalidInputError(
+            "--write-clean with --split test: cleaning never touches the held-out test images (a model retrained "
+            "on them would be scored on images a model picked); audit --split train or val to write a cleaned copy"
+        )
+    own = bool(recipe) and _same_source(str(spec), str(recipe.get("spec")))
+    if folds is None and split == "train" and own:
+        raise InvalidInputError(
+            f"{model} trained on the train split of {spec}, so its predictions there say nothing about the "
+            "labels; audit with --folds K (models that did not train on each image), or --split val / test"
+        )
+    return _Plan(model, predictor, meta, recipe, spec, data_dir, split, tta_policy, own)
+
+
+def _select_rows(plan: _Plan, data: str | None, write_clean: bool) -> None:
+    """``plan.source``: the data as given; ``plan.positions``: the audited rows in it, from the
+    split the checkpoint recorded (never by matching pixels); ``plan.test_index``: its held-out
+    test rows, kept apart from a cleaned copy."""
+    split, spec, data_dir = plan.split, plan.spec, plan.data_dir
+    if plan.own:
+        from ..data.splits import split_rows
+
+        _require_recorded_split(plan.recipe, split, plan.model)
+        plan.source, index, _ = split_rows(plan.recipe, split, data=data, data_dir=data_dir)
+        plan.positions = index.tolist()
+        if split == "val":
+            plan.positions, plan.fitted_note = _rows_not_fitted_on(plan.tta_policy, plan.source, plan.positions)
+        if plan.recipe.get("test_source") == "carved" and split != "test":
+            plan.test_index = [int(i) for i in plan.recipe["test_index"]]
+        return
+    plan.source = _load_audit_data(spec, split, data_dir)
+    plan.positions = list(range(len(plan.source)))
+    if write_clean and not _has_own_test(spec, data_dir):
+        # no test split yet: keep apart the one ttakit train would carve, so a model trained
+        # on the cleaned copy is scored on images no audit touched
+        from ..data import make_splits
+        from ..data.splits import SPLIT_SEED
+
+        plan.test_index = [int(i) for i in make_splits(spec, data_dir, val_fraction=0.0, seed=SPLIT_SEED).recipe["test_index"]]
+        held = set(plan.test_index)
+        plan.positions = [i for i in plan.positions if i not in held]
+
+
+def _audited_dataset(plan: _Plan, limit: int | None) -> Any:
+    """The audited rows (the first ``limit``) as a data set, checked against the model."""
+    from ..models import check_compatible
+
+    if limit is not None and limit < 1:
+        raise InvalidInputError(f"--limit must be a positive number of images, got {limit}")
+    plan.positions = plan.positions[:limit] if limit is not None else plan.positions
+    source, positions = plan.source, plan.positions
+    dataset = source.subset(positions, f"{plan.spec}[{plan.split}]") if positions != list(range(len(source))) else source
+    _require_labels(dataset, plan.spec)
+    meta = plan.meta
+    if meta is not None:
+        from ._eval_data import at_recorded_size
+
+        dataset = at_recorded_size(dataset, plan.recipe)  # trained with --image-size: audit at that size
+        check_compatible(meta, dataset.channels, dataset.image_size)
+        if list(dataset.classes) != list(meta.classes):
+            raise InvalidInputError(
+                f"{plan.model} predicts classes {list(meta.classes)[:6]}... but the data has {list(dataset.classes)[:6]}...; "
+                "audit it on data with the same classes in the same order"
+            )
+    return dataset
+
+
+def _score(plan: _Plan, dataset: Any, folds: int | None, epochs: int | None, seed: int, max_batch: int,
+           progress: bool, device: str | None, amp: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str, str]:
+    """Out-of-sample probabilities under plain inference and the TTA policy: ``(probs, view votes,
+    main policy name, how they were scored)``."""
+    from ..aliases import get_policy
+    from ._policy_eval import place_model
+
+    policies = {"none": get_policy("none")}
+    if plan.tta_policy.name != "none" or len(plan.tta_policy) > 1:
+        policies[plan.tta_policy.name] = plan.tta_policy
+    main = plan.tta_policy.name if plan.tta_policy.name in policies else "none"
+    if folds is not None:
+        meta = plan.meta
+        config = _train_config(meta, epochs, device, amp)
+        probs, _, view_votes = _cross_val(
+            dataset, folds, config=config, arch=meta.arch, arch_kwargs=meta.arch_kwargs, policies=policies,
+            seed=seed, max_batch=max_batch, progress=progress, views_of=main, amp=amp,
+        )
+        return probs, view_votes, main, f"{folds}-fold cross-validation ({meta.arch}, {config.epochs} epochs per fold)"
+    place_model(plan.predictor, device)  # --device: the engine runs the model where it is
+    probs, view_votes = _policy_probs(plan.predictor, dataset.images, policies, max_batch, progress, "audit", main,
+                                      amp=amp)
+    return probs, view_votes, main, f"{plan.model} on data it did not train on{plan.fitted_note}"
+
+
+def _file_column(plan: _Plan, dataset: Any) -> tuple[Path, list[str] | None]:
+    """The folder an image folder's files are relative to, and each audited image's path (None
+    for data that are not files)."""
+    root = Path(str(plan.spec)).expanduser()
+    if (root / "train").is_dir() and (root / "test").is_dir():  # files are relative to the split's folder
+        root = root / ("test" if plan.split == "test" else "train")
+    files = getattr(dataset, "files", None)
+    if files is None:
+        return root, None
+    return root, [str(root / f) if not Path(f).is_absolute() else f for f in files]
 
 
 def audit_checkpoint(
@@ -235,6 +388,8 @@ def audit_checkpoint(
     seed: int = 0,
     progress: bool = True,
     allow_other_model: bool = False,
+    device: str | None = None,
+    amp: bool = False,
 ) -> dict[str, Any]:
     """``ttakit audit``: score every image of ``split`` out of sample, flag, and write the results.
 
@@ -250,118 +405,45 @@ def audit_checkpoint(
     checkpoint's own validation split with a policy fitted on validation rows (``ttakit search``)
     audits only the rows it never saw (``meta["validation_rows"]``): a row is never flagged by
     something fitted on it, and those rows can still be audited soundly.
-    """
-    from ..aliases import get_policy
-    from ..models import check_compatible
-    from ..predictors import load as load_predictor
-    from ._policies import resolve_policy
 
+    ``device`` (``--device``) is where the model, or the fold models, train and run (default the
+    CPU); ``amp`` (``--amp``) runs them under autocast.
+    """
     threshold = _check_threshold(mislabel_threshold)
     amb = _check_range(ambiguous_range)
     if folds is not None:
         folds = check_folds(folds)
-    predictor = load_predictor(model)
-    meta = getattr(predictor, "meta", None)
-    if folds is not None and meta is None:
-        raise InvalidInputError(
-            f"--folds trains new models with the recipe of a ttakit checkpoint, but {model} is not one; "
-            "audit it without --folds on data it did not train on"
-        )
-    recipe = dict(meta.extra.get("data") or {}) if meta is not None else {}
-    spec = data or recipe.get("spec") or (meta.dataset if meta is not None else None)
-    if spec is None:
-        raise InvalidInputError(f"give the data to audit with --data (the model {model} does not record its own)")
-    data_dir = data_dir or (recipe.get("data_dir") if spec == recipe.get("spec") else None)
-    if policy is None:
-        policy = "train-aug" if getattr(predictor, "train_augmentations", None) else "none"
-    tta_policy = resolve_policy(policy, meta)
-    check_policy_model(tta_policy, predictor, allow_other_model=allow_other_model)  # fitted on this model?
-    if write_clean_to is not None and split == "test":
-        raise InvalidInputError(
-            "--write-clean with --split test: cleaning never touches the held-out test images (a model retrained "
-            "on them would be scored on images a model picked); audit --split train or val to write a cleaned copy"
-        )
-    own = bool(recipe) and _same_source(str(spec), str(recipe.get("spec")))
-    if folds is None and split == "train" and own:
-        raise InvalidInputError(
-            f"{model} trained on the train split of {spec}, so its predictions there say nothing about the "
-            "labels; audit with --folds K (models that did not train on each image), or --split val / test"
-        )
+    plan = _plan(model, data, data_dir, split, folds, policy, write_clean_to is not None, allow_other_model)
+    _select_rows(plan, data, write_clean_to is not None)
+    dataset = _audited_dataset(plan, limit)
+    probs, view_votes, main, how = _score(plan, dataset, folds, epochs, seed, max_batch, progress, device, amp)
 
-    # `source` is the data as given; `positions` number the audited rows in it, from the split
-    # the checkpoint recorded (never by matching pixels), and `test_index` its held-out test rows.
-    test_index: list[int] | None = None
-    fitted_note = ""
-    if own:
-        from ..data.splits import split_rows
+    def flags(p: torch.Tensor) -> list[Any]:
+        return flag_issues(p, dataset.labels, methods=methods, mislabel_threshold=threshold, ambiguous_range=amb,
+                           mislabel_by=mislabel_by)
 
-        _require_recorded_split(recipe, split, model)
-        source, index, _ = split_rows(recipe, split, data=data, data_dir=data_dir)
-        positions = index.tolist()
-        if split == "val":
-            positions, fitted_note = _rows_not_fitted_on(tta_policy, source, positions)
-        if recipe.get("test_source") == "carved" and split != "test":
-            test_index = [int(i) for i in recipe["test_index"]]
-    else:
-        source = _load_audit_data(spec, split, data_dir)
-        positions = list(range(len(source)))
-        if write_clean_to is not None and not _has_own_test(spec, data_dir):
-            # no test split yet: keep apart the one ttakit train would carve, so a model trained
-            # on the cleaned copy is scored on images no audit touched
-            from ..data import make_splits
-            from ..data.splits import SPLIT_SEED
-
-            test_index = [int(i) for i in make_splits(spec, data_dir, val_fraction=0.0, seed=SPLIT_SEED).recipe["test_index"]]
-            held = set(test_index)
-            positions = [i for i in positions if i not in held]
-    if limit is not None and limit < 1:
-        raise InvalidInputError(f"--limit must be a positive number of images, got {limit}")
-    positions = positions[:limit] if limit is not None else positions
-    dataset = source.subset(positions, f"{spec}[{split}]") if positions != list(range(len(source))) else source
-    _require_labels(dataset, spec)
-    if meta is not None:
-        check_compatible(meta, dataset.channels, dataset.image_size)
-        if list(dataset.classes) != list(meta.classes):
-            raise InvalidInputError(
-                f"{model} predicts classes {list(meta.classes)[:6]}... but the data has {list(dataset.classes)[:6]}...; "
-                "audit it on data with the same classes in the same order"
-            )
-
-    policies = {"none": get_policy("none")}
-    if tta_policy.name != "none" or len(tta_policy) > 1:
-        policies[tta_policy.name] = tta_policy
-    main = tta_policy.name if tta_policy.name in policies else "none"
-
-    if folds is not None:
-        config = _train_config(meta, epochs)
-        probs, _, view_votes = _cross_val(
-            dataset, folds, config=config, arch=meta.arch, arch_kwargs=meta.arch_kwargs, policies=policies,
-            seed=seed, max_batch=max_batch, progress=progress, views_of=main,
-        )
-        how = f"{folds}-fold cross-validation ({meta.arch}, {config.epochs} epochs per fold)"
-    else:
-        probs, view_votes = _policy_probs(predictor, dataset.images, policies, max_batch, progress, "audit", main)
-        how = f"{model} on data it did not train on{fitted_note}"
-
-    issues = flag_issues(probs[main], dataset.labels, methods=methods, mislabel_threshold=threshold,
-                         ambiguous_range=amb, mislabel_by=mislabel_by)
+    issues = flags(probs[main])
     summary = _summarize(issues, len(dataset))
     # The same flags from plain probabilities, to show what TTA changed.
-    if main != "none":
-        plain_issues = flag_issues(probs["none"], dataset.labels, methods=methods, mislabel_threshold=threshold,
-                                   ambiguous_range=amb, mislabel_by=mislabel_by)
-        summary_plain = _summarize(plain_issues, len(dataset))
-    else:
-        summary_plain = summary
+    summary_plain = _summarize(flags(probs["none"]), len(dataset)) if main != "none" else summary
+    settings = {"methods": list(methods), "mislabel_threshold": threshold, "mislabel_by": mislabel_by,
+                "ambiguous_range": list(amb)}
+    return _write_audit(plan, dataset, probs, view_votes, main, how, issues, summary, summary_plain, settings,
+                        Path(out_dir), write_clean_to, remove)
 
-    out = Path(out_dir)
-    files = getattr(dataset, "files", None)
-    file_column = None
-    root = Path(str(spec)).expanduser()
-    if (root / "train").is_dir() and (root / "test").is_dir():  # files are relative to the split's folder
-        root = root / ("test" if split == "test" else "train")
-    if files is not None:
-        file_column = [str(root / f) if not Path(f).is_absolute() else f for f in files]
+
+def _write_audit(plan: _Plan, dataset: Any, probs: dict[str, torch.Tensor], view_votes: dict[str, torch.Tensor],
+                 main: str, how: str, issues: list[Any], summary: dict, summary_plain: dict, settings: dict[str, Any],
+                 out: Path, write_clean_to: str | os.PathLike | None, remove: str) -> dict[str, Any]:
+    """Write ``issues.csv``, the contact sheet, ``review.html``, the cleaned copy (on request),
+    ``audit.json`` and ``report.html``; return the results with the terminal table."""
+    from .._io import atomic_write_json
+    from ..report.html import write_audit_report
+    from ..report.review_page import write_review_page
+    from ..report.tables import format_table
+
+    spec, split, positions, methods = plan.spec, plan.split, plan.positions, settings["methods"]
+    root, file_column = _file_column(plan, dataset)
     csv_path = atomic_write_text(out / "issues.csv", issues_to_csv(issues, dataset.classes, file_column, positions,
                                                                       view_votes))
     sheet = contact_sheet(
@@ -369,38 +451,34 @@ def audit_checkpoint(
         title=f"Flagged images of {spec}/{split}: red probably mislabelled, orange ambiguous (given → suggested, p)",
     )
     # review.html: look at the flagged images, then decide
-    from ..report.review_page import write_review_page
-
     review = write_review_page(
         out / "review.html", dataset.images, probs[main], dataset.labels, dataset.classes, rows=positions,
         files=file_column, plain_probs=probs["none"] if main != "none" else None, view_probs=view_votes,
         methods=("others", "top", *(("cleanlab",) if "cleanlab" in methods else ())),
-        default_method=mislabel_by if "rule" in methods else "cleanlab",
-        mislabel_threshold=threshold, ambiguous_range=amb, title=f"ttakit audit of {spec}/{split}: review",
-        subtitle=f"{len(dataset)} images scored by {how}; TTA policy {main}", run=f"{model}|{spec}|{split}|{out}",
+        default_method=settings["mislabel_by"] if "rule" in methods else "cleanlab",
+        mislabel_threshold=settings["mislabel_threshold"], ambiguous_range=tuple(settings["ambiguous_range"]),
+        title=f"ttakit audit of {spec}/{split}: review",
+        subtitle=f"{len(dataset)} images scored by {how}; TTA policy {main}", run=f"{plan.model}|{spec}|{split}|{out}",
     )
-    cleaned = None
-    manifest = None
+    cleaned = manifest = None
     removed = rows_to_remove(issues, remove)
     if write_clean_to is not None:
         cleaned, manifest = _write_clean_copy(
-            source, [positions[r] for r in removed], write_clean_to, spec=str(spec), data_dir=data_dir,
-            split=split, model=str(model), test_index=test_index, root=root, recipe=recipe if own else None,
+            plan.source, [positions[r] for r in removed], write_clean_to, spec=str(spec), data_dir=plan.data_dir,
+            split=split, model=str(plan.model), test_index=plan.test_index, root=root,
+            recipe=plan.recipe if plan.own else None,
         )
     rows = _summary_rows(summary, summary_plain, main)
     result = {
         "format": "ttakit-audit",
         "format_version": 1,
-        "model": str(model),
+        "model": str(plan.model),
         "data": str(spec),
         "split": split,
         "n_images": len(dataset),
         "scored_by": how,
         "policy": main,
-        "methods": list(methods),
-        "mislabel_threshold": threshold,
-        "mislabel_by": mislabel_by,
-        "ambiguous_range": list(amb),
+        **settings,
         "flagged": summary,
         "flagged_plain": summary_plain,
         "n_flagged_images": len({i.row for i in issues}),
@@ -413,12 +491,7 @@ def audit_checkpoint(
         "clean_manifest": manifest,
         "out_dir": str(out),
     }
-    from .._io import atomic_write_json
-    from ..report.tables import format_table
-
     atomic_write_json(out / "audit.json", result)
-    from ..report.html import write_audit_report
-
     result["report_html"] = str(write_audit_report(out, result))
-    result["table"] = format_table(rows, title=f"audit of {spec}/{split} ({len(dataset)} images): flagged images")
+    result["table"] = format_table(rows, title=f"audit of {spec}/{split} ({plural(len(dataset), 'image')}): flagged images")
     return result

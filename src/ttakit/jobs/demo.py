@@ -78,13 +78,20 @@ def run_demo(
                 reliability[f"{model_name} / {e.name}"] = (e.probs, test.labels)
     lessons = _demo_lessons(per_model)
     seconds = time.perf_counter() - started
-    title = f"TTA on Fashion-MNIST: seed CNN, {epochs} epochs, {len(test)} test images"
-    table = format_table(all_display, title=title)
+    return _write_demo(out, quick=quick, epochs=epochs, n_test=len(test), per_model=per_model, lessons=lessons,
+                       seconds=seconds, display=all_display, plot=all_plot, reliability=reliability)
+
+
+def _write_demo(out: Path, *, quick: bool, epochs: int, n_test: int, per_model: dict[str, Any], lessons: list[str],
+                seconds: float, display: list, plot: list, reliability: dict[str, Any]) -> dict[str, Any]:
+    """results.json, results.md and the two plots in ``out``; the results dict with the terminal table."""
+    title = f"TTA on Fashion-MNIST: seed CNN, {epochs} epochs, {n_test} test images"
+    table = format_table(display, title=title)
     markdown = "\n".join(
         [
             f"# {title}",
             "",
-            markdown_table(all_display),
+            markdown_table(display),
             "",
             "## What it shows",
             "",
@@ -99,14 +106,14 @@ def run_demo(
         "experiment": "demo",
         "quick": quick,
         "epochs": epochs,
-        "n_test_images": len(test),
+        "n_test_images": n_test,
         "models": per_model,
         "lessons": lessons,
         "seconds": seconds,
     }
     write_results(out, results, markdown)
     results["plots"] = [
-        str(plot_policy_metrics(all_plot, out / "policy_metrics.png", title="Fashion-MNIST: lift over plain inference per TTA policy")),
+        str(plot_policy_metrics(plot, out / "policy_metrics.png", title="Fashion-MNIST: lift over plain inference per TTA policy")),
         str(plot_reliability_diagram(reliability, out / "reliability.png")),
     ]
     results["table"] = table

@@ -45,6 +45,7 @@ from ._ensemble_predict import (
     _check_members,
     _classes_of,
     _fit_temperature,
+    _member_run,
     _recipe,
     _same_split,
     _scores,
@@ -53,6 +54,7 @@ from ._ensemble_predict import (
     member_probs,
 )
 from ._policies import policy_for
+from ._policy_eval import place_model
 
 __all__ = [
     "MemberSpec",
@@ -83,6 +85,8 @@ def evaluate_ensemble(
     calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_batch: int = 256,
     progress: bool = False,
+    device: str | torch.device | None = None,
+    amp: bool = False,
 ) -> dict[str, Any]:
     """Each member plain and with its policy, the ensemble plain and with TTA, on ``images``.
 
@@ -94,6 +98,8 @@ def evaluate_ensemble(
 
     Args:
         images: ``(N, C, H, W)`` held-out images; ``labels``: ``(N,)``.
+        device, amp: where each member runs and whether under autocast (each member's
+            :class:`~ttakit.engine.TTAEngine`; a member that is a module must be on ``device``).
         others: as :func:`ensemble_predict`.
 
     Returns:
@@ -118,11 +124,13 @@ def evaluate_ensemble(
         for mode, pol in (("plain", plain), ("tta", policy)):
             started = time.perf_counter()
             desc = f"{names[k]} {pol.name}"
-            probs, per_image = member_probs(predictor, images, pol, max_batch=max_batch, progress=progress, desc=desc)
+            probs, passes_each = _member_run(predictor, images, pol, max_batch=max_batch, progress=progress,
+                                             desc=desc, device=device, amp=amp)
+            per_image = float(passes_each.double().mean())
             temperature = None
             if calibration is not None and pol.temperature is None:
-                cal_probs, _ = member_probs(predictor, calibration[0], pol, max_batch=max_batch, progress=progress,
-                                            desc=f"{desc} (calibration)")
+                cal_probs, _ = _member_run(predictor, calibration[0], pol, max_batch=max_batch, progress=progress,
+                                           desc=f"{desc} (calibration)", device=device, amp=amp)
                 temperature = _fit_temperature(cal_probs, calibration[1])
                 probs = _apply_temperature(probs, temperature)
             seconds = time.perf_counter() - started
@@ -337,6 +345,8 @@ def ensemble_checkpoints(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     allow_other_model: bool = False,
+    device: str | None = None,
+    amp: bool = False,
 ) -> dict[str, Any]:
     """``ttakit ensemble``: load each ``MODEL[:POLICY]``, evaluate on held-out data, write results.
 
@@ -351,10 +361,13 @@ def ensemble_checkpoints(
     also when ``data`` is other data (which has no validation split the members held out). Member
     temperatures are fitted on the temperature rows of :func:`calibration_rows` only, the same
     rows ``ttakit predict`` fits them on, leaving the conformal rows unseen.
+
+    ``device`` (``--device``) is where every member runs (each moved there first), ``amp``
+    (``--amp``) runs their forward passes under autocast.
     """
     from ..predictors import load as load_predictor
     from ..report.results import write_results
-    from ..report.tables import format_table, markdown_table
+    from ..report.tables import format_table, markdown_table, plural
     from ._eval_data import load_eval_data
 
     _refuse_fitted_split(split)
@@ -393,6 +406,7 @@ def ensemble_checkpoints(
         raise InvalidInputError(
             f"the data have {len(dataset.classes)} classes but the members predict {len(_classes_of(predictors[0]) or [])}"
         )
+    place_model(predictors, device)  # --device: each member runs there (the engine runs a model where it is)
     result = evaluate_ensemble(
         predictors,
         dataset.images,
@@ -406,9 +420,11 @@ def ensemble_checkpoints(
         calibration=calibration,
         max_batch=max_batch,
         progress=progress,
+        amp=amp,
     )
     data_name = data or (metas[0].extra.get("data") or {}).get("spec") or metas[0].dataset
-    title = f"ensemble of {len(specs)} on {data_name}/{split} ({len(dataset)} images, {vote} vote; {calibration_note})"
+    title = (f"ensemble of {plural(len(specs), 'member')} on {data_name}/{split} ({plural(len(dataset), 'image')}, "
+             f"{vote} vote; {calibration_note})")
     display = _format_rows(result["rows"])
     table = format_table(display, title=title)
     out = Path(out_dir) if out_dir is not None else Path(names[0]) / "ensemble"
@@ -418,12 +434,12 @@ def ensemble_checkpoints(
         [
             "# Ensemble evaluation",
             "",
-            f"Data: {data_name} / {split}, {len(dataset)} images. {vote.capitalize()} vote"
+            f"Data: {data_name} / {split}, {plural(len(dataset), 'image')}. {vote.capitalize()} vote"
             + (f", tie-break {tie_break}" if vote == "hard" else "")
             + (f", weights {result['weights']}" if result["weights"] else "")
             + f"; {calibration_note}.",
-            "Each ensemble row is compared with the best member under any policy, plain or its own (named in the "
-            "table; McNemar's paired test).",
+            "Accuracy is in percent. Each ensemble row is compared with the best member under any policy, plain or "
+            "its own (named in the table): its lift in accuracy points, and McNemar's paired test.",
             "",
             markdown_table(display),
         ]

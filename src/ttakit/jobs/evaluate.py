@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json, read_json
-from ..data import ImageDataset
+from ..data import ImageDataset, load_dataset
 from ..data.splits import SPLIT_SEED
 from ..errors import InvalidInputError
 from ..metrics import mean_std
@@ -28,10 +28,23 @@ from ..report.evaluate_md import (
     _write_plots,
 )
 from ..report.results import write_results
-from ..report.tables import format_table, markdown_table
+from ..report.tables import format_table, markdown_table, plural
 from ._conformal import conformal_split, evaluate_extras
-from ._eval_data import _data_recipe, _retrain, _run_key, load_eval_data
-from ._policies import check_input_sizes, resolve_named_policies
+from ._eval_data import (
+    NO_SPLIT,
+    _data_recipe,
+    _retrain,
+    _run_key,
+    fit_to_model,
+    is_checkpoint,
+    load_eval_data,
+    load_other_model,
+    other_model_meta,
+    other_model_out,
+    own_data_split,
+    refuse_other_model_options,
+)
+from ._policies import _flat_specs, check_input_sizes, resolve_named_policies
 from ._policy_eval import PolicyEvaluation, evaluate_policies
 
 __all__ = [
@@ -105,6 +118,8 @@ def evaluate_checkpoint(
     conformal_method: str = "lac",
     uncertainty: bool = True,
     allow_other_model: bool = False,
+    model_options: dict[str, Any] | None = None,
+    val_data: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint with each policy on held-out data; with ``repeats > 1`` also
     retrain its recipe with ``repeats - 1`` further seeds and report mean ± std over the runs.
@@ -125,25 +140,136 @@ def evaluate_checkpoint(
     (``runs/seed-<s>.json``) with a key of everything they depend on (policies by content,
     checkpoint weights hash, data recipe, scored images); a re-run reuses a finished repeat
     only when its key is unchanged.
+
+    ``checkpoint`` may also be any model :func:`ttakit.predictors.load` reads (``.onnx``,
+    ``.pt2``, TorchScript, Keras, ``file.py:function``; ``model_options`` as its options), with
+    ``data``: such a model records no split, normalisation or training augmentations, so it is
+    scored on ``data``'s own test split, or on every row of ``data`` when it has none (the title
+    says which); ``train-aug`` and ``repeats > 1`` are refused; ``conformal`` calibrates on
+    ``data``'s own validation split or on every row of ``val_data``.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise InvalidInputError(f"repeats must be a positive integer, got {repeats!r}")
-    checkpoint = Path(checkpoint)
-    model, meta = load_checkpoint(checkpoint)
+    scope = None
+    other_val = None
+    if is_checkpoint(checkpoint):
+        refuse_other_model_options(checkpoint, model_options, val_data)
+        checkpoint = Path(checkpoint)
+        model, meta = load_checkpoint(checkpoint)
+        default_out = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval"
+        dataset = load_eval_data(meta, data, split, data_dir, limit)
+    else:  # any model ttakit.predictors reads: no split, no augmentations recorded
+        model, meta, dataset, scope, other_val = _other_model_data(checkpoint, model_options, data, split, data_dir,
+                                                                   limit, repeats, policies, conformal, val_data)
+        default_out = other_model_out(checkpoint, "eval")
     model = prepare_model(model, device, amp)  # --device / --amp (ttakit.predictors)
-    out = Path(out_dir) if out_dir is not None else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval"
+    out = Path(out_dir) if out_dir is not None else default_out
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"out_dir (--out) must be a folder for the results, got the file {out}")
-    dataset = load_eval_data(meta, data, split, data_dir, limit)
     resolved = resolve_named_policies(policies, meta)
     check_input_sizes(model, meta, resolved)
     for policy in resolved:  # a fitted policy belongs to the model it was searched on
         check_policy_model(policy, meta, allow_other_model=allow_other_model)
     # --conformal: checked up front (ttakit.conformal), on rows no policy was fitted on
-    conformal_val = conformal_split(meta, data, data_dir, conformal, policies=resolved, split=split)
+    conformal_val = conformal_split(meta, data, data_dir, conformal, policies=resolved, split=split, val=other_val)
     data_name = data or _data_recipe(meta).get("spec")
     refit_val = _refit_rows(meta, data, data_dir, resolved) if repeats > 1 else None
 
+    runs, first_evaluations = _run_repeats(model, meta, dataset, resolved, split, repeats, out, refit_val,
+                                           max_batch, progress, uncertainty)
+    summary = summarize_runs(runs)
+    scope = scope or _split_phrase(split, dataset)
+    table = format_table(
+        _display_rows(summary),
+        title=f"{checkpoint} on {data_name}: {scope} ({plural(len(dataset), 'image')}, {plural(repeats, 'run')})",
+    )
+    results = {
+        "format": RESULTS_FORMAT,
+        "format_version": 2,
+        "checkpoint": str(checkpoint),
+        "data": data_name,
+        "split": split,
+        "held_out": split != "train",
+        "n_images": len(dataset),
+        "repeats": repeats,
+        "summary": summary,
+        "runs": runs,
+    }
+    markdown = _markdown(checkpoint, data_name, scope, len(dataset), meta.seed, summary, runs)
+    if uncertainty or conformal is not None:  # uncertainty AUROC and conformal sets (ttakit.conformal)
+        extras = evaluate_extras(model, dataset, resolved, val=conformal_val, alpha=conformal, method=conformal_method,
+                                 uncertainty=uncertainty, max_batch=max_batch, progress=progress,
+                                 evaluations=first_evaluations)
+        results.update(uncertainty=extras["uncertainty"], conformal=extras["conformal"], extras_table=extras["table"])
+        markdown += "\n\n" + extras["markdown"]
+    write_results(out, results, markdown)
+    if plots:
+        title = f"{Path(checkpoint).name} on {data_name}: {scope}"
+        results["plots"] = _write_plots(out, _plot_rows(summary), first_evaluations, dataset, title)
+    from ..report.html import (
+        write_html_report,  # report.html: the same tables and plots in one file
+    )
+
+    results["report_html"] = str(write_html_report(out, markdown))
+    results["table"] = table
+    results["out_dir"] = str(out)
+    return results
+
+
+def _other_model_data(model: Any, model_options: dict[str, Any] | None, data: str | None, split: str,
+                      data_dir: str | None, limit: int | None, repeats: int, policies: Sequence[str | Policy],
+                      conformal: float | None, val_data: str | None
+                      ) -> tuple[Any, CheckpointMeta, ImageDataset, str, ImageDataset | None]:
+    """A model that is not a ttakit checkpoint, its data and what the title says of it: (predictor,
+    its metadata, the scored rows, the scope phrase, the conformal rows or None). What needs a
+    recorded split or recipe is refused, each in one line."""
+    if repeats > 1:
+        raise InvalidInputError(
+            f"--repeats {repeats} retrains the checkpoint's recipe with other seeds, but {model} is not a ttakit "
+            "checkpoint and records no recipe; evaluate it with --repeats 1"
+        )
+    if "train-aug" in [p for p in _flat_specs(policies) if isinstance(p, str)]:
+        raise InvalidInputError(
+            f"policy 'train-aug' needs the training augmentations a ttakit checkpoint records; {model} records "
+            "none: name the views instead (such as hflip or d4)"
+        )
+    if split != "test":
+        raise InvalidInputError(
+            f"--split {split}: {model} is not a ttakit checkpoint and records no split, so evaluate scores --data's "
+            "own test split (or every row of --data when it has none); drop --split"
+        )
+    predictor = load_other_model(model, model_options, data, "evaluate")
+    own = own_data_split(data, "test", data_dir)
+    dataset = own if own is not None else load_dataset(data, "train", data_dir)
+    total = len(dataset)
+    dataset = fit_to_model(dataset.head(limit), predictor, f"--data {data}")
+    first = f"the first {len(dataset)} of " if len(dataset) < total else ("all " if own is None else "")
+    if own is not None:
+        scope = f"{first}{plural(len(dataset), 'image')} of the test split of {data} ({NO_SPLIT})"
+    else:
+        scope = f"{first}{plural(len(dataset), 'image')} of {data} ({NO_SPLIT}; {data} has no test split of its own)"
+    meta = other_model_meta(predictor, dataset, model, data)
+    val = None
+    if conformal is not None:
+        if val_data is not None:
+            val = fit_to_model(load_dataset(val_data, "train"), predictor, f"--val-data {val_data}")
+        else:
+            val = own_data_split(data, "val", data_dir)
+            if val is None:
+                raise InvalidInputError(
+                    f"--conformal {conformal:g} calibrates on labelled validation images the model never trained on, "
+                    f"but {model} records no split and {data} has no validation split of its own; pass them with "
+                    "--val-data FILE (every row of it is validation)"
+                )
+            val = fit_to_model(val, predictor, f"the validation split of {data}")
+    return predictor, meta, dataset, scope, val
+
+
+def _run_repeats(model: Any, meta: CheckpointMeta, dataset: ImageDataset, resolved: Sequence[Policy], split: str,
+                 repeats: int, out: Path, refit_val: ImageDataset | None, max_batch: int, progress: bool,
+                 uncertainty: bool) -> tuple[list[dict[str, Any]], list[PolicyEvaluation]]:
+    """Each repeat's run (the checkpoint, then a retrained seed each), written as it finishes and
+    reused when its key is unchanged; returns the runs and the first run's evaluations."""
     runs: list[dict[str, Any]] = []
     first_evaluations: list[PolicyEvaluation] = []
     for r in range(repeats):
@@ -177,31 +303,21 @@ def evaluate_checkpoint(
         runs.append(run)
         if r == 0:
             first_evaluations = evaluations
+    return runs, first_evaluations
 
-    summary = summarize_runs(runs)
-    scope = _split_phrase(split, dataset)
-    table = format_table(
-        _display_rows(summary),
-        title=f"{checkpoint} on {data_name}: {scope} ({len(dataset)} images, {repeats} run(s))",
-    )
-    results = {
-        "format": RESULTS_FORMAT,
-        "format_version": 2,
-        "checkpoint": str(checkpoint),
-        "data": data_name,
-        "split": split,
-        "held_out": split != "train",
-        "n_images": len(dataset),
-        "repeats": repeats,
-        "summary": summary,
-        "runs": runs,
-    }
-    markdown = "\n".join(
+
+def _markdown(checkpoint: Path, data_name: Any, scope: str, n_images: int, first_seed: int,
+              summary: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> str:
+    """``results.md`` before the uncertainty and conformal sections."""
+    repeats = len(runs)
+    return "\n".join(
         [
             f"# TTA evaluation of `{checkpoint}`",
             "",
-            f"Data: {data_name}: {scope}, {len(dataset)} images; {repeats} run(s) (seeds {meta.seed}..{meta.seed + repeats - 1}).",
-            "Lift is accuracy minus plain inference on the same images; the interval is a 95% paired bootstrap "
+            f"Data: {data_name}: {scope}, {plural(n_images, 'image')}; {plural(repeats, 'run')} "
+            f"(seed{'s' if repeats > 1 else ''} {first_seed}{f'..{first_seed + repeats - 1}' if repeats > 1 else ''}).",
+            "Accuracy is in percent; lift is accuracy minus plain inference on the same images, in points; "
+            "NLL change is the NLL minus plain inference's (negative is better); the interval is a 95% paired bootstrap "
             "interval of that difference (with several runs: its bounds averaged over the runs); "
             "p is McNemar's paired test.",
             "",
@@ -209,24 +325,6 @@ def evaluate_checkpoint(
             *_refit_markdown(runs),
         ]
     )
-    if uncertainty or conformal is not None:  # uncertainty AUROC and conformal sets (ttakit.conformal)
-        extras = evaluate_extras(model, dataset, resolved, val=conformal_val, alpha=conformal, method=conformal_method,
-                                 uncertainty=uncertainty, max_batch=max_batch, progress=progress,
-                                 evaluations=first_evaluations)
-        results.update(uncertainty=extras["uncertainty"], conformal=extras["conformal"], extras_table=extras["table"])
-        markdown += "\n\n" + extras["markdown"]
-    write_results(out, results, markdown)
-    if plots:
-        title = f"{Path(checkpoint).name} on {data_name}: {scope}"
-        results["plots"] = _write_plots(out, _plot_rows(summary), first_evaluations, dataset, title)
-    from ..report.html import (
-        write_html_report,  # report.html: the same tables and plots in one file
-    )
-
-    results["report_html"] = str(write_html_report(out, markdown))
-    results["table"] = table
-    results["out_dir"] = str(out)
-    return results
 
 
 REFIT_RULE = "views carried; weights, gate, temperature and matrix scaling refit on the seed's validation rows"

@@ -99,6 +99,8 @@ def export_checked(
     *,
     opset: int | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    device: str | torch.device | None = None,
+    amp: bool = False,
 ) -> dict[str, Any]:
     """Export the checkpoint, load the exported file back, compare it with the checkpoint's model
     on seeded random inputs of the checkpoint's shape, and only then move it to ``out``.
@@ -111,6 +113,10 @@ def export_checked(
         opset: ONNX opset (``onnx`` only; default :data:`DEFAULT_OPSET`).
         tolerance: the largest absolute difference allowed between the exported model's and the
             checkpoint's logits.
+        device: where the model is traced and exported (``--device``; default the CPU). The file
+            written holds no device: it loads on the CPU, where it is checked against the checkpoint.
+        amp: refused (``--amp``): an exported graph is traced in full precision; mixed precision
+            is a choice of whoever runs it (``ttakit predict --amp``).
 
     Returns:
         ``{"out", "format", "opset", "bytes", "max_abs_diff", "tolerance", "n_inputs", "input_shape",
@@ -121,6 +127,14 @@ def export_checked(
     """
     from ..models import load_checkpoint
 
+    if amp:
+        raise InvalidInputError(
+            "export --amp: an exported graph is traced in full precision (float32); run it with mixed precision "
+            "where it is used (ttakit predict MODEL --amp), and export without --amp"
+        )
+    from ..engine import check_device
+
+    target = check_device(device)
     format = check_out_suffix(out, format)
     opset = check_opset(opset, format)
     tolerance = check_tolerance(tolerance)
@@ -130,7 +144,7 @@ def export_checked(
     # Written beside ``out`` under a temporary name with the format's suffix (how it is loaded back).
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.check{_SUFFIX[format]}")
     try:
-        export_model(model, format, tmp, export_metadata(meta), input_shape=shape, opset=opset)
+        export_model(model, format, tmp, export_metadata(meta), input_shape=shape, opset=opset, device=target)
         diff, n_inputs = check_export(model, tmp, format, shape)
         if not diff <= tolerance:  # NaN fails too
             raise ModelOutputError(
@@ -279,6 +293,7 @@ def export_model(
     *,
     input_shape: tuple[int, int, int],
     opset: int | None = None,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Export ``model`` (raw ``(B, C, H, W)`` in, outputs out; dynamic batch) with ``metadata``.
 
@@ -288,13 +303,20 @@ def export_model(
         out: the file to write (atomically).
         metadata: JSON-ready dict stored as ``ttakit.json``.
         input_shape: ``(C, H, W)`` of one image, for the example input.
+        device: where the model is traced (default the CPU); a ``.pt2`` program is moved back to
+            the CPU before it is saved, so the file loads anywhere.
     """
     check_format(format)
-    model = model.to("cpu").eval()
-    example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    model = model.to(target).eval()
+    example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(target)
     text = json.dumps(metadata)
     if format == "pt2":
         program = _torch_export(model, example)
+        if target.type != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, "cpu")
         return _atomic_pt2(Path(out), program, text)
     if format == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():

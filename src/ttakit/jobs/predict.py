@@ -16,7 +16,7 @@ policies and every option that changes an answer) is recorded in ``<out>.setting
 output is started; a resume with anything else that changes an answer is refused, naming it.
 
 Several models: pass a list of models (and one policy each, or one for all) and each row holds
-the ENSEMBLE prediction (:func:`ttakit.ensemble.ensemble_predict`, the function behind
+the ENSEMBLE prediction (:func:`ttakit.jobs._ensemble_predict.ensemble_predict`, the function behind
 ``ttakit ensemble``): soft vote (the weighted mean of the members' probabilities, each
 temperature-scaled on the validation split the members hold out, when they are ttakit
 checkpoints that share one) or hard vote (``prob_k`` columns are then vote shares), with the
@@ -52,7 +52,7 @@ from ..data.decode import (
 from ..errors import InvalidInputError
 from ..policy import Policy
 from ._predict_resume import _read_error_rows, _write_settings, check_resume_settings, read_done
-from ._predict_runners import _ensemble_runner, _path_seeds, _single_runner
+from ._predict_runners import _ensemble_runner, _path_seeds, _Runner, _single_runner
 
 __all__ = ["predict_images", "errors_path", "read_done", "default_workers", "output_columns",
            "check_resume_settings",]
@@ -212,7 +212,7 @@ def predict_images(
             (refused by default: :func:`ttakit.policy.check_policy_model`).
         vote, weights, tie_break, seed: several models only: how they are combined
             (``"soft"``/``"hard"``, one non-negative weight per model, ``"mean"``/``"random"``,
-            the random tie-break's seed; see :func:`ttakit.ensemble.hard_vote`).
+            the random tie-break's seed; see :func:`ttakit.ensemble_vote.hard_vote`).
         calibrate: several models only: temperature-scale each member on the validation split
             they share (ttakit checkpoints trained on the same data) before combining.
 
@@ -227,28 +227,7 @@ def predict_images(
         that images cannot be fed to.
     """
     wall_started = time.perf_counter()  # the summary's seconds: loading and calibration included
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
-    out = check_output_file(out)
-    fmt = _output_format(out, format)
-    models = list(model) if isinstance(model, (list, tuple)) else [model]
-    if not models:
-        raise InvalidInputError("give at least one model to predict with, got none")
-    policies = list(policy) if isinstance(policy, (list, tuple)) else [policy] * len(models)
-    if len(policies) != len(models):
-        raise InvalidInputError(f"give one policy for all models or one per model: {len(models)} models but "
-                                f"{len(policies)} policies")
-    if resume and overwrite:
-        raise InvalidInputError("--resume keeps the rows already in --out and --overwrite replaces them: give one")
-    if out.exists() and out.stat().st_size > 0 and not resume and not overwrite:
-        raise InvalidInputError(
-            f"--out {out} already exists ({out.stat().st_size} bytes); add --resume to keep its rows and predict "
-            "the rest, --overwrite to replace it, or choose another --out"
-        )
-    if retry_errors and not resume:
-        raise InvalidInputError(
-            "retry_errors (--retry-errors) retries the files in the errors file of a run being resumed; add --resume"
-        )
+    out, fmt, models, policies = _check_call(model, policy, out, format, top_k, resume, overwrite, retry_errors)
     options = dict(model_options or {})
     settings: dict[str, Any] = {}
 
@@ -271,23 +250,57 @@ def predict_images(
                                   vote=vote, weights=weights, tie_break=tie_break, seed=seed, calibrate=calibrate,
                                   progress=progress, check_settings=check_settings,
                                   allow_other_model=allow_other_model, resize=resize)
-    channels, calibration = runner.channels, runner.calibration
     paths = list_images(images)
-    workers = default_workers() if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise InvalidInputError(f"workers must be 0 or a positive integer, got {workers!r}")
-    batch_size = batch_size or max_batch
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    workers, batch_size = _check_loader(workers, batch_size, max_batch)
 
     errors_file = errors_path(out)
     names = [str(p) for p in paths]
     if len(set(names)) != len(names):
         names = list(dict.fromkeys(names))  # a list file naming a file twice: predict it once
-    classes = runner.classes
-    width_known = classes is not None
-    with_sets = calibration is not None
-    columns = output_columns(min(top_k, len(classes)), with_sets) if width_known else None
+    columns = output_columns(min(top_k, len(runner.classes)), runner.calibration is not None) \
+        if runner.classes is not None else None
+    todo, n_retried = _files_to_do(names, out, fmt, columns, errors_file, settings, resume, retry_errors)
+    counts = _write_predictions(runner, todo, out, errors_file, fmt, columns, top_k=top_k, resume=resume,
+                                workers=workers, batch_size=batch_size, progress=progress)
+    wall_seconds = time.perf_counter() - wall_started
+    if counts["n_errors"] == 0 and errors_file.exists() \
+            and errors_file.stat().st_size <= len(_csv_line(ERROR_COLUMNS)):
+        errors_file.unlink()  # no errors ever: no errors file
+    return _summary(runner, out, errors_file, fmt, names, todo, n_retried, counts, wall_seconds, workers, batch_size)
+
+
+def _check_call(model: Any, policy: Any, out: str | os.PathLike, format: str | None, top_k: int, resume: bool,
+                overwrite: bool, retry_errors: bool) -> tuple[Path, str, list[Any], list[Any]]:
+    """``predict_images``' arguments checked before any model is loaded: ``(out, format, models, policies)``."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
+    out = check_output_file(out)
+    fmt = _output_format(out, format)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise InvalidInputError("give at least one model to predict with, got none")
+    policies = list(policy) if isinstance(policy, (list, tuple)) else [policy] * len(models)
+    if len(policies) != len(models):
+        raise InvalidInputError(f"give one policy for all models or one per model: {len(models)} models but "
+                                f"{len(policies)} policies")
+    if resume and overwrite:
+        raise InvalidInputError("--resume keeps the rows already in --out and --overwrite replaces them: give one")
+    if out.exists() and out.stat().st_size > 0 and not resume and not overwrite:
+        raise InvalidInputError(
+            f"--out {out} already exists ({out.stat().st_size} bytes); add --resume to keep its rows and predict "
+            "the rest, --overwrite to replace it, or choose another --out"
+        )
+    if retry_errors and not resume:
+        raise InvalidInputError(
+            "retry_errors (--retry-errors) retries the files in the errors file of a run being resumed; add --resume"
+        )
+    return out, fmt, models, policies
+
+
+def _files_to_do(names: list[str], out: Path, fmt: str, columns: list[str] | None, errors_file: Path,
+                 settings: dict[str, Any], resume: bool, retry_errors: bool) -> tuple[list[str], int]:
+    """The files still to predict, and how many leave the errors file to be retried. A resumed
+    output skips its rows and its listed errors; a new one records the settings its rows depend on."""
     done: set[str] = set()
     n_retried = 0
     if resume and out.exists():
@@ -307,8 +320,16 @@ def predict_images(
         _write_settings(out, settings)  # a new output: record what its rows depend on
     # Compare absolute paths: a resumed run may name the same folder another way (./imgs, imgs/).
     done_abs = {os.path.abspath(p) for p in done}
-    todo = [n for n in names if os.path.abspath(n) not in done_abs]
+    return [n for n in names if os.path.abspath(n) not in done_abs], n_retried
 
+
+def _write_predictions(runner: _Runner, todo: list[str], out: Path, errors_file: Path, fmt: str,
+                       columns: list[str] | None, *, top_k: int, resume: bool, workers: int, batch_size: int,
+                       progress: bool) -> dict[str, Any]:
+    """The image loop: decode ``todo`` in worker processes, run each batch, append its rows to
+    ``out`` (and unreadable files to ``errors_file``) and flush. Returns the counts and seconds."""
+    classes, calibration = runner.classes, runner.calibration
+    with_sets = calibration is not None
     started = time.perf_counter()
     n_predicted = n_errors = 0
     passes_total = 0.0
@@ -320,7 +341,7 @@ def predict_images(
             error_output.write(_csv_line(ERROR_COLUMNS))
             error_output.flush()
         loader = [] if not todo else torch.utils.data.DataLoader(
-            ImageFiles(todo, channels, runner.input_size, runner.resize),
+            ImageFiles(todo, runner.channels, runner.input_size, runner.resize),
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
@@ -364,10 +385,26 @@ def predict_images(
     finally:
         output.close()
         error_output.close()
-    seconds = time.perf_counter() - started
-    wall_seconds = time.perf_counter() - wall_started
-    if n_errors == 0 and errors_file.exists() and errors_file.stat().st_size <= len(_csv_line(ERROR_COLUMNS)):
-        errors_file.unlink()  # no errors ever: no errors file
+    return {"n_predicted": n_predicted, "n_errors": n_errors, "passes": passes_total,
+            "seconds": time.perf_counter() - started}
+
+def _check_loader(workers: int | None, batch_size: int | None, max_batch: int) -> tuple[int, int]:
+    """Decoding workers (default :func:`default_workers`) and images per step (default ``max_batch``), checked."""
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise InvalidInputError(f"workers must be 0 or a positive integer, got {workers!r}")
+    batch_size = batch_size or max_batch
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return workers, batch_size
+
+
+def _summary(runner: _Runner, out: Path, errors_file: Path, fmt: str, names: list[str], todo: list[str],
+             n_retried: int, counts: dict[str, Any], wall_seconds: float, workers: int,
+             batch_size: int) -> dict[str, Any]:
+    """What :func:`predict_images` returns (see there)."""
+    seconds = counts["seconds"]
+    n_predicted = counts["n_predicted"]
     return {
         "out": str(out),
         "errors": str(errors_file) if errors_file.exists() else None,
@@ -376,19 +413,19 @@ def predict_images(
         "n_done_before": len(names) - len(todo),
         "n_retried": n_retried,
         "n_predicted": n_predicted,
-        "n_errors": n_errors,
+        "n_errors": counts["n_errors"],
         "seconds": wall_seconds,
         "seconds_predicting": seconds,
         "seconds_preparing": wall_seconds - seconds,
         "images_per_second": n_predicted / seconds if seconds > 0 else math.inf,
-        "passes_per_image": passes_total / n_predicted if n_predicted else 0.0,
+        "passes_per_image": counts["passes"] / n_predicted if n_predicted else 0.0,
         "policy": runner.name,
         "views": runner.views,
         "model": runner.model,
         "ensemble": runner.extra or None,
         "workers": workers,
         "batch_size": batch_size,
-        "conformal": calibration.to_json() if calibration is not None else None,
+        "conformal": runner.calibration.to_json() if runner.calibration is not None else None,
         "resize": runner.resize,
         "resize_source": runner.resize_source,
     }

@@ -8,6 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..data import ImageDataset, dataset_sha256
 from ..errors import InvalidInputError
 from ..models import load_checkpoint
@@ -15,7 +17,19 @@ from ..predictors import prepare_model
 from ..report.search_report import search_display_rows
 from ..report.tables import format_table, plural
 from ..search.calibration import MATRIX_CONTROL
-from ._eval_data import CONFORMAL_HOLDOUT, HOLDOUT_SEED, load_eval_data, weights_digest
+from ._eval_data import (
+    CONFORMAL_HOLDOUT,
+    HOLDOUT_SEED,
+    fit_to_model,
+    is_checkpoint,
+    load_eval_data,
+    load_other_model,
+    other_model_meta,
+    other_model_out,
+    own_data_split,
+    refuse_other_model_options,
+    weights_digest,
+)
 
 
 def _check_holdout(value: object) -> float:
@@ -58,6 +72,50 @@ def _rows_record(dataset: ImageDataset, split: str, searched: Sequence[int], hol
 
 
 
+def _other_model_rows(model: Any, model_options: dict[str, Any] | None, data: str | None, data_dir: str | None,
+                      val_data: str | None) -> tuple[Any, Any, ImageDataset, str]:
+    """(predictor, its metadata, the validation rows, its weights digest) for a model that is not a ttakit checkpoint:
+    ``val_data`` whole, or ``data``'s own validation split; refused in one line otherwise."""
+    from ..data import load_dataset
+
+    if data is None and val_data is None:
+        raise InvalidInputError(
+            f"{model} is not a ttakit checkpoint, so it records no data: give labelled validation images it never "
+            "trained on with --val-data FILE (every row is validation), or --data DATA with a validation split"
+        )
+    predictor = load_other_model(model, model_options, data or val_data, "search")
+    if val_data is not None:
+        rows, what = load_dataset(val_data, "train"), f"--val-data {val_data}"
+        rows.name = f"{val_data} (every row: validation)"
+    else:
+        rows, what = own_data_split(data, "val", data_dir), f"the validation split of {data}"
+        if rows is None:
+            raise InvalidInputError(
+                f"search needs labelled validation images the model never trained on, but {model} records no split and "
+                f"{data} has no validation split of its own; pass them with --val-data FILE (every row of it is "
+                "validation)"
+            )
+    rows = fit_to_model(rows, predictor, what)
+    from ._predict_resume import _weights_digest
+
+    digest = _weights_digest(predictor)  # recorded: a policy that records no model would pass anywhere
+    if predictor.outputs == "probs":  # the search caches logits: log-probabilities are logits of the same softmax
+        predictor = _LogProbs(predictor)
+    return predictor, other_model_meta(predictor, rows, model, val_data or data), rows, digest
+
+
+class _LogProbs(torch.nn.Module):
+    """A model that returns probabilities, as log-probabilities (logits whose softmax is them)."""
+
+    def __init__(self, predictor: Any) -> None:
+        super().__init__()
+        self.predictor = predictor
+        self.kind, self.source, self.mean, self.std = predictor.kind, predictor.source, predictor.mean, predictor.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.predictor(images).clamp_min(1e-12).log()
+
+
 def search_checkpoint(
     checkpoint: str | os.PathLike,
     *,
@@ -78,6 +136,8 @@ def search_checkpoint(
     device: str | None = None,
     amp: bool = False,
     conformal_holdout: float = CONFORMAL_HOLDOUT,
+    model_options: dict[str, Any] | None = None,
+    val_data: str | None = None,
 ) -> dict[str, Any]:
     """Search a TTA policy for a checkpoint on its held-out validation split (never the test
     split) and save it as JSON that ``evaluate`` accepts.
@@ -95,6 +155,12 @@ def search_checkpoint(
     still in the running (``halving=False``: all of them). Writes the policy to ``out`` (default
     ``<checkpoint>/policy.json``) and the report (``search.md``, ``search.json``, plots) to
     ``report_dir`` (default ``<checkpoint>/search``).
+
+    ``checkpoint`` may also be any model :func:`ttakit.predictors.load` reads (``model_options``
+    as its options). It records no split, so the search needs labelled images it never trained
+    on: ``data``'s own validation split (an image folder's ``val/``), or every row of ``val_data``
+    (``--val-data``); otherwise it is refused. Its outputs default to ``<model name>-policy.json``
+    and ``<model name>-search/`` beside the model.
     """
     from ..search.run import check_search_split
 
@@ -103,11 +169,18 @@ def search_checkpoint(
     from ..report.search_report import write_search_report
     from ..search import search_policy  # the search stack is heavy; load on use
 
-    checkpoint = Path(checkpoint)
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    model, meta = load_checkpoint(checkpoint)
+    if is_checkpoint(checkpoint):
+        refuse_other_model_options(checkpoint, model_options, val_data)
+        checkpoint = Path(checkpoint)
+        folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+        default_out, default_reports = folder / "policy.json", folder / "search"
+        model, meta = load_checkpoint(checkpoint)
+        full = load_eval_data(meta, data, split, data_dir)
+        digest = meta.weights_sha256 or weights_digest(meta)
+    else:  # any model ttakit.predictors reads: it records no split, so validation rows are given
+        model, meta, full, digest = _other_model_rows(checkpoint, model_options, data, data_dir, val_data)
+        default_out, default_reports = other_model_out(checkpoint, "policy.json"), other_model_out(checkpoint, "search")
     model = prepare_model(model, device, amp)  # --device / --amp (ttakit.predictors)
-    full = load_eval_data(meta, data, split, data_dir)
     searched_rows = _search_rows(full, split, holdout, limit)
     dataset = full.subset(searched_rows, full.name) if len(searched_rows) < len(full) else full
     result = search_policy(
@@ -125,13 +198,13 @@ def search_checkpoint(
         progress=progress,
     )
     provenance = {
-        "weights_sha256": meta.weights_sha256 or weights_digest(meta),
+        "weights_sha256": digest,
         "checkpoint": str(checkpoint),
         "validation_rows": _rows_record(full, split, searched_rows, holdout),
     }
     result.policy.meta.update(dataset=dataset.name, **provenance)
-    policy_path = Path(out) if out is not None else folder / "policy.json"
-    reports = write_search_report(result, Path(report_dir) if report_dir is not None else folder / "search")
+    policy_path = Path(out) if out is not None else default_out
+    reports = write_search_report(result, Path(report_dir) if report_dir is not None else default_reports)
     result.policy.name = "searched"
     result.policy.save(policy_path)
     # The same calibration without TTA, to score beside the policy: what the views add is the rest.
@@ -159,6 +232,7 @@ def search_checkpoint(
         "forward_passes": cost.get("forward_passes"),
         "full_caching_passes": cost.get("full_caching_passes"),
         "reports": {k: str(v) for k, v in reports.items()},
+        "records_split": meta.extra.get("records_split", True),
         "table": table,
         "cost_line": (
             f"forward passes: {cost['forward_passes']:,} spent ({cost['fraction_of_full']:.0%} of the "

@@ -46,6 +46,10 @@ def train_run(
     result = train_model(splits.train, config, arch=arch, val_ds=splits.val, progress=progress)
     result.size_note = size_note
     result.meta.extra["data"] = splits.recipe
+    if image_size is not None or splits.train.files is not None:
+        # image files (folders, file lists) and --image-size reach the model's size stretched (bilinear):
+        # recorded, so predict resizes new images the same way by default
+        result.meta.extra["resize"] = "stretch"
     result.meta.dataset = data
     result.checkpoint_dir = save_checkpoint(out_dir, result.model, result.meta)
     result.meta.source = str(result.checkpoint_dir)

@@ -7,6 +7,8 @@ from typing import Any
 
 
 def _format_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ensemble table in the language of every report: accuracy in percent, its lift over
+    the best member in points, ``passes/img``; the JSON keeps fractions."""
     out = []
     for r in rows:
         out.append(
@@ -14,7 +16,7 @@ def _format_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "model": r["model"],
                 "policy": r["policy"],
                 "accuracy %": f"{100 * r['accuracy']:.2f}",
-                "vs best member (pts)": f"{100 * r['lift_accuracy']:+.2f}" if "lift_accuracy" in r else "",
+                "lift vs best member (points)": f"{100 * r['lift_accuracy']:+.2f}" if "lift_accuracy" in r else "",
                 "best member (any policy)": r.get("vs", ""),
                 "p (McNemar)": (f"{r['mcnemar_p']:.3g}" if r["mcnemar_p"] >= 1e-300 else "< 1e-300")
                 if "mcnemar_p" in r

@@ -15,6 +15,9 @@ if TYPE_CHECKING:  # the record only; the report draws what a job hands it
 
 
 def _display_rows(summary: Sequence[dict[str, Any]], model: str | None = None) -> list[dict[str, Any]]:
+    """The evaluate tables in the language of every report: accuracy in percent, its lift and
+    interval in points, the NLL difference from plain inference as ``NLL change`` (negative is
+    better) and ``passes/img``; the JSON keeps fractions."""
     rows = []
     for s in summary:
         row: dict[str, Any] = {}
@@ -24,19 +27,20 @@ def _display_rows(summary: Sequence[dict[str, Any]], model: str | None = None) -
         row["views"] = s["views"]
         row["accuracy %"] = format_mean_std(s["accuracy_mean"], s["accuracy_std"] if s["runs"] > 1 else None, scale=100)
         if "lift_accuracy_mean" in s:
-            row["lift (pts)"] = format_mean_std(
+            row["lift (points)"] = format_mean_std(
                 s["lift_accuracy_mean"], s["lift_accuracy_std"] if s["runs"] > 1 else None, fmt="+.2f", scale=100
             )
-            row["95% CI (pts)"] = _format_ci(s)
+            row["95% CI (points)"] = _format_ci(s)
             if s["runs"] == 1:
                 row["p (McNemar)"] = _format_p(s["mcnemar_p_min"])
             else:
                 row["p (McNemar)"] = f"{s['significant_runs']}/{s['runs']} runs < 0.05"
         else:
-            row["lift (pts)"] = "baseline"
-            row["95% CI (pts)"] = "-"
+            row["lift (points)"] = "baseline"
+            row["95% CI (points)"] = "-"
             row["p (McNemar)"] = "-"
         row["NLL"] = format_mean_std(s["nll_mean"], s["nll_std"] if s["runs"] > 1 else None, fmt=".4f")
+        row["NLL change"] = f"{s['lift_nll_mean']:+.4f}" if "lift_nll_mean" in s else "-"
         row["ECE"] = f"{s['ece_mean']:.4f}"
         row["Brier"] = f"{s['brier_mean']:.4f}"
         row["passes/img"] = f"{s['passes_per_image']:.2f}"

@@ -266,7 +266,7 @@ def write_audit_report(out_dir: str | os.PathLike, result: dict[str, Any]) -> Pa
     return write_html_report(out, "\n".join(lines), images=[], commands=commands)
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m ttakit.html_report FOLDER`: rebuild from results.md
+if __name__ == "__main__":  # pragma: no cover - `python -m ttakit.report.html FOLDER`: rebuild from results.md
     target = Path(sys.argv[1])
     md = next((target / n for n in ("results.md", "search.md") if (target / n).exists()), None)
     print(write_html_report(target, md.read_text() if md else "# ttakit report"))

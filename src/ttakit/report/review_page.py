@@ -9,7 +9,7 @@ on the top class and confident learning are filters and columns), with filters b
 given and suggested class, a counter of the decided and left images under the current filters
 (and of all flagged images), and decisions by click or keyboard (keep, relabel, remove, undo) that
 survive a reload (``localStorage`` keyed by the audit run) and export as ``decisions.csv``, which
-:func:`ttakit.audit_apply.apply_decisions` (``ttakit audit-apply``) applies.
+:func:`ttakit.jobs.audit_apply.apply_decisions` (``ttakit audit-apply``) applies.
 
 Each image gets one reason:
 
@@ -100,7 +100,7 @@ def review_entries(
 
     Returns:
         Dicts with ``pos`` (position in ``probs``), ``row`` (= ``pos``; callers map it), ``given``,
-        ``suggested``, ``probability`` (of ``suggested``), ``reason`` (``mislabelled``,
+        ``suggested``, ``probability`` (of ``suggested``), ``given_probability`` (of ``given``), ``reason`` (``mislabelled``,
         ``ambiguous``, ``outlier``), ``score``, ``flags`` (methods that flagged it), ``views``
         (``[[view name, class], ...]`` when the TTA views disagree, else empty), ``votes``
         (``[["no TTA", class], ["TTA", class]]`` when plain inference disagrees with the TTA
@@ -176,6 +176,7 @@ def review_entries(
         entries.append({
             "pos": row, "row": row, "given": given, "suggested": suggested,
             "probability": round(float(p[row, suggested]), 4), "reason": reason, "score": round(score, 6),
+            "given_probability": round(float(p[row, given]), 4),
             "flags": [m for m in (*REVIEW_METHODS, "outlier") if m in info["flags"]], "votes": votes, "views": views,
             "flag_kinds": {m: k for m, k in info["by"].items()},
         })
@@ -243,6 +244,7 @@ def review_page_html(
             {
                 "row": int(it["row"]), "file": it.get("file") or "", "img": it.get("img", ""),
                 "given": int(it["given"]), "sug": int(it["suggested"]), "p": float(it["probability"]),
+                "pGiven": it.get("given_probability"),  # None (null) for entries made without it
                 "reason": it["reason"], "flags": list(it.get("flags", [])), "votes": list(it.get("votes", [])),
                 "views": list(it.get("views", [])),
                 "kinds": dict(it.get("flag_kinds", {})),
@@ -472,7 +474,9 @@ function makeCard(i, k) {
   lab.appendChild(el("b", "given", C[it.given]));
   lab.appendChild(document.createTextNode(" \u2192 suggested "));
   lab.appendChild(el("b", "suggested", C[it.sug]));
-  lab.appendChild(document.createTextNode(" (p = " + it.p.toFixed(2) + ")"));
+  // The default rule judges p(given label): show it beside the suggestion's p.
+  lab.appendChild(document.createTextNode(" (p = " + it.p.toFixed(2) +
+    (typeof it.pGiven === "number" ? "; p(given) = " + it.pGiven.toFixed(2) : "") + ")"));
   info.appendChild(lab);
   info.appendChild(el("div", "reason", REASONS[it.reason]));
   info.appendChild(el("div", "flags", it.reason === "outlier" ? "flagged by: no method (the outlier rule)" :

@@ -7,7 +7,9 @@
 ``calibration``    the temperature and matrix scaling: fit (:func:`fit_temperature`,
                    :func:`fit_matrix_scaling`) and apply, in one place
 ``weights``        learned aggregation: per-view and class-by-view weights, cross-validated
-``greedy``         greedy selection (:func:`greedy_search`) and the never-worse check
+``greedy``         greedy selection of views (:func:`greedy_search`)
+``finish``         after the selection: weights, gate, matrix scaling, the never-worse check
+``result``         what a search returns (:class:`SearchResult`)
 ``gate``           gate tuning (:func:`tune_gate_threshold`) and gated outputs from a cache
 ``run``            the orchestration ``ttakit search`` calls (:func:`search_policy`)
 ``refit``          a policy's fitted parameters refitted for another model (:func:`refit_policy`)
@@ -31,9 +33,9 @@ from typing import Any
 
 _EXPORTS = {
     "OBJECTIVES": "greedy",
-    "SearchResult": "greedy",
+    "SearchResult": "result",
     "greedy_search": "greedy",
-    "never_worse": "greedy",
+    "never_worse": "finish",
     "ViewCache": "cache",
     "cache_views": "cache",
     "default_pool": "pool",

@@ -33,6 +33,7 @@ from ..merge import (  # applying lives with merging
     PROB_FLOOR,
     apply_matrix_scaling,
     apply_temperature,
+    calibrate,
 )
 from ._util import SCORE_CHUNK, SingleThread, cm, gather_cm
 
@@ -40,6 +41,7 @@ __all__ = [
     "PROB_FLOOR",
     "apply_temperature",
     "fit_temperature",
+    "fit_probs_temperature",
     "apply_matrix_scaling",
     "fit_matrix_scaling",
     "compare_matrix_scaling",
@@ -54,10 +56,8 @@ BETA_RANGE = (1e-2, 1e2)  # inverse temperatures searched: T in [0.01, 100]
 MATRIX_CONTROL = "none (matrix-scaled)"
 MATRIX_L2 = 1e-3  # pull of matrix scaling toward the identity map (per squared entry of W - I)
 # Validation rows matrix scaling needs per number it fits (C * C + C): with fewer it fits the
-# validation rows' own noise. 250 rows for 5 classes won both halves of a 2-fold split yet cost
-# 1.4-2.2 points of test accuracy (benchmarks/recipes.py's transfer from scratch at 15 epochs,
-# kept as test_matrix_scaling_is_refused_on_a_few_hundred_validation_rows); about 3,700 rows for
-# 10 classes held up on test (benchmarks/search.py).
+# validation rows' own noise and loses on test though it wins cross-validation
+# (test_matrix_scaling_is_refused_on_a_few_hundred_validation_rows; benchmarks/recipes.py).
 MATRIX_ROWS_PER_NUMBER = 20
 
 
@@ -96,6 +96,13 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     with SingleThread():
         beta, _ = fit_beta_cm(*shifted_logits(cm(logits.detach())[None], labels.long()))
     return float(1.0 / beta[0])
+
+
+def fit_probs_temperature(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature minimising the NLL of ``softmax(log(probs) / T)`` on held-out ``labels``:
+    :func:`fit_temperature` on merged probabilities ``(N, C)`` (in float64, floored at
+    :data:`PROB_FLOOR`). The one fit of an ensemble member's temperature."""
+    return float(fit_temperature(torch.log(probs.double().clamp_min(PROB_FLOOR)), labels))
 
 
 # --------------------------------------------------------------------------- vectorised internals
@@ -224,11 +231,7 @@ def held_out_nll(probs: torch.Tensor, y: torch.Tensor, fit: torch.Tensor, held: 
 def apply_calibration(probs: torch.Tensor, policy: Any) -> torch.Tensor:
     """``(N, C)`` merged probabilities as a policy's calibration leaves them: its temperature,
     then its matrix scaling (either may be None)."""
-    out = apply_temperature(probs, policy.temperature)
-    scaling = policy.matrix_scaling
-    if scaling is not None:
-        out = apply_matrix_scaling(out, scaling["weight"], scaling["bias"])
-    return out
+    return calibrate(probs, policy.temperature, policy.matrix_scaling)
 
 
 def _fit_matrix(logp: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import asdict, dataclass
@@ -179,6 +180,66 @@ def tune_gate_threshold(
     """
     plain = _check_probs("plain_probs", plain_probs)
     full = _check_probs("full_probs", full_probs)
+    _check_tuning_args(plain, full, labels, keep=keep, n_views=n_views, confidence=confidence, max_cost=max_cost,
+                       n_boot=n_boot)
+    labels = labels.long()
+    n = plain.shape[0]
+    conf = plain.max(dim=1).values  # (N,)
+    plain_ok = (plain.argmax(1) == labels).double()
+    full_ok = (full.argmax(1) == labels).double()
+    plain_acc, full_acc = float(plain_ok.mean()), float(full_ok.mean())
+    full_lift = full_acc - plain_acc
+    tuning = functools.partial(
+        _tuning, n=n, keep=keep, confidence=confidence, n_views=n_views, reuse_identity=reuse_identity,
+        plain_acc=plain_acc, full_acc=full_acc,
+    )
+    if full_lift <= 0:
+        return tuning(0.0, 0, plain_acc)
+    order = torch.argsort(conf, stable=True)
+    sorted_conf = conf[order]
+    # gain[j] = accuracy lift when the j least confident images are gated, j = 0..N
+    gain = (
+        torch.cat(
+            [torch.zeros(1, dtype=torch.float64), torch.cumsum((full_ok - plain_ok)[order], 0)]
+        )
+        / n
+    )
+    # A threshold t gates {conf < t}: cuts fall between distinct confidences, and after the
+    # last image only if its confidence is below 1 (thresholds lie in [0, 1]).
+    cut_ok = torch.ones(n + 1, dtype=torch.bool)
+    cut_ok[1:n] = sorted_conf[1:] > sorted_conf[:-1]
+    cut_ok[n] = bool(sorted_conf[-1] < GATE_ALL)
+    target = keep * full_lift - 1e-12
+    keeps = cut_ok & (gain >= target)
+    if keep_nll is not None:
+        keeps &= _keeps_nll(plain, full_calibrated, labels, order, keep_nll)
+    robust = keeps.clone()
+    keep_rate = None
+    if confidence > 0 and n_boot > 0:
+        keep_rate = _bootstrap_keep_rate((full_ok - plain_ok)[order], keep, n_boot, seed)
+        robust &= keep_rate >= confidence
+    feasible = torch.nonzero(robust).flatten()
+    if len(feasible):
+        j = int(feasible[0])
+    else:  # the lift needs images at confidence 1.0: gate as many as a threshold can
+        j = int(torch.nonzero(cut_ok).flatten()[-1])
+    if max_cost is not None:
+        j = _within_budget(j, keeps, keep_rate, n, n_views, reuse_identity, max_cost)
+    threshold = float(sorted_conf[j]) if j < n else GATE_ALL
+    return tuning(threshold, j, plain_acc + float(gain[j]))
+
+
+def _check_tuning_args(
+    plain: torch.Tensor,
+    full: torch.Tensor,
+    labels: object,
+    *,
+    keep: object,
+    n_views: object,
+    confidence: object,
+    max_cost: object,
+    n_boot: object,
+) -> None:
     if full.shape != plain.shape:
         raise InvalidInputError(
             f"Expected `full_probs` to have the shape of `plain_probs` {tuple(plain.shape)}, but got {tuple(full.shape)}"
@@ -218,82 +279,83 @@ def tune_gate_threshold(
         raise InvalidInputError(
             f"Expected argument `n_boot` to be an integer >= 0, but got {n_boot!r}"
         )
-    labels = labels.long()
-    n = plain.shape[0]
-    conf = plain.max(dim=1).values  # (N,)
-    plain_ok = (plain.argmax(1) == labels).double()
-    full_ok = (full.argmax(1) == labels).double()
-    plain_acc, full_acc = float(plain_ok.mean()), float(full_ok.mean())
+
+
+def _tuning(
+    threshold: float,
+    n_gated: int,
+    gated_acc: float,
+    *,
+    n: int,
+    keep: float,
+    confidence: float,
+    n_views: int,
+    reuse_identity: bool,
+    plain_acc: float,
+    full_acc: float,
+) -> GateTuning:
+    """The :class:`GateTuning` of gating the ``n_gated`` least confident of ``n`` images."""
+    fraction = n_gated / n
     full_lift = full_acc - plain_acc
-
-    def tuning(threshold: float, n_gated: int, gated_acc: float) -> GateTuning:
-        fraction = n_gated / n
-        gated_lift = gated_acc - plain_acc
-        kept = gated_lift / full_lift if full_lift > 0 else 1.0
-        return GateTuning(
-            threshold=threshold,
-            keep=float(keep),
-            confidence=float(confidence),
-            fraction_gated=fraction,
-            forward_passes_per_image=forward_passes(n_views, fraction, reuse_identity)
-            if n_gated
-            else 1.0,
-            n_views=n_views,
-            plain_accuracy=plain_acc,
-            full_accuracy=full_acc,
-            gated_accuracy=gated_acc,
-            full_lift=full_lift,
-            gated_lift=gated_lift,
-            kept_lift=kept,
-        )
-
-    if full_lift <= 0:
-        return tuning(0.0, 0, plain_acc)
-    order = torch.argsort(conf, stable=True)
-    sorted_conf = conf[order]
-    # gain[j] = accuracy lift when the j least confident images are gated, j = 0..N
-    gain = (
-        torch.cat(
-            [torch.zeros(1, dtype=torch.float64), torch.cumsum((full_ok - plain_ok)[order], 0)]
-        )
-        / n
+    gated_lift = gated_acc - plain_acc
+    kept = gated_lift / full_lift if full_lift > 0 else 1.0
+    return GateTuning(
+        threshold=threshold,
+        keep=float(keep),
+        confidence=float(confidence),
+        fraction_gated=fraction,
+        forward_passes_per_image=forward_passes(n_views, fraction, reuse_identity)
+        if n_gated
+        else 1.0,
+        n_views=n_views,
+        plain_accuracy=plain_acc,
+        full_accuracy=full_acc,
+        gated_accuracy=gated_acc,
+        full_lift=full_lift,
+        gated_lift=gated_lift,
+        kept_lift=kept,
     )
-    # A threshold t gates {conf < t}: cuts fall between distinct confidences, and after the
-    # last image only if its confidence is below 1 (thresholds lie in [0, 1]).
-    cut_ok = torch.ones(n + 1, dtype=torch.bool)
-    cut_ok[1:n] = sorted_conf[1:] > sorted_conf[:-1]
-    cut_ok[n] = bool(sorted_conf[-1] < GATE_ALL)
-    target = keep * full_lift - 1e-12
-    keeps = cut_ok & (gain >= target)
-    if keep_nll is not None:
-        if full_calibrated is None or full_calibrated.shape != plain.shape:
-            raise InvalidInputError("Expected `full_calibrated` of the shape of `plain_probs` with `keep_nll`")
-        plain_loss = -plain.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log().double()
-        full_loss = -full_calibrated.float().gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log().double()
-        # nll_gain[j] = NLL reduction when the j least confident images get the calibrated policy
-        nll_gain = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((plain_loss - full_loss)[order], 0)]) / n
-        if float(nll_gain[-1]) > 0:
-            keeps &= nll_gain >= keep_nll * float(nll_gain[-1]) - 1e-12
-    robust = keeps.clone()
-    keep_rate = None
-    if confidence > 0 and n_boot > 0:
-        keep_rate = _bootstrap_keep_rate((full_ok - plain_ok)[order], keep, n_boot, seed)
-        robust &= keep_rate >= confidence
-    feasible = torch.nonzero(robust).flatten()
-    if len(feasible):
-        j = int(feasible[0])
-    else:  # the lift needs images at confidence 1.0: gate as many as a threshold can
-        j = int(torch.nonzero(cut_ok).flatten()[-1])
-    if max_cost is not None:
-        fractions = torch.arange(n + 1, dtype=torch.float64) / n
-        cost = torch.tensor([forward_passes(n_views, float(f), reuse_identity) / n_views for f in fractions])
-        affordable = torch.nonzero(keeps & (cost <= max_cost + 1e-12)).flatten()
-        if cost[j] > max_cost + 1e-12 and len(affordable):
-            # Within budget, prefer the cut that keeps the lift on the most resamples.
-            rates = keep_rate[affordable] if keep_rate is not None else affordable.double()
-            j = int(affordable[int(torch.argmax(rates + 1e-9 * affordable.double()))])
-    threshold = float(sorted_conf[j]) if j < n else GATE_ALL
-    return tuning(threshold, j, plain_acc + float(gain[j]))
+
+
+def _keeps_nll(
+    plain: torch.Tensor,
+    full_calibrated: torch.Tensor | None,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    keep_nll: float,
+) -> torch.Tensor | bool:
+    """``(N + 1,)``: whether each cut keeps ``keep_nll`` of the calibrated policy's NLL reduction
+    over the plain softmax (True everywhere when the policy reduces no NLL)."""
+    if full_calibrated is None or full_calibrated.shape != plain.shape:
+        raise InvalidInputError("Expected `full_calibrated` of the shape of `plain_probs` with `keep_nll`")
+    n = plain.shape[0]
+    plain_loss = -plain.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log().double()
+    full_loss = -full_calibrated.float().gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log().double()
+    # nll_gain[j] = NLL reduction when the j least confident images get the calibrated policy
+    nll_gain = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((plain_loss - full_loss)[order], 0)]) / n
+    if float(nll_gain[-1]) > 0:
+        return nll_gain >= keep_nll * float(nll_gain[-1]) - 1e-12
+    return True
+
+
+def _within_budget(
+    j: int,
+    keeps: torch.Tensor,
+    keep_rate: torch.Tensor | None,
+    n: int,
+    n_views: int,
+    reuse_identity: bool,
+    max_cost: float,
+) -> int:
+    """Cut ``j``, or, when it costs more than ``max_cost`` of the full policy's passes, the cut
+    within budget that keeps the lift on the most resamples (among those keeping it on the data)."""
+    fractions = torch.arange(n + 1, dtype=torch.float64) / n
+    cost = torch.tensor([forward_passes(n_views, float(f), reuse_identity) / n_views for f in fractions])
+    affordable = torch.nonzero(keeps & (cost <= max_cost + 1e-12)).flatten()
+    if cost[j] > max_cost + 1e-12 and len(affordable):
+        rates = keep_rate[affordable] if keep_rate is not None else affordable.double()
+        j = int(affordable[int(torch.argmax(rates + 1e-9 * affordable.double()))])
+    return j
 
 
 def _bootstrap_keep_rate(delta: torch.Tensor, keep: float, n_boot: int, seed: int) -> torch.Tensor:

@@ -27,8 +27,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -38,102 +37,30 @@ from ..policy import Policy
 from ._util import SCORE_CHUNK, SingleThread, check_count, check_labels, cm, gather_cm
 from .cache import ViewCache
 from .calibration import (
-    MATRIX_CONTROL,
     NLL_CAP,
     PROB_FLOOR,
-    apply_calibration,
-    apply_temperature,
-    compare_matrix_scaling,
     fit_beta_cm,
     fit_chunked,
     scores,
     shifted_log,
     shifted_logits,
 )
-from .gate import GateTuning, evaluate_gated_on_cache, tune_gate_threshold
-from .weights import compare_aggregation, merge_class_weighted, merge_weighted
+from .finish import (
+    _comparison,
+    _gated_candidate,
+    _learned_aggregation,
+    _nlls,
+    _with_matrix_scaling,
+    cache_output,
+    describe,
+    never_worse,
+)
+from .result import SearchResult
 
 __all__ = ["OBJECTIVES", "SearchResult", "greedy_search", "never_worse"]
 
 OBJECTIVES = ("nll", "accuracy")
 Objective = Literal["nll", "accuracy"]
-
-
-@dataclass
-class SearchResult:
-    """What :func:`greedy_search` / :func:`search_policy` return.
-
-    Attributes:
-        policy: the searched :class:`Policy`: the selected views in selection order, merge
-            ``"mean"`` of probabilities, ``weights`` when learned aggregation won out of sample
-            (``K`` numbers, or ``K`` lists of ``C`` for class-by-view weights; else None),
-            ``temperature`` fitted on validation, ``matrix_scaling`` when it won under
-            cross-validation, ``gate_threshold`` (None without gating), and ``meta`` with the
-            objective, validation scores, pool size and timings.
-        objective: ``"nll"`` or ``"accuracy"``.
-        budget: the most views allowed.
-        path: one dict per step: ``step``, ``added``, ``n_views``, ``accuracy``, ``nll``,
-            ``nll_ts`` (after temperature scaling), ``temperature``.
-        candidates: one dict per pool view: its own scores and lifts over the identity, alone
-            and as ``identity + view``.
-        comparison: validation rows for the report (none, baselines, searched, gated).
-        aggregation: learned weights vs plain mean (cross-validated NLL), or None.
-        gate: the :class:`~ttakit.gating.GateTuning`, or None.
-        stop_reason: why the selection stopped.
-        copies_curve: validation scores of the mean of the first k random copies, if any.
-        cost: forward passes spent and saved by successive halving (``ttakit.search.halving``),
-            or None when every candidate was cached in full.
-        fallback: the identity alone, calibrated as the search would save it (the policy
-            returned when no candidate is at least as good).
-    """
-
-    policy: Policy
-    objective: str
-    budget: int
-    path: list[dict[str, Any]]
-    candidates: list[dict[str, Any]]
-    comparison: list[dict[str, Any]]
-    aggregation: dict[str, Any] | None
-    gate: GateTuning | None
-    stop_reason: str
-    n_images: int
-    pool_size: int
-    search_seconds: float
-    cache_seconds: float | None = None
-    copies_curve: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    cache: ViewCache | None = field(default=None, repr=False)
-    cost: dict[str, Any] | None = None
-    fallback: Policy | None = field(default=None, repr=False)
-
-    def rows(self) -> list[dict[str, Any]]:
-        """The report's main table: one row per policy on the validation split."""
-        return [dict(r) for r in self.comparison]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "objective": self.objective,
-            "budget": self.budget,
-            "selected": self.policy.view_names,
-            "weights": self.policy.weights,
-            "temperature": self.policy.temperature,
-            "matrix_scaling": self.policy.matrix_scaling is not None,
-            "gate_threshold": self.policy.gate_threshold,
-            "stop_reason": self.stop_reason,
-            "n_images": self.n_images,
-            "pool_size": self.pool_size,
-            "search_seconds": self.search_seconds,
-            "cache_seconds": self.cache_seconds,
-            "comparison": self.comparison,
-            "path": self.path,
-            "candidates": self.candidates,
-            "aggregation": self.aggregation,
-            "gate": self.gate.to_json() if self.gate is not None else None,
-            "copies_curve": self.copies_curve,
-            "notes": self.notes,
-            "cost": self.cost,
-            "policy": self.policy.to_json(),
-        }
 
 
 def _check_objective(objective: object) -> str:
@@ -148,6 +75,50 @@ def _check_budget(budget: object) -> int:
             f"Expected argument `budget` to be an integer >= 1 (views per image), but got {budget!r}"
         )
     return budget
+
+
+def _check_cache(cache: object) -> None:
+    if not isinstance(cache, ViewCache):
+        raise InvalidInputError(
+            f"Expected argument `cache` to be a ViewCache, but got {type(cache).__name__}"
+        )
+
+
+def _check_cache_views(cache: ViewCache) -> None:
+    check_labels(cache.labels, "the cached images")
+    if "identity" not in cache:
+        raise InvalidInputError(
+            "Expected the cache to hold the 'identity' view (the search starts from it), but it holds only "
+            f"{cache.names[:8]}"
+        )
+
+
+def _check_min_gain(min_gain: object, objective: str) -> float:
+    """``min_gain``, by default 1e-4 nats for NLL and 0 (one more correct image) for accuracy."""
+    if min_gain is None:
+        min_gain = 1e-4 if objective == "nll" else 0.0
+    if isinstance(min_gain, bool) or not isinstance(min_gain, numbers.Real) or min_gain < 0:
+        raise InvalidInputError(
+            f"Expected argument `min_gain` to be a number >= 0, but got {min_gain!r}"
+        )
+    return min_gain
+
+
+def _check_numbers(*, keep: object, prior: object, gate_confidence: object) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0 < keep <= 1:
+        raise InvalidInputError(
+            f"Expected argument `keep` to be a number in (0, 1], but got {keep!r}"
+        )
+    if isinstance(prior, bool) or not isinstance(prior, numbers.Real) or prior < 0:
+        raise InvalidInputError(f"Expected argument `prior` to be a number >= 0, but got {prior!r}")
+    if (
+        isinstance(gate_confidence, bool)
+        or not isinstance(gate_confidence, numbers.Real)
+        or not 0 <= gate_confidence <= 1
+    ):
+        raise InvalidInputError(
+            f"Expected argument `gate_confidence` to be a number in [0, 1], but got {gate_confidence!r}"
+        )
 
 
 def _score_candidates(
@@ -210,12 +181,6 @@ def _candidate_scores(
         lambda a, b: shifted_log(cache_cm[a:b] + plain, y), rows, beta0, rtol=1e-4
     )
     return alone_acc, alone_nll, pair_acc, pair_nll
-
-
-def _evaluate_row(
-    name: str, probs: torch.Tensor, y: torch.Tensor, passes: float, **extra: Any
-) -> dict[str, Any]:
-    return {"policy": name, "views": float(passes), **scores(probs, y), **extra}
 
 
 def _copies_curve(cache: ViewCache, copies: Sequence[str] | None) -> list[dict[str, Any]]:
@@ -290,38 +255,12 @@ def greedy_search(
         cached data (accuracy and temperature-scaled NLL).
     """
     started = time.perf_counter()
-    if not isinstance(cache, ViewCache):
-        raise InvalidInputError(
-            f"Expected argument `cache` to be a ViewCache, but got {type(cache).__name__}"
-        )
+    _check_cache(cache)
     budget = _check_budget(budget)
     objective = _check_objective(objective)
-    check_labels(cache.labels, "the cached images")
-    if "identity" not in cache:
-        raise InvalidInputError(
-            "Expected the cache to hold the 'identity' view (the search starts from it), but it holds only "
-            f"{cache.names[:8]}"
-        )
-    if min_gain is None:
-        min_gain = 1e-4 if objective == "nll" else 0.0
-    if isinstance(min_gain, bool) or not isinstance(min_gain, numbers.Real) or min_gain < 0:
-        raise InvalidInputError(
-            f"Expected argument `min_gain` to be a number >= 0, but got {min_gain!r}"
-        )
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0 < keep <= 1:
-        raise InvalidInputError(
-            f"Expected argument `keep` to be a number in (0, 1], but got {keep!r}"
-        )
-    if isinstance(prior, bool) or not isinstance(prior, numbers.Real) or prior < 0:
-        raise InvalidInputError(f"Expected argument `prior` to be a number >= 0, but got {prior!r}")
-    if (
-        isinstance(gate_confidence, bool)
-        or not isinstance(gate_confidence, numbers.Real)
-        or not 0 <= gate_confidence <= 1
-    ):
-        raise InvalidInputError(
-            f"Expected argument `gate_confidence` to be a number in [0, 1], but got {gate_confidence!r}"
-        )
+    _check_cache_views(cache)
+    min_gain = _check_min_gain(min_gain, objective)
+    _check_numbers(keep=keep, prior=prior, gate_confidence=gate_confidence)
     refit_top = check_count("refit_top", refit_top)
     with SingleThread():
         result = _greedy(
@@ -372,15 +311,84 @@ def _greedy(
     probs_cm = cm(probs)  # (V, C, N)
     n_views = cache.n_views
     ident = cache.index("identity")
-
-    # -- each candidate alone and paired with the identity
     base = scores(probs[ident], y)
-    beta_id = 1.0 / base["temperature"]
-    alone_acc, alone_nll, pair_acc, pair_nll = _candidate_scores(
-        probs, probs_cm, cm(cache.logits), ident, y, beta_id
+    candidates = _candidate_table(cache, probs_cm, ident, base)
+    selected, path, current, beta, stop_reason = _select_views(
+        cache, probs_cm, ident, base, budget=budget, objective=objective, min_gain=min_gain, refit_top=refit_top
     )
-    sources = cache.sources or [""] * n_views
-    candidates = [
+
+    sel_probs = probs[selected]  # (K, N, C)
+    mean_probs = sel_probs.mean(0)
+    weights, aggregation, final_probs = None, None, mean_probs
+    if learn_weights and len(selected) >= 2:
+        floor = current["accuracy"] if objective == "accuracy" else base["accuracy"]
+        weights, aggregation, final_probs = _learned_aggregation(
+            sel_probs, y, prior=prior, seed=seed, floor=floor, class_weights=class_weights
+        )
+    final = scores(final_probs, y, beta)
+
+    full = Policy([cache.views[k] for k in selected], name=name, merge_mode="mean", weights=weights,
+                  temperature=final["temperature"])
+    candidates_saved = [full]
+    tuning = None
+    if gate and len(selected) >= 2:
+        tuning, gated_policy = _gated_candidate(
+            full, probs[ident], final_probs, y, beta, keep=keep, confidence=gate_confidence,
+            max_cost=gate_max_cost, seed=seed,
+        )
+        candidates_saved.insert(0, gated_policy)
+    identity = Policy([cache.views[ident]], name=name, temperature=base["temperature"])
+    if len(selected) < 2:
+        candidates_saved = []
+    scaling_info: dict[str, dict[str, Any]] = {}
+    identity_scaled = None
+    if matrix_scaling:
+        candidates_saved, identity, scaling_info, identity_scaled = _with_matrix_scaling(
+            cache, candidates_saved, identity, final_probs, base, seed
+        )
+
+    # -- the policy as saved, gate and temperature included, is never worse than the identity
+    policy, saved, notes = never_worse(candidates_saved, identity, base, lambda p: cache_output(cache, p), y)
+    if policy is identity and len(selected) >= 2:
+        selected, weights = [ident], None
+    if policy.gate_threshold is None:
+        tuning = None
+    policy.meta = {
+        "kind": "greedy-search",
+        "objective": objective,
+        "budget": budget,
+        "pool_size": n_views,
+        "n_images": cache.n_images,
+        "validation": {"identity": _nlls(base), "policy": _nlls(final), "saved": saved},
+        "stop_reason": stop_reason,
+    }
+    if scaling_info:
+        policy.meta["matrix_scaling"] = scaling_info.get(
+            "identity" if len(policy) == 1 else describe(policy), {"used": False}
+        )
+    comparison = _comparison(
+        cache, base, identity_scaled, baselines, notes, name=name, weights=weights, mean_probs=mean_probs,
+        n_selected=len(selected), full=full, final=final, saved=saved, policy=policy,
+    )
+    return SearchResult(
+        policy=policy, objective=objective, budget=budget, path=path, candidates=candidates,
+        comparison=comparison, aggregation=aggregation, gate=tuning, stop_reason=stop_reason,
+        n_images=cache.n_images, pool_size=n_views, search_seconds=0.0,
+        copies_curve=_copies_curve(cache, random_copies), notes=notes, cache=cache, fallback=identity,
+    )
+
+
+def _candidate_table(
+    cache: ViewCache, probs_cm: torch.Tensor, ident: int, base: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """One row per pool view: its own scores and lifts over the identity, alone and as
+    ``identity + view``."""
+    y = cache.labels
+    alone_acc, alone_nll, pair_acc, pair_nll = _candidate_scores(
+        cache.probs, probs_cm, cm(cache.logits), ident, y, 1.0 / base["temperature"]
+    )
+    sources = cache.sources or [""] * cache.n_views
+    return [
         {
             "view": view.name,
             "source": sources[k],
@@ -394,10 +402,24 @@ def _greedy(
         for k, view in enumerate(cache.views)
     ]
 
-    # -- greedy forward selection
+
+def _select_views(
+    cache: ViewCache,
+    probs_cm: torch.Tensor,
+    ident: int,
+    base: Mapping[str, float],
+    *,
+    budget: int,
+    objective: str,
+    min_gain: float,
+    refit_top: int,
+) -> tuple[list[int], list[dict[str, Any]], dict[str, float], float, str]:
+    """Greedy forward selection from the identity: ``(selected rows, path, current scores, the
+    fitted inverse temperature, stop reason)``."""
+    y, n_views = cache.labels, cache.n_views
     selected = [ident]
     running = probs_cm[ident].clone()  # (C, N) sum of the selected views' probabilities
-    beta = beta_id
+    beta = 1.0 / base["temperature"]
     current = {"accuracy": base["accuracy"], "nll_ts": base["nll_ts"]}
     path = [{"step": 0, "added": "identity", "n_views": 1, **base}]
     stop_reason = "budget reached" if budget > 1 else "budget of 1 view"
@@ -406,23 +428,10 @@ def _greedy(
             stop_reason = "pool exhausted"
             break
         acc, nll_approx = _score_candidates(running, probs_cm, y, beta)
-        free = torch.ones(n_views, dtype=torch.bool)
-        free[selected] = False
-        if objective == "nll":  # never trade accuracy below the identity's for NLL
-            admissible = free & (acc >= base["accuracy"] - 1e-12)
-        else:  # nor NLL above the identity's for accuracy (the NLL here is an upper bound)
-            admissible = free & (nll_approx <= base["nll_ts"] + 1e-9)
-        if not bool(admissible.any()):
+        top = _shortlist(acc, nll_approx, selected, base, objective, refit_top)
+        if top is None:
             stop_reason = "no admissible candidate"
             break
-        inf = torch.full_like(nll_approx, math.inf)
-        if objective == "nll":
-            top = torch.argsort(torch.where(admissible, nll_approx, inf))[
-                : min(refit_top, int(admissible.sum()))
-            ]
-        else:
-            tied = admissible & (acc >= acc[admissible].max() - 1e-12)
-            top = torch.argsort(torch.where(tied, nll_approx, inf))[:refit_top]
         m = len(selected)
         top_acc, top_nll, top_beta = _merged_scores((probs_cm[top] + running) / (m + 1), y, beta)
         if objective == "nll":
@@ -452,208 +461,32 @@ def _greedy(
                 "temperature": 1.0 / beta,
             }
         )
-
-    # -- learned aggregation
-    sel_probs = probs[selected]  # (K, N, C)
-    mean_probs = sel_probs.mean(0)
-    weights: list[float] | None = None
-    aggregation = None
-    final_probs = mean_probs
-    if learn_weights and len(selected) >= 2:
-        floor = current["accuracy"] if objective == "accuracy" else base["accuracy"]
-        aggregation = compare_aggregation(
-            sel_probs, y, prior=prior, seed=seed, accuracy_floor=floor, class_weights=class_weights
-        )
-        if aggregation["class_used"]:  # class-by-view weights won under cross-validation
-            weights = aggregation["class_weights"]
-            final_probs = merge_class_weighted(sel_probs, torch.tensor(weights))
-        elif aggregation["used"]:
-            weights = aggregation["weights"]
-            final_probs = merge_weighted(sel_probs, torch.tensor(weights))
-    final = scores(final_probs, y, beta)
-
-    # -- gate, and a temperature for the rows the gate sends through the policy (the engine
-    #    calibrates those only; confident rows keep the plain softmax)
-    tuning = None
-    views = [cache.views[k] for k in selected]
-    full = Policy(views, name=name, merge_mode="mean", weights=weights, temperature=final["temperature"])
-    candidates_saved = [full]
-    if gate and len(selected) >= 2:
-        tuning = tune_gate_threshold(
-            probs[ident],
-            final_probs,
-            y,
-            keep=keep,
-            n_views=len(selected),
-            confidence=gate_confidence,
-            max_cost=gate_max_cost,
-            seed=seed,
-            keep_nll=keep,
-            full_calibrated=apply_temperature(final_probs, final["temperature"]),
-        )
-        gated = probs[ident].max(1).values < tuning.threshold
-        temperature = final["temperature"]
-        if int(gated.sum()) >= 20:
-            temperature = scores(final_probs[gated], y[gated], beta)["temperature"]
-        candidates_saved.insert(0, replace(full, gate_threshold=tuning.threshold, temperature=temperature))
-    identity = Policy([cache.views[ident]], name=name, temperature=base["temperature"])
-
-    # -- matrix scaling after the temperature, fitted on the rows each candidate calibrates
-    #    (under a gate: the gated rows), kept only where it wins under cross-validation
-    scaling_info: dict[str, dict[str, Any]] = {}
-    identity_scaled = None
-    if matrix_scaling:
-        for k, candidate in enumerate(candidates_saved if len(selected) >= 2 else []):
-            rows = torch.ones_like(y, dtype=torch.bool)
-            if candidate.gate_threshold is not None:
-                rows = probs[ident].max(1).values < candidate.gate_threshold
-            merged_rows = final_probs[rows]
-            info = compare_matrix_scaling(
-                merged_rows, y[rows], candidate.temperature, seed=seed,
-                accuracy_floor=float((merged_rows.argmax(1) == y[rows]).double().mean()),
-            )
-            scaling_info[describe(candidate)] = _scaling_summary(info)
-            if info["used"]:
-                candidates_saved[k] = replace(candidate, matrix_scaling=info["matrix_scaling"])
-        info = compare_matrix_scaling(probs[ident], y, base["temperature"], seed=seed, accuracy_floor=base["accuracy"])
-        scaling_info["identity"] = _scaling_summary(info)
-        identity.meta = {"matrix_scaling": scaling_info["identity"]}  # what the fallback's report says
-        if info["used"]:
-            identity = replace(identity, matrix_scaling=info["matrix_scaling"])
-            identity_scaled = _output_scores(cache_output(cache, identity)[0], y)
-
-    # -- the policy as saved, gate and temperature included, is never worse than the identity
-    policy, saved, notes = never_worse(
-        candidates_saved if len(selected) >= 2 else [], identity, base, lambda p: cache_output(cache, p), y
-    )
-    if policy is identity and len(selected) >= 2:
-        selected, weights = [ident], None
-    if policy.gate_threshold is None:
-        tuning = None
-    policy.meta = {
-        "kind": "greedy-search",
-        "objective": objective,
-        "budget": budget,
-        "pool_size": n_views,
-        "n_images": cache.n_images,
-        "validation": {
-            "identity": {k: base[k] for k in ("accuracy", "nll", "nll_ts")},
-            "policy": {k: final[k] for k in ("accuracy", "nll", "nll_ts")},
-            "saved": saved,
-        },
-        "stop_reason": stop_reason,
-    }
-    if scaling_info:
-        policy.meta["matrix_scaling"] = scaling_info.get(
-            "identity" if len(policy) == 1 else describe(policy), {"used": False}
-        )
-
-    # -- comparison table (validation)
-    comparison = [{"policy": "none", "views": 1.0, **base}]
-    if identity_scaled is not None:  # the same calibration without TTA: what the views add is the rest
-        comparison.append({"policy": MATRIX_CONTROL, "views": 1.0, **identity_scaled, "nll_ts": None,
-                           "temperature": base["temperature"]})
-    skipped = []
-    for label, baseline in (baselines or {}).items():
-        if all(n in cache for n in baseline.view_names):
-            comparison.append(_evaluate_row(label, cache.policy_probs(baseline), y, len(baseline)))
-        else:
-            skipped.append(label)
-    if skipped:
-        notes.append(f"baselines not scored (views missing from the pool): {', '.join(skipped)}")
-    if weights is not None:
-        comparison.append(_evaluate_row(f"{name} (mean)", mean_probs, y, len(selected)))
-    kind = "" if weights is None else " (class-weighted)" if isinstance(weights[0], list) else " (weighted)"
-    label = name + kind
-    comparison.append({"policy": label, "views": float(len(full)), **final})
-    comparison.append(
-        {
-            "policy": f"{name} (as saved)",
-            "views": saved["passes_per_image"],
-            "accuracy": saved["accuracy"],
-            "nll": saved["nll"],
-            "nll_ts": None,
-            "temperature": policy.temperature,
-        }
-    )
-
-    return SearchResult(
-        policy=policy,
-        objective=objective,
-        budget=budget,
-        path=path,
-        candidates=candidates,
-        comparison=comparison,
-        aggregation=aggregation,
-        gate=tuning,
-        stop_reason=stop_reason,
-        n_images=cache.n_images,
-        pool_size=n_views,
-        search_seconds=0.0,
-        copies_curve=_copies_curve(cache, random_copies),
-        notes=notes,
-        cache=cache,
-        fallback=identity,
-    )
+    return selected, path, current, beta, stop_reason
 
 
-def cache_output(cache: ViewCache, policy: Policy) -> tuple[torch.Tensor, float]:
-    """``(N, C)`` probabilities :class:`ttakit.TTAEngine` returns for ``policy`` on the cached
-    images, computed from the cache (the merge, the gate: plain softmax for confident rows, and
-    the temperature and matrix scaling on the merged rows), and the forward passes per image it costs."""
-    if policy.gate_threshold is not None and len(policy) > 1:
-        out = evaluate_gated_on_cache(cache, policy, calibrate=True)
-        return out.probs, out.forward_passes_per_image
-    return apply_calibration(cache.policy_probs(policy), policy), float(len(policy))
-
-
-def _output_scores(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    picked = probs.float().gather(1, y[:, None]).squeeze(1)
-    return {
-        "accuracy": float((probs.argmax(1) == y).double().mean()),
-        "nll": float(-picked.clamp_min(1e-12).log().double().mean()),
-    }
-
-
-def _scaling_summary(info: Mapping[str, Any]) -> dict[str, Any]:
-    """What the report shows of :func:`compare_matrix_scaling` (without the matrix itself)."""
-    return {k: info.get(k) for k in ("used", "cv_nll_temperature", "cv_nll_matrix", "not_used_because")}
-
-
-def describe(policy: Policy) -> str:
-    gate = f", gate {policy.gate_threshold:.4g}" if policy.gate_threshold is not None else ""
-    return f"{len(policy)} views{gate}"
-
-
-def never_worse(
-    candidates: Sequence[Policy],
-    fallback: Policy,
+def _shortlist(
+    acc: torch.Tensor,
+    nll_approx: torch.Tensor,
+    selected: list[int],
     base: Mapping[str, float],
-    output: Callable[[Policy], tuple[torch.Tensor, float]],
-    labels: torch.Tensor,
-) -> tuple[Policy, dict[str, float], list[str]]:
-    """The first candidate whose output *as saved* is not worse than the identity alone.
+    objective: str,
+    refit_top: int,
+) -> torch.Tensor | None:
+    """The candidates rescored with their own temperature: the ``refit_top`` admissible ones
+    with the lowest approximate NLL (for accuracy: among those tied for the best accuracy);
+    None when no candidate is admissible."""
+    free = torch.ones(acc.shape[0], dtype=torch.bool)
+    free[selected] = False
+    if objective == "nll":  # never trade accuracy below the identity's for NLL
+        admissible = free & (acc >= base["accuracy"] - 1e-12)
+    else:  # nor NLL above the identity's for accuracy (the NLL here is an upper bound)
+        admissible = free & (nll_approx <= base["nll_ts"] + 1e-9)
+    if not bool(admissible.any()):
+        return None
+    inf = torch.full_like(nll_approx, math.inf)
+    if objective == "nll":
+        return torch.argsort(torch.where(admissible, nll_approx, inf))[: min(refit_top, int(admissible.sum()))]
+    tied = admissible & (acc >= acc[admissible].max() - 1e-12)
+    return torch.argsort(torch.where(tied, nll_approx, inf))[:refit_top]
 
-    ``output(policy)`` returns the policy's ``(N, C)`` probabilities exactly as inference
-    produces them (gate and temperature included) and the forward passes per image it spent. A candidate passes when its accuracy is at least ``base["accuracy"]`` and
-    its NLL at most ``base["nll_ts"]`` (the identity with its own fitted temperature, which
-    ``fallback`` holds). Returns ``(policy, scores, notes)``; ``fallback`` when none passes.
-    """
-    notes: list[str] = []
 
-    def measure(policy: Policy) -> dict[str, float]:
-        probs, passes = output(policy)
-        return {**_output_scores(probs, labels), "passes_per_image": float(passes)}
-
-    for policy in candidates:
-        got = measure(policy)
-        if got["accuracy"] >= base["accuracy"] - 1e-12 and got["nll"] <= base["nll_ts"] + 1e-9:
-            return policy, got, notes
-        notes.append(
-            f"the policy as saved ({describe(policy)}) scored accuracy {got['accuracy']:.4f}, NLL {got['nll']:.4f} "
-            f"on validation, worse than the identity's {base['accuracy']:.4f}, {base['nll_ts']:.4f}: dropped"
-        )
-    if candidates:
-        scaled = " and matrix scaling" if fallback.matrix_scaling is not None else ""
-        notes.append(f"returning the identity view with a fitted temperature{scaled}")
-    return fallback, measure(fallback), notes

@@ -97,6 +97,40 @@ def _gains(probs_cm: torch.Tensor, leaders: list[int], y: torch.Tensor, beta: fl
     return torch.cat(out)
 
 
+def _rung_survivors(sub: ViewCache, *, budget: int, keep: int, z: float, eta: float) -> tuple[list[int], dict]:
+    """One rung's decision on the candidates cached in ``sub``: the greedy search's leaders, plus
+    the best of the others whose upper confidence bound on the gain reaches the ``keep``-th best
+    mean, at most ``1 / eta`` of the field. Returns ``(rows kept, the identity's row 0 always
+    among them; what the rung's report says)``."""
+    from .greedy import greedy_search  # greedy imports nothing from here; deferred for clarity
+
+    size, n_alive = sub.n_images, sub.n_views
+    result = greedy_search(sub, budget, learn_weights=False, gate=False, class_weights=False)
+    leaders = [sub.index(name) for name in result.policy.view_names]
+    beta = 1.0 / float(result.policy.temperature or 1.0)
+    with SingleThread():
+        gains = _gains(cm(sub.probs), leaders, sub.labels, beta)  # (A, size)
+    mean = gains.double().mean(1)
+    se = gains.double().std(1) / math.sqrt(size)
+    others = [k for k in range(n_alive) if k not in leaders]
+    slots = max(keep - len(leaders), 0)
+    ranked = sorted(others, key=lambda k: -float(mean[k]))
+    tau = float(mean[ranked[slots - 1]]) if 0 < slots <= len(ranked) else -math.inf
+    hopeful = [k for k in ranked if float(mean[k] + z * se[k]) >= tau]
+    cap = max(slots, math.ceil(n_alive / eta) - len(leaders))
+    kept = hopeful[:cap]
+    decided = {
+        "leaders": [sub.views[k].name for k in leaders],
+        "dropped_by_bound": len(ranked) - len(hopeful),
+        "dropped_by_rank": len(hopeful) - len(kept),
+        "survivors": len(leaders) + len(kept),
+    }
+    keep_rows = sorted(set(leaders) | set(kept))
+    if 0 not in keep_rows:
+        keep_rows = [0, *keep_rows]  # the identity always stays
+    return keep_rows, decided
+
+
 def successive_halving(
     model: Any,
     images: torch.Tensor,
@@ -133,8 +167,6 @@ def successive_halving(
     Returns:
         :class:`HalvingResult`; ``cache`` holds the survivors over all N images.
     """
-    from .greedy import greedy_search  # greedy imports nothing from here; deferred for clarity
-
     n = int(images.shape[0])
     budget = check_count("budget", budget)
     keep = max(budget + 4, 8) if keep is None else check_count("keep", keep)
@@ -181,32 +213,9 @@ def successive_halving(
             torch.stack([torch.cat(store[v]) for v in alive]), labels[:size], [views[v] for v in alive],
             [sources[v] for v in alive],
         )
-        result = greedy_search(sub, budget, learn_weights=False, gate=False, class_weights=False)
-        leaders = [sub.index(name) for name in result.policy.view_names]
-        beta = 1.0 / float(result.policy.temperature or 1.0)
-        with SingleThread():
-            gains = _gains(cm(sub.probs), leaders, sub.labels, beta)  # (A, size)
-        mean = gains.double().mean(1)
-        se = gains.double().std(1) / math.sqrt(size)
-        others = [k for k in range(len(alive)) if k not in leaders]
-        slots = max(keep - len(leaders), 0)
-        ranked = sorted(others, key=lambda k: -float(mean[k]))
-        tau = float(mean[ranked[slots - 1]]) if 0 < slots <= len(ranked) else -math.inf
-        hopeful = [k for k in ranked if float(mean[k] + z * se[k]) >= tau]
-        cap = max(slots, math.ceil(len(alive) / eta) - len(leaders))
-        kept = hopeful[:cap]
-        entry.update(
-            {
-                "leaders": [views[alive[k]].name for k in leaders],
-                "dropped_by_bound": len(ranked) - len(hopeful),
-                "dropped_by_rank": len(hopeful) - len(kept),
-                "survivors": len(leaders) + len(kept),
-            }
-        )
+        keep_rows, decided = _rung_survivors(sub, budget=budget, keep=keep, z=z, eta=eta)
+        entry.update(decided)
         rungs.append(entry)
-        keep_rows = sorted(set(leaders) | set(kept))
-        if 0 not in keep_rows:
-            keep_rows = [0, *keep_rows]  # the identity always stays
         alive = [alive[k] for k in keep_rows]
     inverse = torch.argsort(perm)
     logits = torch.stack([torch.cat(store[v]) for v in alive])[:, inverse]

@@ -35,7 +35,7 @@ __all__ = [
 
 
 def _make_view(flip: bool, dx: int = 0, dy: int = 0, padding_mode: str = "constant") -> View:
-    # Flip first, then shift: the order ttakit.train applies them, so names match the draws.
+    # Flip first, then shift: the order ttakit.training applies them, so names match the draws.
     steps: list[Step] = []
     if flip:
         steps.append(Step(T.HorizontalFlip(), True))
@@ -49,7 +49,7 @@ def random_copy_views(train_augmentations: Sequence[dict | str], n: int = 8, see
 
     Each draw flips horizontally with the recorded probability ``p`` and shifts by a random
     integer ``(dx, dy)`` in ``[-max_pixels, max_pixels]^2`` (``crop`` with zero padding is a shift;
-    ``shift`` and ``crop`` together add up), zero fill, as :mod:`ttakit.train` does. ``mixup``
+    ``shift`` and ``crop`` together add up), zero fill, as :mod:`ttakit.training` does. ``mixup``
     changes no geometry. Unlike Keras/fastai, which redraw per image, one draw applies to the
     whole batch, so a copy is an invertible, nameable view; the expectation is the same.
     Draws are prefix-stable: the first k of ``n`` draws equal ``random_copy_views(..., k, seed)``.

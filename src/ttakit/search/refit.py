@@ -26,6 +26,37 @@ from .weights import fit_class_view_weights, fit_view_weights, merge_class_weigh
 __all__ = ["refit_policy"]
 
 
+def _refit_weights(policy: Policy, cache: Any) -> tuple[list | None, torch.Tensor, str | None]:
+    """Weights of the kind ``policy`` holds, fitted on ``cache``: ``(weights, merged
+    probabilities, "class by view" / "per view" / None)``."""
+    probs = cache.probs  # (K, N, C)
+    if policy.weights is not None and len(policy) > 1:
+        if policy.class_weights:
+            weights = fit_class_view_weights(cache, cache.names)
+            return weights, merge_class_weighted(probs, torch.tensor(weights)), "class by view"
+        weights = fit_view_weights(cache, cache.names)
+        return weights, merge_weighted(probs, torch.tensor(weights)), "per view"
+    plain = replace(policy, weights=None, temperature=None, gate_threshold=None, matrix_scaling=None)
+    return None, cache.policy_probs(plain), None
+
+
+def _refit_matrix(
+    merged: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, temperature: float | None, seed: int
+) -> tuple[dict | None, str]:
+    """Matrix scaling after the temperature on ``rows``, under the search's rule: ``(matrix or
+    None, "refit" or "dropped: <reason>")``."""
+    merged_rows = merged[rows]
+    compared = compare_matrix_scaling(
+        merged_rows, y[rows], temperature, seed=seed,
+        accuracy_floor=float((merged_rows.argmax(1) == y[rows]).double().mean()),
+    )
+    matrix = compared["matrix_scaling"] if compared["used"] else None
+    said = "refit" if matrix is not None else (
+        f"dropped: {compared.get('not_used_because') or f'too few rows ({int(rows.sum())})'}"
+    )
+    return matrix, said
+
+
 def refit_policy(
     model: Any,
     images: torch.Tensor,
@@ -71,22 +102,7 @@ def refit_policy(
     cache = cache_views(model, images, labels, policy.views, max_batch=max_batch, progress=False)
     y = cache.labels
     probs = cache.probs  # (K, N, C)
-    names = cache.names
-
-    # -- weights: the same kind the policy holds
-    weights: list | None = None
-    if policy.weights is not None and len(policy) > 1:
-        if policy.class_weights:
-            weights = fit_class_view_weights(cache, names)
-            merged = merge_class_weighted(probs, torch.tensor(weights))
-            info["weights"] = "class by view"
-        else:
-            weights = fit_view_weights(cache, names)
-            merged = merge_weighted(probs, torch.tensor(weights))
-            info["weights"] = "per view"
-    else:
-        merged = cache.policy_probs(replace(policy, weights=None, temperature=None, gate_threshold=None, matrix_scaling=None))
-        info["weights"] = None
+    weights, merged, info["weights"] = _refit_weights(policy, cache)
     full_temperature = scores(merged, y)["temperature"]
 
     # -- gate: plain prediction first, the other views where the plain confidence is low
@@ -114,15 +130,7 @@ def refit_policy(
     matrix = None
     info["matrix_scaling"] = None
     if policy.matrix_scaling is not None:
-        merged_rows = merged[rows]
-        compared = compare_matrix_scaling(
-            merged_rows, y[rows], temperature, seed=seed,
-            accuracy_floor=float((merged_rows.argmax(1) == y[rows]).double().mean()),
-        )
-        matrix = compared["matrix_scaling"] if compared["used"] else None
-        info["matrix_scaling"] = "refit" if matrix is not None else (
-            f"dropped: {compared.get('not_used_because') or f'too few rows ({int(rows.sum())})'}"
-        )
+        matrix, info["matrix_scaling"] = _refit_matrix(merged, y, rows, temperature, seed)
     refitted = replace(
         policy,
         weights=weights,

@@ -3,7 +3,7 @@ selection, weights, gate, temperature and matrix scaling -> the saved policy che
 engine.
 
 :func:`search_policy` takes a model and validation tensors (loading data is the caller's job:
-:func:`ttakit.experiment.search_checkpoint`) and returns a :class:`SearchResult`.
+:func:`ttakit.jobs.search.search_checkpoint`) and returns a :class:`SearchResult`.
 """
 
 from __future__ import annotations
@@ -107,6 +107,76 @@ def candidate_pool(
     return views, sources, fixed_size
 
 
+def _check_precomputed(precomputed: ViewCache | None, views: Sequence[View], n: int) -> None:
+    if precomputed is not None and (precomputed.names != [v.name for v in views] or precomputed.n_images != n):
+        raise InvalidInputError(
+            f"Expected `precomputed` to cache the pool's {len(views)} views over the {n} images, but it holds "
+            f"{precomputed.n_views} views over {precomputed.n_images} images"
+        )
+
+
+def _cache_in_full(
+    model: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    views: list[View],
+    sources: list[str],
+    precomputed: ViewCache | None,
+    max_batch: int,
+    progress: bool,
+) -> tuple[ViewCache, dict[str, Any]]:
+    """Every candidate on every image (``halving=False``), and what it cost."""
+    n = int(images.shape[0])
+    _check_precomputed(precomputed, views, n)
+    if precomputed is not None:
+        cache = precomputed
+    else:
+        cache = cache_views(model, images, labels, views, max_batch=max_batch, progress=progress, sources=sources)
+    cost = {
+        "method": "full caching",
+        "pool_size": len(views),
+        "survivors": len(views),
+        "forward_passes": len(views) * n,
+        "full_caching_passes": len(views) * n,
+        "saved_passes": 0,
+        "fraction_of_full": 1.0,
+        "rungs": [],
+    }
+    return cache, cost
+
+
+def _check_through_engine(
+    result: SearchResult, model: Any, images: torch.Tensor, labels: torch.Tensor, max_batch: int
+) -> float:
+    """The policy as saved, run through the engine, against the identity alone (the cache's check
+    used the same numbers computed another way; this one is what inference will do): else the
+    ungated policy, else the identity. Updates ``result``; returns the forward passes spent."""
+    policy = result.policy
+    if len(policy) <= 1:
+        return 0.0
+    candidates = [policy] + ([replace(policy, gate_threshold=None)] if policy.gate_threshold is not None else [])
+    fallback = result.fallback
+    spent: list[float] = []
+
+    def output(p: Policy) -> tuple[torch.Tensor, float]:
+        probs, passes = engine_output(model, images, p, max_batch)
+        spent.append(passes)
+        return probs, passes
+
+    final, saved, notes = never_worse(candidates, fallback, result.comparison[0], output, labels)
+    result.notes += notes
+    if final is not policy:  # the fallback keeps what it says of its own calibration
+        final.meta = {**policy.meta, **(fallback.meta if final is fallback else {})}
+        result.gate = None if final.gate_threshold is None else result.gate
+    final.meta.setdefault("validation", {})["saved"] = saved
+    final.meta["validation"]["checked_through"] = "TTAEngine"
+    result.comparison[-1] = {
+        **result.comparison[-1], **{k: saved[k] for k in ("accuracy", "nll")}, "views": saved["passes_per_image"]
+    }
+    result.policy = final
+    return sum(spent) * int(images.shape[0])
+
+
 def search_policy(
     model: Any,
     images: torch.Tensor,
@@ -186,13 +256,8 @@ def search_policy(
         copies = [v.name for v in random_copy_views(augs, n_random, seed)]
 
     started = time.perf_counter()
-    n = int(images.shape[0])
-    if precomputed is not None and (precomputed.names != [v.name for v in views] or precomputed.n_images != n):
-        raise InvalidInputError(
-            f"Expected `precomputed` to cache the pool's {len(views)} views over the {n} images, but it holds "
-            f"{precomputed.n_views} views over {precomputed.n_images} images"
-        )
     if halving:
+        _check_precomputed(precomputed, views, int(images.shape[0]))
         halved = successive_halving(
             model, images, labels, views, sources, budget=budget, keep=survivors, first=first_rung, eta=eta,
             max_batch=max_batch, progress=progress, seed=seed if halving_seed is None else halving_seed,
@@ -200,76 +265,24 @@ def search_policy(
         )
         cache, cost = halved.cache, halved.cost()
     else:
-        if precomputed is not None:
-            cache = precomputed
-        else:
-            cache = cache_views(model, images, labels, views, max_batch=max_batch, progress=progress, sources=sources)
-        cost = {
-            "method": "full caching",
-            "pool_size": len(views),
-            "survivors": len(views),
-            "forward_passes": len(views) * n,
-            "full_caching_passes": len(views) * n,
-            "saved_passes": 0,
-            "fraction_of_full": 1.0,
-            "rungs": [],
-        }
+        cache, cost = _cache_in_full(model, images, labels, views, sources, precomputed, max_batch, progress)
     cache_seconds = time.perf_counter() - started
     result = greedy_search(
-        cache,
-        budget,
-        objective,
-        learn_weights=learn_weights,
-        class_weights=class_weights,
-        matrix_scaling=matrix_scaling,
-        gate=gate,
-        keep=keep,
-        gate_confidence=gate_confidence,
-        gate_max_cost=gate_max_cost,
-        baselines=baseline_policies(augs, n_random, seed),
-        random_copies=copies,
-        seed=seed,
-        name=name,
+        cache, budget, objective, learn_weights=learn_weights, class_weights=class_weights,
+        matrix_scaling=matrix_scaling, gate=gate, keep=keep, gate_confidence=gate_confidence,
+        gate_max_cost=gate_max_cost, baselines=baseline_policies(augs, n_random, seed), random_copies=copies,
+        seed=seed, name=name,
     )
 
-    # The policy as saved, through the engine, against the identity alone (the cache's check
-    # used the same numbers computed another way; this one is what inference will do).
     checked = time.perf_counter()
-    policy = result.policy
-    base = result.comparison[0]
-    check_passes = 0.0
-    if len(policy) > 1:
-        candidates = [policy] + ([replace(policy, gate_threshold=None)] if policy.gate_threshold is not None else [])
-        fallback = result.fallback
-        spent: list[float] = []
-
-        def output(p: Policy) -> tuple[torch.Tensor, float]:
-            probs, passes = engine_output(model, images, p, max_batch)
-            spent.append(passes)
-            return probs, passes
-
-        final, saved, notes = never_worse(candidates, fallback, base, output, labels)
-        check_passes = sum(spent) * n
-        result.notes += notes
-        if final is not policy:  # the fallback keeps what it says of its own calibration
-            final.meta = {**policy.meta, **(fallback.meta if final is fallback else {})}
-            result.gate = None if final.gate_threshold is None else result.gate
-        final.meta.setdefault("validation", {})["saved"] = saved
-        final.meta["validation"]["checked_through"] = "TTAEngine"
-        result.comparison[-1] = {**result.comparison[-1], **{k: saved[k] for k in ("accuracy", "nll")}, "views": saved["passes_per_image"]}
-        result.policy = final
+    check_passes = _check_through_engine(result, model, images, labels, max_batch)
     result.pool_size = int(cost["pool_size"])  # the whole pool; result.candidates lists the survivors
     cost["check_passes"] = check_passes
     cost["check_seconds"] = time.perf_counter() - checked
     result.cost = cost
     result.cache_seconds = cache_seconds
     result.policy.meta.update(
-        {
-            "cache_seconds": cache_seconds,
-            "train_augmentations": augs,
-            "fixed_size": fixed_size,
-            "forward_passes": cost["forward_passes"],
-            "full_caching_passes": cost["full_caching_passes"],
-        }
+        cache_seconds=cache_seconds, train_augmentations=augs, fixed_size=fixed_size,
+        forward_passes=cost["forward_passes"], full_caching_passes=cost["full_caching_passes"],
     )
     return result

@@ -49,9 +49,6 @@ def build_model(
 def autocast(config: TrainConfig) -> Any:
     """The forward pass's autocast under ``config.amp`` (``--amp``): bfloat16 on CPU, float16 on
     CUDA and MPS; a no-op context otherwise."""
-    import contextlib
+    from .._amp import autocast as amp_autocast
 
-    if not config.amp:
-        return contextlib.nullcontext()
-    device_type = torch.device(config.device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16 if device_type == "cpu" else torch.float16)
+    return amp_autocast(torch.device(config.device).type, config.amp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ class TrainConfig:
 
     The recipe options (see :func:`schedule_factor` for the schedules' exact rates):
 
-    - ``lr="auto"`` runs :func:`ttakit.lr_find.lr_find` first and trains at its
+    - ``lr="auto"`` runs :func:`ttakit.training.lr_find` first and trains at its
       minimum/10 suggestion.
     - ``schedule``: ``"onecycle"`` (warm up from lr/25 to lr over the first 30 % of the
       steps, then anneal to lr/2.5e5), ``"cosine"`` (lr down to 0 over the run) or ``"sgdr"``
@@ -68,20 +69,7 @@ class TrainConfig:
     progressive: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidInputError(
-                    f"TrainConfig.{name} must be a positive integer, got {value!r}"
-                )
-
-        def non_negative_int(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise InvalidInputError(
-                    f"TrainConfig.{name} must be an integer >= 0, got {value!r}"
-                )
-
+        positive_int, non_negative_int = partial(_check_int, self, 1), partial(_check_int, self, 0)
         positive_int("epochs")
         positive_int("batch_size")
         from ..engine import check_device  # the one device parser (--device on every command)
@@ -105,39 +93,9 @@ class TrainConfig:
         if not isinstance(ls, (int, float)) or isinstance(ls, bool) or not 0 <= ls < 1:
             raise InvalidInputError(f"TrainConfig.label_smoothing must be a number in [0, 1), got {ls!r}")
         if self.lr_slice is not None:
-            pair = self.lr_slice
-            if (
-                not isinstance(pair, (tuple, list))
-                or len(pair) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in pair)
-            ):
-                raise InvalidInputError(
-                    f"TrainConfig.lr_slice must be two rates (LOW, HIGH) > 0, got {pair!r}"
-                )
-            if pair[0] > pair[1]:
-                raise InvalidInputError(
-                    f"lr_slice LOW must not exceed HIGH (LOW for the first layers, HIGH for the head), "
-                    f"got LOW={pair[0]:g} > HIGH={pair[1]:g}"
-                )
-            self.lr_slice = (float(pair[0]), float(pair[1]))
+            self.lr_slice = _checked_lr_slice(self.lr_slice)
         if self.progressive is not None:
-            sizes = self.progressive
-            if isinstance(sizes, str):
-                sizes = tuple(s.strip() for s in sizes.split(",") if s.strip())
-            try:
-                parsed = tuple(int(s) for s in sizes)  # type: ignore[union-attr]
-                ok = len(parsed) > 0 and all(p >= 1 and float(p) == float(s) for p, s in zip(parsed, sizes, strict=True))
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise InvalidInputError(
-                    f"TrainConfig.progressive must be image sizes like 14,28 (positive integers), got {self.progressive!r}"
-                )
-            if len(parsed) > self.epochs:
-                raise InvalidInputError(
-                    f"TrainConfig.progressive has {len(parsed)} sizes but only {self.epochs} epochs; each size needs one epoch at least"
-                )
-            self.progressive = parsed
+            self.progressive = _checked_progressive(self.progressive, self.epochs)
         if self.init is not None:
             if not isinstance(self.init, (str, os.PathLike)):
                 raise InvalidInputError(f"TrainConfig.init must be a path to weights, got {self.init!r}")
@@ -171,3 +129,50 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- augmentations
+
+
+def _check_int(config: TrainConfig, least: int, name: str) -> None:
+    """``config.<name>`` is an integer >= ``least`` (0 or 1)."""
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        expected = "a positive integer" if least == 1 else "an integer >= 0"
+        raise InvalidInputError(f"TrainConfig.{name} must be {expected}, got {value!r}")
+
+
+def _checked_lr_slice(pair: Any) -> tuple[float, float]:
+    """``lr_slice`` as ``(LOW, HIGH)`` floats, LOW <= HIGH, both finite and > 0."""
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in pair)
+    ):
+        raise InvalidInputError(
+            f"TrainConfig.lr_slice must be two rates (LOW, HIGH) > 0, got {pair!r}"
+        )
+    if pair[0] > pair[1]:
+        raise InvalidInputError(
+            f"lr_slice LOW must not exceed HIGH (LOW for the first layers, HIGH for the head), "
+            f"got LOW={pair[0]:g} > HIGH={pair[1]:g}"
+        )
+    return (float(pair[0]), float(pair[1]))
+
+
+def _checked_progressive(progressive: Any, epochs: int) -> tuple[int, ...]:
+    """``progressive`` (sizes, or text such as ``"14,28"``) as positive integers, at most one per epoch."""
+    sizes = progressive
+    if isinstance(sizes, str):
+        sizes = tuple(s.strip() for s in sizes.split(",") if s.strip())
+    try:
+        parsed = tuple(int(s) for s in sizes)  # type: ignore[union-attr]
+        ok = len(parsed) > 0 and all(p >= 1 and float(p) == float(s) for p, s in zip(parsed, sizes, strict=True))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InvalidInputError(
+            f"TrainConfig.progressive must be image sizes like 14,28 (positive integers), got {progressive!r}"
+        )
+    if len(parsed) > epochs:
+        raise InvalidInputError(
+            f"TrainConfig.progressive has {len(parsed)} sizes but only {epochs} epochs; each size needs one epoch at least"
+        )
+    return parsed

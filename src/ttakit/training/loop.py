@@ -66,7 +66,7 @@ def accuracy_of(model: nn.Module, dataset: ImageDataset, batch_size: int = 512) 
     return float((logits.argmax(1) == dataset.labels).float().mean())
 
 
-# ----------------------------------------------------------------------------- schedules
+# ----------------------------------------------------------------------------- the trainer
 
 
 @dataclass
@@ -101,35 +101,11 @@ def train_model(
     the model, which therefore takes raw images in ``[0, 1]``. When ``out_dir`` is given, the
     checkpoint is saved there.
     """
-    config = config if config is not None else TrainConfig()
-    if not isinstance(config, TrainConfig):
-        raise InvalidInputError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if not isinstance(train_ds, ImageDataset):
-        raise InvalidInputError(f"train_ds must be an ImageDataset, got {type(train_ds).__name__}")
-    train_ds = train_ds.head(config.limit)
-    if len(train_ds) < 2:
-        raise InvalidInputError(f"training needs at least 2 images, got {len(train_ds)}")
-    if val_ds is not None and (
-        val_ds.channels != train_ds.channels
-        or val_ds.image_size != train_ds.image_size
-        or list(val_ds.classes) != list(train_ds.classes)
-    ):
-        raise InvalidInputError(
-            f"val_ds must match train_ds in channels, image size and classes: got "
-            f"{val_ds.channels}x{val_ds.image_size} with {val_ds.num_classes} classes, expected "
-            f"{train_ds.channels}x{train_ds.image_size} with {train_ds.num_classes} classes"
-        )
+    config, train_ds = _check_inputs(train_ds, config, val_ds)
     arch_kwargs = dict(arch_kwargs or {})
     device = torch.device(config.device)
-
     _check_progressive(config, arch, train_ds)  # before any work
-    found = None
-    lr = config.lr
-    if lr == "auto":
-        found = lr_find(train_ds, arch=arch, arch_kwargs=arch_kwargs, config=config, progress=progress)
-        lr = found.suggestion
-        if progress:
-            note(f"lr auto: {found.summary()}; training at {lr:.3g}")
+    lr, found = _resolve_lr(train_ds, config, arch, arch_kwargs, progress)
     model, init_report = build_model(train_ds, config, arch, arch_kwargs)
     norm = next(m for m in model.modules() if isinstance(m, Normalize))
     mean, std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()  # loaded by --init, or ours
@@ -142,33 +118,14 @@ def train_model(
     optimizer: torch.optim.Optimizer | None = None
     scheduler = None
     lr_history: list[float] = []
-
-    def start_phase(frozen: bool, epochs: int) -> None:
-        """A new optimizer and schedule: the head alone while frozen, else every layer group
-        (at the --lr-slice rates when given)."""
-        nonlocal optimizer, scheduler
-        _set_frozen(model, frozen)
-        groups = layer_groups(model)
-        if frozen:
-            param_groups = [{"params": groups[-1], "lr": float(lr)}]
-        elif config.lr_slice is not None:
-            rates = slice_rates(*config.lr_slice, len(groups))
-            param_groups = [{"params": g, "lr": r} for g, r in zip(groups, rates, strict=True)]
-        else:
-            param_groups = [{"params": [p for g in groups for p in g], "lr": float(lr)}]
-        optimizer = _make_optimizer(config, param_groups)
-        total = epochs * steps_per_epoch
-        schedule, cycle = config.schedule or "constant", config.cycle_epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: schedule_factor(schedule, step, total, cycle)
-        )
-
     history: list[dict[str, float]] = []
     for epoch in range(config.epochs):
         started = time.perf_counter()
         frozen = epoch < config.freeze_epochs
         if epoch == 0 or epoch == config.freeze_epochs:
-            start_phase(frozen, config.freeze_epochs if frozen else config.epochs - config.freeze_epochs)
+            phase_epochs = config.freeze_epochs if frozen else config.epochs - config.freeze_epochs
+            optimizer, scheduler = _start_phase(model, config, lr, frozen, phase_epochs * steps_per_epoch,
+                                                steps_per_epoch)
             if progress and epoch > 0:
                 note(f"unfrozen: training every layer from epoch {epoch + 1}")
         assert optimizer is not None and scheduler is not None
@@ -225,44 +182,14 @@ def train_model(
             "lr": lr_history[-1] if lr_history else float(optimizer.param_groups[-1]["lr"]),  # the last step's head rate
         }
         if val_ds is not None:
-            val_logits = predict_logits(model, val_ds.images)
-            record["val_loss"] = float(F.cross_entropy(val_logits, val_ds.labels))
-            record["val_acc"] = float((val_logits.argmax(1) == val_ds.labels).float().mean())
+            record.update(_validate(model, val_ds))
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         if progress:
-            note(
-                ", ".join(
-                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in record.items()
-                )
-            )
+            note(", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     model.eval()
-    metrics = {k: v for k, v in history[-1].items() if k != "epoch"}
-    metrics["epochs"] = config.epochs
-    metrics["train_images"] = n
-    metrics["total_seconds"] = sum(h["seconds"] for h in history)
-    metrics["lr"] = float(lr)
-    extra: dict[str, Any] = {"train_config": asdict(config)}
-    if init_report is not None:
-        extra["init"] = init_report.to_json()
-    if found is not None:
-        extra["lr_find"] = found.to_json(curve=False)
-    meta = CheckpointMeta(
-        arch=arch,
-        arch_kwargs=arch_kwargs,
-        classes=list(train_ds.classes),
-        in_channels=train_ds.channels,
-        image_size=list(train_ds.image_size),
-        mean=mean,
-        std=std,
-        train_augmentations=config.augmentation_records(),
-        dataset=train_ds.name,
-        seed=config.seed,
-        metrics=metrics,
-        extra=extra,
-    )
+    meta = _checkpoint_meta(train_ds, config, arch, arch_kwargs, history, lr, mean, std, init_report, found)
     checkpoint_dir = None
     if out_dir is not None:
         checkpoint_dir = save_checkpoint(out_dir, model, meta)
@@ -276,4 +203,102 @@ def train_model(
         lr_history=lr_history,
         init_report=init_report,
         lr_find=found,
+    )
+
+
+def _check_inputs(train_ds: ImageDataset, config: TrainConfig | None,
+                  val_ds: ImageDataset | None) -> tuple[TrainConfig, ImageDataset]:
+    """The config (default: ``TrainConfig()``) and the training images (``config.limit`` of them), checked."""
+    config = config if config is not None else TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise InvalidInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(train_ds, ImageDataset):
+        raise InvalidInputError(f"train_ds must be an ImageDataset, got {type(train_ds).__name__}")
+    train_ds = train_ds.head(config.limit)
+    if len(train_ds) < 2:
+        raise InvalidInputError(f"training needs at least 2 images, got {len(train_ds)}")
+    if val_ds is not None and (
+        val_ds.channels != train_ds.channels
+        or val_ds.image_size != train_ds.image_size
+        or list(val_ds.classes) != list(train_ds.classes)
+    ):
+        raise InvalidInputError(
+            f"val_ds must match train_ds in channels, image size and classes: got "
+            f"{val_ds.channels}x{val_ds.image_size} with {val_ds.num_classes} classes, expected "
+            f"{train_ds.channels}x{train_ds.image_size} with {train_ds.num_classes} classes"
+        )
+    return config, train_ds
+
+
+def _resolve_lr(train_ds: ImageDataset, config: TrainConfig, arch: str, arch_kwargs: dict[str, Any],
+                progress: bool) -> tuple[float, Any]:
+    """``(lr, sweep)``: ``config.lr``, or with ``lr="auto"`` the suggestion of a learning-rate sweep."""
+    found = None
+    lr = config.lr
+    if lr == "auto":
+        found = lr_find(train_ds, arch=arch, arch_kwargs=arch_kwargs, config=config, progress=progress)
+        lr = found.suggestion
+        if progress:
+            note(f"lr auto: {found.summary()}; training at {lr:.3g}")
+    return lr, found
+
+
+def _start_phase(model: nn.Module, config: TrainConfig, lr: float, frozen: bool, total_steps: int,
+                 steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
+    """A new optimizer and schedule: the head alone while frozen, else every layer group
+    (at the --lr-slice rates when given)."""
+    _set_frozen(model, frozen)
+    groups = layer_groups(model)
+    if frozen:
+        param_groups = [{"params": groups[-1], "lr": float(lr)}]
+    elif config.lr_slice is not None:
+        rates = slice_rates(*config.lr_slice, len(groups))
+        param_groups = [{"params": g, "lr": r} for g, r in zip(groups, rates, strict=True)]
+    else:
+        param_groups = [{"params": [p for g in groups for p in g], "lr": float(lr)}]
+    optimizer = _make_optimizer(config, param_groups)
+    schedule, cycle = config.schedule or "constant", config.cycle_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: schedule_factor(schedule, step, total_steps, cycle)
+    )
+    return optimizer, scheduler
+
+
+def _validate(model: nn.Module, val_ds: ImageDataset) -> dict[str, float]:
+    """``val_loss`` and ``val_acc`` of plain predictions (:func:`predict_logits`, in eval mode)."""
+    val_logits = predict_logits(model, val_ds.images)
+    return {
+        "val_loss": float(F.cross_entropy(val_logits, val_ds.labels)),
+        "val_acc": float((val_logits.argmax(1) == val_ds.labels).float().mean()),
+    }
+
+
+def _checkpoint_meta(train_ds: ImageDataset, config: TrainConfig, arch: str, arch_kwargs: dict[str, Any],
+                     history: list[dict[str, float]], lr: float, mean: list[float], std: list[float],
+                     init_report: InitReport | None, found: Any) -> CheckpointMeta:
+    """What the checkpoint says about itself: the last epoch's metrics, the config, the data and
+    the normalization built into the model, what --init loaded and the lr-find sweep."""
+    metrics = {k: v for k, v in history[-1].items() if k != "epoch"}
+    metrics["epochs"] = config.epochs
+    metrics["train_images"] = len(train_ds)
+    metrics["total_seconds"] = sum(h["seconds"] for h in history)
+    metrics["lr"] = float(lr)
+    extra: dict[str, Any] = {"train_config": asdict(config)}
+    if init_report is not None:
+        extra["init"] = init_report.to_json()
+    if found is not None:
+        extra["lr_find"] = found.to_json(curve=False)
+    return CheckpointMeta(
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        classes=list(train_ds.classes),
+        in_channels=train_ds.channels,
+        image_size=list(train_ds.image_size),
+        mean=mean,
+        std=std,
+        train_augmentations=config.augmentation_records(),
+        dataset=train_ds.name,
+        seed=config.seed,
+        metrics=metrics,
+        extra=extra,
     )

@@ -146,7 +146,7 @@ def lr_find(
     progress: bool = True,
 ) -> LRFindResult:
     """Sweep the learning rate exponentially from ``start_lr`` to ``end_lr`` over ``num_steps``
-    training steps on a fresh model (built as :func:`ttakit.train.train_model` would build it,
+    training steps on a fresh model (built as :func:`ttakit.training.train_model` would build it,
     ``config.init`` weights included, with its optimizer and augmentations).
 
     The sweep stops early once an exponential moving average of the loss (``smoothing``,
@@ -158,29 +158,7 @@ def lr_find(
     Raises:
         InvalidInputError: a data set smaller than one batch, or bad sweep settings.
     """
-    config = config if config is not None else TrainConfig()
-    if not isinstance(config, TrainConfig):
-        raise InvalidInputError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if not isinstance(dataset, ImageDataset):
-        raise InvalidInputError(f"dataset must be an ImageDataset, got {type(dataset).__name__}")
-    dataset = dataset.head(config.limit)
-    if len(dataset) < config.batch_size:
-        raise InvalidInputError(
-            f"lr-find needs at least one full batch: the data set has {len(dataset)} images but "
-            f"batch_size is {config.batch_size}; lower --batch-size or use more data"
-        )
-    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
-    if end_lr <= start_lr:
-        raise InvalidInputError(f"end_lr must exceed start_lr, got start_lr={start_lr:g}, end_lr={end_lr:g}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 5:
-        raise InvalidInputError(f"num_steps must be an integer >= 5, got {num_steps!r}")
-    if not 0 <= smoothing < 1:
-        raise InvalidInputError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
-    if not diverge > 1:
-        raise InvalidInputError(f"diverge must be a number > 1, got {diverge!r}")
-
+    config, dataset = _check_sweep(dataset, config, start_lr, end_lr, num_steps, smoothing, diverge)
     sweep_config = replace(config, lr=start_lr, freeze_epochs=0, lr_slice=None, progressive=None)
     model, _ = build_model(dataset, sweep_config, arch, arch_kwargs)
     device = torch.device(config.device)
@@ -224,6 +202,41 @@ def lr_find(
             break
         best = min(best, debiased)
     bar.close()
+    return _result(lrs, losses, window, num_steps, stopped, arch, config)
+
+
+def _check_sweep(dataset: ImageDataset, config: TrainConfig | None, start_lr: float, end_lr: float, num_steps: int,
+                 smoothing: float, diverge: float) -> tuple[TrainConfig, ImageDataset]:
+    """The config (default: ``TrainConfig()``), the images swept on (``config.limit`` of them)
+    and the sweep settings, checked before any model is built."""
+    config = config if config is not None else TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise InvalidInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(dataset, ImageDataset):
+        raise InvalidInputError(f"dataset must be an ImageDataset, got {type(dataset).__name__}")
+    dataset = dataset.head(config.limit)
+    if len(dataset) < config.batch_size:
+        raise InvalidInputError(
+            f"lr-find needs at least one full batch: the data set has {len(dataset)} images but "
+            f"batch_size is {config.batch_size}; lower --batch-size or use more data"
+        )
+    for name, value in (("start_lr", start_lr), ("end_lr", end_lr)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
+    if end_lr <= start_lr:
+        raise InvalidInputError(f"end_lr must exceed start_lr, got start_lr={start_lr:g}, end_lr={end_lr:g}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 5:
+        raise InvalidInputError(f"num_steps must be an integer >= 5, got {num_steps!r}")
+    if not 0 <= smoothing < 1:
+        raise InvalidInputError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
+    if not diverge > 1:
+        raise InvalidInputError(f"diverge must be a number > 1, got {diverge!r}")
+    return config, dataset
+
+
+def _result(lrs: list[float], losses: list[float], window: int | None, num_steps: int, stopped: str, arch: str,
+            config: TrainConfig) -> LRFindResult:
+    """The swept curve, smoothed by a centred moving average, and the rates it suggests."""
     width = window if window is not None else max(3, (num_steps // 10) | 1)
     smoothed = centred_average(losses, width)
     finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
@@ -239,5 +252,5 @@ def lr_find(
         stopped=stopped,
         arch=arch,
         optimizer=config.optimizer,
-        batch_size=batch,
+        batch_size=config.batch_size,
     )

@@ -1,0 +1,97 @@
+"""``ttakit search``: parse, call :func:`ttakit.jobs.search.search_checkpoint`, print."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import (
+    _add_data_args,
+    _add_device_args,
+    _add_model_args,
+    _add_split_arg,
+    _model_options,
+    _positive_int,
+)
+
+NAME = "search"
+OUTPUTS = [("out", "file", "--out"), ("report_dir", "folder", "--report-dir")]
+DRAWS = "writing PNG plots"
+
+
+def add_parser(commands) -> None:
+    search = commands.add_parser("search", help="search the TTA policy that helps this model, on held-out data")
+    search.add_argument("checkpoint", metavar="MODEL",
+                        help="checkpoint folder (from ttakit train), or any model ttakit predict reads (.onnx, .pt2, "
+                        "TorchScript, .keras/.h5, file.py:function) with --val-data or --data")
+    _add_data_args(search, default=None)
+    _add_split_arg(search, "search", "val",
+                   "the split to search on: val (the held-out validation split; test and train are refused)")
+    search.add_argument("--budget", type=_positive_int, default=8, help="most views in the policy")
+    search.add_argument("--objective", default="nll", help="nll (after temperature scaling) or accuracy")
+    search.add_argument("--limit", type=_positive_int, default=None, help="search on the first N images")
+    search.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
+    search.add_argument("--no-weights", action="store_true", help="do not learn per-view or class-by-view weights")
+    search.add_argument("--no-gate", action="store_true", help="do not tune a confidence gate")
+    search.add_argument(
+        "--no-matrix-scaling", action="store_true",
+        help="calibrate with a temperature only (by default matrix scaling follows it where there are 20 "
+        "validation rows per fitted number and it wins under cross-validation)",
+    )
+    search.add_argument("--full-cache", action="store_true", help="cache every candidate on every image (no successive halving)")
+    search.add_argument("--out", default=None, help="policy JSON to write (default: CHECKPOINT/policy.json)")
+    search.add_argument("--report-dir", default=None, help="report folder (default: CHECKPOINT/search)")
+    search.add_argument(
+        "--conformal-holdout", type=float, default=0.2, metavar="FRACTION",
+        help="share of the validation rows kept from the search (seeded, stratified, recorded in the policy) so "
+        "--conformal calibrates on rows the policy never saw (default 0.2; 0: search on all rows, no conformal)",
+    )
+    search.add_argument("--val-data", default=None, metavar="FILE",
+                        help="for a model that records no split: labelled validation images it never trained on "
+                        "(every row is validation)")
+    _add_device_args(search)
+    _add_model_args(search)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..jobs.search import search_checkpoint
+    from ..search.run import check_search_split
+
+    check_search_split(args.split)
+    results = search_checkpoint(
+        args.checkpoint,
+        out=args.out,
+        report_dir=args.report_dir,
+        data=args.data,
+        split=args.split,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        budget=args.budget,
+        objective=args.objective,
+        learn_weights=not args.no_weights,
+        gate=not args.no_gate,
+        halving=not args.full_cache,
+        matrix_scaling=not args.no_matrix_scaling,
+        conformal_holdout=args.conformal_holdout,
+        max_batch=args.max_batch,
+        device=args.device,
+        amp=args.amp,
+        progress=not args.no_progress,
+        model_options=_model_options(args),
+        val_data=args.val_data,
+    )
+    print(results["table"])
+    if results.get("cost_line"):
+        print(results["cost_line"])
+    print(f"\nselected {len(results['views'])} views: {', '.join(results['views'])}")
+    control = results.get("control_policy")
+    if results.get("matrix_scaling"):
+        print("calibration: temperature, then matrix scaling (it won under cross-validation; it corrects class "
+              "biases without TTA too: compare the 'none (matrix-scaled)' row)")
+    print(f"policy written to {results['policy']}; report in {results['reports']['markdown']}")
+    if control:
+        print(f"the identity with the same calibration (no TTA) written to {control}")
+    other = "" if results.get("records_split", True) else (  # fitted on a model with no weights hash: allowed by name
+        f" --data {args.data or 'DATA'} --allow-other-model")
+    print(f"evaluate it with: ttakit evaluate {args.checkpoint} --policy none,{control + ',' if control else ''}"
+          f"{results['policy']}{other}")
+    return 0

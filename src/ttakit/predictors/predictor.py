@@ -1,0 +1,264 @@
+"""The :class:`Predictor`: any classifier behind one calling convention (raw NCHW images in
+``[0, 1]`` in, ``(B, classes)`` out), with the model's own preprocessing inside."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError, ModelOutputError, TTAKitError
+from ._options import LAYOUTS, OUTPUTS, PIXEL_RANGES, _choice
+
+
+class Predictor(nn.Module):
+    """A classifier behind one calling convention: ``(B, C, H, W)`` float images in ``[0, 1]`` ->
+    ``(B, classes)`` logits or probabilities (``outputs`` says which).
+
+    Inside, in this order: the pixels are scaled to ``pixel_range``; ``(x - mean) / std`` is
+    applied when ``normalization == "predictor"`` (``mean``/``std`` in ``pixel_range`` units);
+    the batch is permuted to NHWC when ``layout == "nhwc"``; the backend runs; its output comes
+    back as a float tensor on the input's device. A ttakit checkpoint normalizes in its first
+    layer (``normalization == "model"``), so ``mean``/``std`` are recorded there for
+    information only.
+
+    Attributes:
+        kind: ``"checkpoint"``, ``"module"``, ``"pt2"``, ``"torchscript"``, ``"onnx"``,
+            ``"keras"`` or ``"callable"``.
+        source: where it was loaded from (for messages).
+        input_size: ``(H, W)`` the model takes, or None when any size works / is unknown.
+        channels: ``C``, or None when unknown.
+        layout, pixel_range, mean, std, normalization, classes, outputs: as described above.
+        train_augmentations: the training augmentations a ttakit model records (for
+            ``train-aug`` policies); empty otherwise.
+
+    Shape:
+        - Input: ``(B, C, H, W)`` float in ``[0, 1]``.
+        - Output: ``(B, classes)`` float32.
+    """
+
+    def __init__(
+        self,
+        backend: Callable[[torch.Tensor], Any],
+        *,
+        kind: str,
+        source: str = "",
+        outputs: str,
+        input_size: tuple[int, int] | None = None,
+        channels: int | None = None,
+        layout: str = "nchw",
+        pixel_range: str = "0-1",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        normalization: str | None = None,
+        classes: Sequence[str] | None = None,
+        train_augmentations: Sequence[dict[str, Any]] = (),
+        fixed_batch: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(backend, nn.Module):
+            self.model = backend  # registered: .to(device), .eval() and parameters reach it
+        else:
+            self._backend = backend
+        self.kind = kind
+        self.source = source
+        self.outputs = _choice("outputs", outputs, OUTPUTS)
+        self.input_size = input_size
+        self.channels = channels
+        self.layout = _choice("layout", layout, LAYOUTS)
+        self.pixel_range = _choice("pixel_range", pixel_range, PIXEL_RANGES)
+        self.mean = list(mean) if mean is not None else None
+        self.std = list(std) if std is not None else None
+        if (self.mean is None) != (self.std is None):
+            raise InvalidInputError("mean and std must be given together (one value per channel each), or neither")
+        if self.std is not None and not all(s > 0 for s in self.std):
+            raise InvalidInputError(f"std must be positive, got {self.std}")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise InvalidInputError(f"mean and std need one value per channel each, got {len(self.mean)} and {len(self.std)}")
+        if self.mean is not None and channels is not None and len(self.mean) not in (1, channels):
+            raise InvalidInputError(
+                f"mean/std must have 1 or {channels} values (one per channel), got {len(self.mean)}"
+            )
+        self.normalization = normalization if self.mean is not None else None
+        if self.normalization == "predictor":
+            self.register_buffer("_mean", torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("_std", torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.classes = list(classes) if classes is not None else None
+        self.train_augmentations = list(train_augmentations)
+        self.fixed_batch = fixed_batch
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.classes) if self.classes is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        """What the predictor knows, as plain JSON-ready values."""
+        return {
+            "kind": self.kind,
+            "source": self.source,
+            "input_size": list(self.input_size) if self.input_size else None,
+            "channels": self.channels,
+            "layout": self.layout,
+            "pixel_range": self.pixel_range,
+            "mean": self.mean,
+            "std": self.std,
+            "normalization": self.normalization,
+            "classes": self.classes,
+            "outputs": self.outputs,
+        }
+
+    def extra_repr(self) -> str:
+        size = "x".join(map(str, self.input_size)) if self.input_size else "any"
+        return (
+            f"kind={self.kind}, source={self.source!r}, input={self.channels or '?'}x{size} {self.layout}, "
+            f"pixel_range={self.pixel_range}, normalization={self.normalization}, outputs={self.outputs}"
+        )
+
+    def check_input(self, images: Any, name: str = "images") -> None:
+        """Refuse a batch this model cannot take, naming the batch's own shape: not ``(B, C, H, W)``
+        (a 3-D batch is told which axis to add), other channels than :attr:`channels`, another
+        size than :attr:`input_size`, or float pixels above 1 (0-255 images: the predictor takes
+        ``[0, 1]`` and scales to its ``pixel_range`` itself; they would saturate silently, so they
+        are refused rather than warned about).
+
+        Raises:
+            InvalidInputError: naming ``name``, the shape or range found and the expected form.
+        """
+        if not isinstance(images, torch.Tensor):
+            raise InvalidInputError(f"{name} must be a (B, C, H, W) tensor, got {type(images).__name__}")
+        shape = tuple(images.shape)
+        if images.ndim == 3:
+            raise InvalidInputError(f"{name} must have shape (B, C, H, W), got 3-D shape {shape}{_axis_hint(shape, self.channels)}")
+        if images.ndim != 4:
+            raise InvalidInputError(f"{name} must have shape (B, C, H, W), got {images.ndim}-D shape {shape}")
+        if self.channels is not None and shape[1] != self.channels:
+            raise InvalidInputError(
+                f"{self._name()} takes {self.channels}-channel images (B, {self.channels}, H, W), got {name} of shape {shape}"
+            )
+        if self.input_size is not None and tuple(shape[2:]) != tuple(self.input_size):
+            h, w = self.input_size
+            raise InvalidInputError(
+                f"{self._name()} takes {h}x{w} images (B, {self.channels or 'C'}, {h}, {w}), got {name} of shape "
+                f"{shape}; resize them to {h}x{w} first (ttakit predict does)"
+            )
+        if images.is_floating_point() and images.numel():
+            high = float(images.detach().amax())
+            if high > 1.0 + 1e-3:
+                low = float(images.detach().amin())
+                raise InvalidInputError(
+                    f"{name} hold values in [{low:g}, {high:g}]; {self._name()} takes float images in [0, 1] (it "
+                    f"scales to its pixel range {self.pixel_range} itself): divide 0-255 images by 255"
+                )
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw ``(B, C, H, W)`` images in ``[0, 1]`` -> what the backend takes."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            hint = _axis_hint(shape, self.channels) if isinstance(images, torch.Tensor) and images.ndim == 3 else ""
+            raise InvalidInputError(f"images must be a (B, C, H, W) tensor, got {shape}{hint}")
+        if self.channels is not None and images.shape[1] != self.channels:
+            raise InvalidInputError(
+                f"{self._name()} takes {self.channels}-channel images, got a batch of shape {tuple(images.shape)}"
+            )
+        x = images if images.is_floating_point() else images.float()
+        if self.pixel_range == "0-255":
+            x = x * 255.0
+        if self.normalization == "predictor":
+            x = (x - self._mean.to(x.device)) / self._std.to(x.device)
+        if self.layout == "nhwc":
+            x = x.permute(0, 2, 3, 1)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(images)
+        backend = self.model if "model" in self._modules else self._backend
+        try:
+            if self.fixed_batch and x.shape[0] != self.fixed_batch:
+                out = torch.cat([self._fixed_call(backend, part) for part in x.split(self.fixed_batch)])
+            else:
+                out = self._call(backend, x)
+        except (RuntimeError, ModelOutputError) as exc:
+            # A batch of another size than the model records (a size-agnostic model may take it,
+            # so it is tried) fails inside the model with a raw shape error: say what it takes.
+            if self.input_size is not None and tuple(images.shape[2:]) != tuple(self.input_size):
+                h, w = self.input_size
+                raise InvalidInputError(
+                    f"{self._name()} takes {h}x{w} images, got a batch of shape {tuple(images.shape)} "
+                    f"({type(exc).__name__} inside the model); resize the images to {h}x{w}"
+                ) from exc
+            raise
+        return self._postprocess(out, images)
+
+    def _fixed_call(self, backend: Callable[[torch.Tensor], Any], part: torch.Tensor) -> torch.Tensor:
+        """One chunk through a graph that takes exactly ``fixed_batch`` images: a short (last)
+        chunk is padded with copies of its last image and the padded rows are dropped."""
+        rows = part.shape[0]
+        if rows < self.fixed_batch:
+            part = torch.cat([part, part[-1:].expand(self.fixed_batch - rows, *part.shape[1:])])
+        out = self._call(backend, part)
+        if isinstance(out, (list, tuple)) and len(out) == 1:
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(np.asarray(out))
+        if out.ndim < 1 or out.shape[0] != self.fixed_batch:
+            raise ModelOutputError(
+                f"{self._name()} returned shape {tuple(out.shape)} for a batch of {self.fixed_batch} images "
+                "(its fixed batch size); expected (B, classes)"
+            )
+        return out[:rows]
+
+    def _call(self, backend: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+        if self.kind in ("checkpoint", "module", "pt2", "torchscript"):
+            return backend(x)  # torch errors here are the model's own: let them through
+        try:
+            return backend(x)
+        except TTAKitError:
+            raise
+        except Exception as exc:  # onnxruntime, keras or user code: one line that says which model
+            detail = " ".join(str(exc).split())[:300]
+            raise ModelOutputError(
+                f"{self._name()} failed on a batch of shape {tuple(x.shape)} ({self.layout}): {type(exc).__name__}: {detail}"
+            ) from exc
+
+    def _postprocess(self, out: Any, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(out, (list, tuple)) and len(out) == 1:
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            try:
+                out = torch.as_tensor(np.asarray(out))
+            except (TypeError, ValueError) as exc:
+                raise ModelOutputError(
+                    f"{self._name()} must return a (B, classes) array, got {type(out).__name__}"
+                ) from exc
+        if out.ndim != 2 or out.shape[0] != images.shape[0]:
+            raise ModelOutputError(
+                f"{self._name()} returned shape {tuple(out.shape)} for {images.shape[0]} images; expected (B, classes)"
+            )
+        if self.classes is not None and out.shape[1] != len(self.classes):
+            raise ModelOutputError(
+                f"{self._name()} returned {out.shape[1]} outputs per image but {len(self.classes)} class names were given"
+            )
+        if out.device != images.device:
+            out = out.to(images.device)
+        return out if out.dtype == torch.float32 or images.dtype != torch.float32 else out.float()
+
+    def _name(self) -> str:
+        return f"the {self.kind} model {self.source}".rstrip() if self.source else f"the {self.kind} model"
+
+
+def _axis_hint(shape: tuple[int, ...], channels: int | None = None) -> str:
+    """Which axis a 3-D batch lacks: ``(C, H, W)`` one image -> ``unsqueeze(0)``; ``(B, H, W)``
+    grayscale images -> ``unsqueeze(1)``."""
+    first = shape[0]
+    batch = f" (a batch of {first} grayscale images (B, H, W): add the channel axis with x.unsqueeze(1))"
+    single = f" (one {first}-channel image (C, H, W): add the batch axis with x.unsqueeze(0))"
+    if channels is not None:
+        return single if first == channels else batch
+    if first in (3, 4):
+        return single + " or" + batch
+    if first == 1:
+        return single
+    return batch
