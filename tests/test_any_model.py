@@ -110,15 +110,17 @@ def test_search_any_model_on_val_data_then_evaluate_its_policy(tmp_path, models,
                  str(policy), "--report-dir", str(tmp_path / "search"), "--no-matrix-scaling", *options(kind)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "--allow-other-model" in captured.out  # the hint to evaluate it
+    assert f"evaluate it with: ttakit evaluate {models[kind]} --policy none,{policy} --data" in captured.out
     saved = json.loads(policy.read_text())
     assert saved["meta"]["validation_rows"]["n"] == 40 and saved["meta"]["weights_sha256"]
-    base = ["--no-progress", "evaluate", str(models[kind]), "--data", str(data), "--out", str(tmp_path / "eval"),
-            "--no-plots", "--policy", f"none,{policy}", *options(kind)]
-    # a fitted policy on a model that is no checkpoint counts as another model's
-    assert main(base) == 2
+    def evaluate(model_kind: str) -> list[str]:
+        return ["--no-progress", "evaluate", str(models[model_kind]), "--data", str(data), "--out",
+                str(tmp_path / "eval"), "--no-plots", "--policy", f"none,{policy}", *options(model_kind)]
+
+    # the policy records the model file's digest: another model is refused, the same file is its own
+    assert main(evaluate("py" if kind == "onnx" else "onnx")) == 2
     assert "--allow-other-model" in one_error_line(capsys)
-    code = main([*base, "--allow-other-model", "--conformal", "0.2", "--val-data", str(val)])
+    code = main([*evaluate(kind), "--conformal", "0.2", "--val-data", str(val)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     results = json.loads((tmp_path / "eval" / "results.json").read_text())

@@ -119,9 +119,12 @@ def test_issues_csv_columns_and_rows() -> None:
     issues = [Issue(2, 0, 1, 0.97, "mislabelled", "rule", 1), Issue(5, 2, 0, 0.55, "ambiguous", "rule", 1)]
     text = issues_to_csv(issues, ["cat", "dog", "eel"], rows=[10, 11, 12, 13, 14, 15])
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert list(rows[0]) == ["rank", "row", "file", "given", "suggested", "probability", "kind", "method", "views"]
+    assert list(rows[0]) == ["rank", "row", "file", "given", "suggested", "probability", "probability_of",
+                             "p_suggested", "p_given", "kind", "method", "views"]
+    # an Issue made without the judged probability: the column says it is p(suggested)
     assert rows[0] == {"rank": "1", "row": "12", "file": "", "given": "cat", "suggested": "dog",
-                       "probability": "0.9700", "kind": "mislabelled", "method": "rule", "views": ""}
+                       "probability": "0.9700", "probability_of": "p(suggested)", "p_suggested": "0.9700",
+                       "p_given": "", "kind": "mislabelled", "method": "rule", "views": ""}
     assert rows[1]["row"] == "15" and rows[1]["kind"] == "ambiguous"
     with_files = issues_to_csv(issues[:1], ["cat", "dog", "eel"], files=[f"f{i}.png" for i in range(6)])
     assert "f2.png" in with_files
@@ -134,8 +137,12 @@ def test_rows_to_remove() -> None:
         Issue(7, 1, 0, 0.8, "mislabelled", "cleanlab", 2),
         Issue(5, 2, 0, 0.55, "ambiguous", "rule", 1),
     ]
-    assert rows_to_remove(issues) == [2, 5, 7]
-    assert rows_to_remove(issues, "mislabelled") == [2, 7]
+    assert rows_to_remove(issues, "all") == [2, 5, 7]
+    assert rows_to_remove(issues) == rows_to_remove(issues, "mislabelled") == [2, 7]  # the default
+    # disputed: also ambiguous rows whose label is not the model's top class
+    disputed = [*issues, Issue(9, 1, 0, 0.55, "ambiguous", "rule", 2, 0.55, "p(top)", 0.45, 0)]
+    assert rows_to_remove(disputed, "disputed") == [2, 7, 9]
+    assert rows_to_remove(disputed, "all") == [2, 5, 7, 9]
     assert rows_to_remove(issues, "rule") == [2, 5]
     assert rows_to_remove(issues, "cleanlab") == [2, 7]
     with pytest.raises(UnknownNameError):
@@ -228,13 +235,13 @@ def test_audit_command_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "audit"
     clean = tmp_path / "clean.npz"
     code = main(["--no-progress", "audit", str(tmp_path / "cnn"), "--folds", "2", "--epochs", "1",
-                 "--out", str(out), "--write-clean", str(clean)])
+                 "--out", str(out), "--write-clean", str(clean), "--remove", "all", "--force"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "2-fold cross-validation" in printed
     rows = list(csv.DictReader(open(out / "issues.csv")))
-    assert rows and set(rows[0]) == {"rank", "row", "file", "given", "suggested", "probability", "kind", "method",
-                                     "views"}
+    assert rows and set(rows[0]) == {"rank", "row", "file", "given", "suggested", "probability", "probability_of",
+                                     "p_suggested", "p_given", "kind", "method", "views"}
     # trained with flips: train-aug has two views (identity, hflip); their votes where they disagree
     voted = [r["views"] for r in rows if r["views"]]
     assert voted and all(v.startswith("identity=") and "; hflip=" in v for v in voted)
@@ -269,9 +276,7 @@ def test_audit_command_end_to_end(tmp_path, capsys) -> None:
                  "--folds", "2", "--out", str(tmp_path / "a2")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "audit needs labelled images" in err
-    # Without --folds the model may not audit the images it trained on.
-    assert main(["--no-progress", "audit", str(tmp_path / "cnn"), "--out", str(tmp_path / "a3")]) == 2
-    assert "--folds" in capsys.readouterr().err
+    # Without --folds the images it trained on are audited by 5-fold cross-validation (test_audit_cli.py).
 
 
 def test_rule_by_probability_of_the_other_classes() -> None:
@@ -339,7 +344,7 @@ def test_write_clean_keeps_the_checkpoints_test_rows_untouched_and_recorded(tmp_
     clean = tmp_path / ("clean.npz" if kind == "npz" else "clean.txt")
     result = audit_checkpoint(str(tmp_path / "cnn"), folds=2, epochs=1, methods=("rule",), mislabel_threshold=0.0,
                               ambiguous_range=(0.0, 1.0), out_dir=tmp_path / "audit", write_clean_to=clean,
-                              progress=False)
+                              remove="all", force=True, progress=False)
     rows = [int(r["row"]) for r in csv.DictReader(open(tmp_path / "audit" / "issues.csv"))]
     # every training row is flagged (threshold 0, range 0-1), and no test row is audited
     train_rows = set(load_split_rows(recipe, "train"))

@@ -211,6 +211,7 @@ def test_build_makes_a_wheel_and_an_sdist_without_warnings(built):
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
     for needed in ("ttakit/__init__.py", "ttakit/__main__.py", "ttakit/_version.py", "ttakit/py.typed",
                    "ttakit/search/__init__.py", "ttakit/models/__init__.py", "ttakit/data/__init__.py",
+                   "ttakit/report/review_page.html", "ttakit/report/review_page.css", "ttakit/report/review_page.js",
                    f"{info}/licenses/LICENSE"):
         assert needed in names, needed
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]

@@ -88,3 +88,52 @@ def test_the_demo_control_is_the_identity_with_the_searched_calibration() -> Non
     control = _matrix_control(searched)
     assert control.name == "none (matrix-scaled)" and control.view_names == ["identity"]
     assert (control.temperature, control.matrix_scaling) == (1.3, matrix)
+
+
+# --------------------------------------------------------------------------- --out is a folder
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from tests._fixtures import write_halves_npz
+
+    root = tmp_path_factory.mktemp("search-out")
+    data = write_halves_npz(root / "halves.npz", n=120)
+    assert main(["--no-progress", "train", "--data", str(data), "--epochs", "1", "--batch-size", "16",
+                 "--out", str(root / "ckpt")]) == 0
+    return root / "ckpt"
+
+
+def _copy(source, target):
+    target.mkdir()
+    for f in source.iterdir():
+        if f.is_file():
+            (target / f.name).write_bytes(f.read_bytes())
+    return target
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_search_out_is_a_folder_for_the_policy_and_its_report(tiny_checkpoint, tmp_path, capsys):
+    """Issue "The first hour of a user": ``--out`` is a folder for every job that writes several
+    files; ``--out FILE.json`` is still the policy file, and the default stays CHECKPOINT/policy.json
+    (where predict and ensemble look) with the report in CHECKPOINT/search."""
+    ckpt = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    capsys.readouterr()
+    out = tmp_path / "runs" / "searched"
+    assert main(["--no-progress", "search", str(ckpt), "--budget", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"policy written to {out / 'policy.json'}; report in {out / 'search.md'}" in said
+    assert Policy.load(out / "policy.json").name == "searched"
+    assert (out / "search.json").exists() and not (ckpt / "policy.json").exists() and not (ckpt / "search").exists()
+    # the old spelling: a .json path is the policy file, the report in CHECKPOINT/search
+    assert main(["--no-progress", "search", str(ckpt), "--budget", "2", "--out", str(tmp_path / "p.json")]) == 0
+    said = capsys.readouterr().out
+    assert f"policy written to {tmp_path / 'p.json'}; report in {ckpt / 'search' / 'search.md'}" in said
+    # the default: next to the checkpoint
+    assert main(["--no-progress", "search", str(ckpt), "--budget", "2"]) == 0
+    assert f"policy written to {ckpt / 'policy.json'}" in capsys.readouterr().out
+    # --out an existing file that is not .json: one line, exit 2, before any work
+    (tmp_path / "a-file").write_text("x")
+    assert main(["--no-progress", "search", str(ckpt), "--out", str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "expected a folder" in err, err

@@ -97,9 +97,12 @@ def unused_validation_rows(policy: _PolicyLike, n_rows: int, sha256: str | None 
 
 
 def _model_of(model: Any) -> tuple[str | None, str]:
-    """``(weights sha256 or None, a name)`` of a checkpoint meta, a predictor holding one, or None."""
+    """``(weights sha256 or None, a name)`` of a checkpoint meta, a predictor (its checkpoint's hash,
+    else its own :meth:`~ttakit.predictors.Predictor.weights_digest`), or None."""
     meta = getattr(model, "meta", None) or model
     digest = getattr(meta, "weights_sha256", None)
+    if not isinstance(digest, str) and callable(getattr(model, "weights_digest", None)):
+        digest = model.weights_digest()  # a model that is not a checkpoint: what ttakit search records for it
     name = getattr(meta, "source", None) or getattr(model, "source", None) or "this model"
     return (digest if isinstance(digest, str) else None), str(name)
 

@@ -20,8 +20,36 @@ import torch
 from .errors import InvalidInputError, unknown_name
 
 AUDIT_METHODS = ("rule", "cleanlab")
-REMOVE_CHOICES = ("all", "mislabelled", "rule", "cleanlab")
+#: What ``--write-clean`` drops (the default first): ``mislabelled``: the images flagged likely
+#: mislabelled (either method); ``disputed``: those and the ambiguous ones whose label is not the
+#: model's top class; ``all``: every flagged image, also ambiguous ones the model agrees with;
+#: ``rule`` / ``cleanlab``: what one method flagged.
+REMOVE_CHOICES = ("mislabelled", "disputed", "all", "rule", "cleanlab")
+REMOVE_HELP = {
+    "mislabelled": "the images flagged likely mislabelled (ambiguous images kept)",
+    "disputed": "the likely mislabelled images and the ambiguous ones whose label is not the model's top class",
+    "all": "every flagged image (also ambiguous ones whose label is the model's top class)",
+    "rule": "every image the rule flagged (mislabelled or ambiguous)",
+    "cleanlab": "every image confident learning flagged",
+}
+#: What an issue's ``judged`` probability is (issues.csv ``probability_of``).
+JUDGED_OTHERS, JUDGED_TOP, JUDGED_GIVEN = "1-p(given)", "p(top)", "p(given)"
 MISLABEL_BY = ("others", "top")  # the default first
+
+#: Folds when the checkpoint's own training split is audited without ``folds``: each image is
+#: scored by a model trained on the other 80% (5 models: the usual cross-validation cost/benefit).
+DEFAULT_FOLDS = 5
+
+#: Below this held-out accuracy of the scoring model(s), more than 30% of the images disagree with
+#: their label through the model's own errors, far more than the few percent of label noise an
+#: audit looks for: most flags are then the model's mistakes, not the labels'.
+WEAK_ACCURACY = 0.70
+#: ... or this far below the checkpoint's own validation accuracy: the fold models, with the same
+#: recipe on (K-1)/K of the data, should come within a few points of it; 10 points less means
+#: they trained too briefly (``--epochs``) or on too little.
+WEAK_GAP = 0.10
+
+
 def check_folds(folds: object) -> int:
     """``folds`` as an int >= 2, or :class:`InvalidInputError`."""
     if isinstance(folds, bool) or not isinstance(folds, numbers.Integral) or folds < 2:
@@ -73,6 +101,13 @@ class Issue:
         kind: ``"mislabelled"`` or ``"ambiguous"``.
         method: ``"rule"`` or ``"cleanlab"``.
         rank: 1 = most severe, within (method, kind).
+        judged: the probability the method judged: rule ``mislabelled``: ``1 - p[given]``
+            (``mislabel_by="others"``) or the top class's (``"top"``); ``ambiguous``: the top
+            probability, the one within ``ambiguous_range``; cleanlab: ``p[given]`` (its
+            self-confidence). None for issues made without it.
+        judged_by: which one: ``"1-p(given)"``, ``"p(top)"`` or ``"p(given)"``.
+        given_probability: the model's probability of ``given``.
+        top: the model's top class.
     """
 
     row: int
@@ -82,6 +117,10 @@ class Issue:
     kind: str
     method: str
     rank: int = 0
+    judged: float | None = None
+    judged_by: str = ""
+    given_probability: float | None = None
+    top: int | None = None
 
 
 def _runner_up(p: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
@@ -139,7 +178,9 @@ def flag_issues(
         rows = torch.nonzero(wrong).flatten()
         order = torch.argsort(-(top_p if mislabel_by == "top" else others)[rows], stable=True)
         for rank, r in enumerate(rows[order].tolist(), 1):
-            issues.append(Issue(r, int(y[r]), int(top[r]), float(top_p[r]), "mislabelled", "rule", rank))
+            judged, by = (float(top_p[r]), JUDGED_TOP) if mislabel_by == "top" else (float(1.0 - p[r, y[r]]), JUDGED_OTHERS)
+            issues.append(Issue(r, int(y[r]), int(top[r]), float(top_p[r]), "mislabelled", "rule", rank, judged, by,
+                                float(p[r, y[r]]), int(top[r])))
         ambiguous = (top_r >= lo) & (top_r <= hi) & ~wrong
         rows = torch.nonzero(ambiguous).flatten()
         # The other likely class: the top one when it is not the label, else the runner-up.
@@ -149,7 +190,8 @@ def flag_issues(
         for rank, k in enumerate(order.tolist(), 1):
             r = int(rows[k])
             s = int(other[k])
-            issues.append(Issue(r, int(y[r]), s, float(p[r, s]), "ambiguous", "rule", rank))
+            issues.append(Issue(r, int(y[r]), s, float(p[r, s]), "ambiguous", "rule", rank, float(top_p[r]), JUDGED_TOP,
+                                float(p[r, y[r]]), int(top[r])))
     if "cleanlab" in methods:
         issues.extend(_cleanlab_issues(p, y))
     return issues
@@ -179,18 +221,22 @@ def _cleanlab_issues(p: torch.Tensor, y: torch.Tensor) -> list[Issue]:
     for rank, r in enumerate(np.asarray(ranked).tolist(), 1):
         given = int(y[r])
         suggested = int(top[r]) if int(top[r]) != given else int(_runner_up(p[r : r + 1], y[r : r + 1])[0])
-        issues.append(Issue(int(r), given, suggested, float(p[r, suggested]), "mislabelled", "cleanlab", rank))
+        issues.append(Issue(int(r), given, suggested, float(p[r, suggested]), "mislabelled", "cleanlab", rank,
+                            float(p[r, given]), JUDGED_GIVEN, float(p[r, given]), int(top[r])))
     return issues
 
 
-def rows_to_remove(issues: Sequence[Issue], remove: str = "all") -> list[int]:
-    """Rows a cleaned copy drops: ``"all"`` flagged rows, only ``"mislabelled"`` ones (either
-    method), or the rows one method (``"rule"``, ``"cleanlab"``) flagged. Sorted, unique."""
+def rows_to_remove(issues: Sequence[Issue], remove: str = "mislabelled") -> list[int]:
+    """Rows a cleaned copy drops (:data:`REMOVE_CHOICES`): only ``"mislabelled"`` ones (either
+    method; the default), ``"disputed"`` (those and ambiguous rows whose label is not the model's
+    top class), ``"all"`` flagged rows, or the rows one method (``"rule"``, ``"cleanlab"``)
+    flagged. Sorted, unique."""
     if remove not in REMOVE_CHOICES:
         raise unknown_name("--remove choice", remove, REMOVE_CHOICES)
     keep = {
         "all": lambda i: True,
         "mislabelled": lambda i: i.kind == "mislabelled",
+        "disputed": lambda i: i.kind == "mislabelled" or (i.top is not None and i.top != i.given),
         "rule": lambda i: i.method == "rule",
         "cleanlab": lambda i: i.method == "cleanlab",
     }[remove]

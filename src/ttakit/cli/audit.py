@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..label_issues import DEFAULT_FOLDS, REMOVE_CHOICES, WEAK_ACCURACY, WEAK_GAP
 from ._common import (
     _add_data_args,
     _add_device_args,
@@ -49,9 +50,14 @@ def add_parser(commands) -> None:
     )
     audit.add_argument("model", help="checkpoint folder (its recipe trains the fold models) or a model file")
     _add_data_args(audit, default=None)
-    _add_split_arg(audit, "audit", "train", "split to audit (default train)")
+    _add_split_arg(audit, "audit", "train",
+                   "split to audit (default train: the images a retrained model learns from; a checkpoint's own "
+                   "training split is scored by "
+                   f"{DEFAULT_FOLDS}-fold cross-validation, since the checkpoint trained on it; val or "
+                   "test are scored by the checkpoint itself)")
     audit.add_argument("--folds", type=_folds, default=None,
-                       help="train K models on K-1 folds each and score the held-out fold (needs a checkpoint)")
+                       help="train K models on K-1 folds each and score the held-out fold (needs a checkpoint; "
+                       f"default: {DEFAULT_FOLDS} on the checkpoint's own training split, none elsewhere)")
     audit.add_argument("--epochs", type=_positive_int, default=None, help="epochs per fold model (default: the recipe's)")
     audit.add_argument("--policy", default=None, help="TTA policy for the probabilities (default: train-aug or none)")
     _add_list_arg(audit, "--method", default=["rule", "cleanlab"], metavar="METHOD", help="rule, cleanlab or both")
@@ -65,9 +71,16 @@ def add_parser(commands) -> None:
     audit.add_argument("--ambiguous-range", type=_prob_range, default=(0.5, 0.6),
                        help="rule: flag when the top probability lies in LOW-HIGH (default 0.5-0.6)")
     audit.add_argument("--write-clean", default=None, metavar="FILE",
-                       help="write the data without flagged images: an .npz, or a .txt file list for image folders")
-    audit.add_argument("--remove", default="all", choices=("all", "mislabelled", "rule", "cleanlab"),
-                       help="which flagged images --write-clean drops (default all)")
+                       help="write the data without the flagged images --remove names (by default the likely mislabelled): "
+                       "an .npz, or a .txt file list for image folders")
+    audit.add_argument("--remove", default="mislabelled", choices=REMOVE_CHOICES,
+                       help="which flagged images --write-clean drops: mislabelled (default): those flagged likely "
+                       "mislabelled, ambiguous images kept; disputed: also ambiguous ones whose label is not the "
+                       "model's top class; all: every flagged image; rule or cleanlab: what that method flagged")
+    audit.add_argument("--force", action="store_true",
+                       help=f"write --write-clean even when the scoring models are weak (held-out accuracy below "
+                       f"{WEAK_ACCURACY * 100:.0f}%%, or {WEAK_GAP * 100:.0f} points below the checkpoint's validation accuracy: their flags "
+                       "are then mostly their own errors; refused by default)")
     audit.add_argument("--limit", type=_positive_int, default=None, help="audit the first N images")
     audit.add_argument("--fold-seed", "--seed", dest="fold_seed", type=int, default=0,
                        help="seed of the fold assignment (--seed: the old spelling, deprecated)")
@@ -100,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         write_clean_to=args.write_clean,
         remove=args.remove,
+        force=args.force,
         epochs=args.epochs,
         limit=args.limit,
         max_batch=args.max_batch,
@@ -108,8 +122,13 @@ def run(args: argparse.Namespace) -> int:
         allow_other_model=args.allow_other_model,
         **_run_options(audit_checkpoint, args),
     )
-    print(results["table"])
+    import sys
+
     from ..report.tables import plural
+
+    if results.get("folds_note") and not results.get("folds_note_shown"):  # else said before the work
+        print(results["folds_note"])
+    print(results["table"])
 
     print(f"\n{results['n_flagged_images']} of {plural(results['n_images'], 'image')} flagged; "
           f"scored by {results['scored_by']}")
@@ -118,9 +137,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"contact sheet: {results['contact_sheet']}")
     if results.get("review_page"):
         print(f"review page (open it in a browser, decide, export decisions.csv): {results['review_page']}")
+    if results.get("warning"):
+        print(results["warning"])
     if results["clean"]:
         kept = results["clean_manifest"]
-        print(f"cleaned data ({kept['n_kept']} images, {results['removed']} removed; the {kept['n_test']} held-out "
-              f"test images kept apart as its test split): {results['clean']}; "
-              f"retrain with: ttakit train --data {results['clean']}")
+        print(f"cleaned data ({kept['n_kept']} images; {results['removed']} removed: {results['removed_what']}, "
+              f"--remove {results['remove']}; the {kept['n_test']} held-out test images kept apart as its test "
+              f"split): {results['clean']}; retrain with: ttakit train --data {results['clean']}")
+    if results.get("clean_refused"):
+        print(f"ttakit audit: error: {results['clean_refused']}", file=sys.stderr)
+        return 2
     return 0

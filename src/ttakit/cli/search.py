@@ -14,7 +14,7 @@ from ._common import (
 )
 
 NAME = "search"
-OUTPUTS = [("out", "file", "--out"), ("report_dir", "folder", "--report-dir")]
+OUTPUTS = [("report_dir", "folder", "--report-dir")]  # --out: a folder, or a .json file (checked in run)
 DRAWS = "writing PNG plots"
 
 
@@ -38,8 +38,12 @@ def add_parser(commands) -> None:
         "validation rows per fitted number and it wins under cross-validation)",
     )
     search.add_argument("--full-cache", action="store_true", help="cache every candidate on every image (no successive halving)")
-    search.add_argument("--out", default=None, help="policy JSON to write (default: CHECKPOINT/policy.json)")
-    search.add_argument("--report-dir", default=None, help="report folder (default: CHECKPOINT/search)")
+    search.add_argument("--out", default=None, metavar="FOLDER",
+                        help="folder for policy.json, policy-no-tta.json and the report (search.md, search.json, "
+                        "plots); default: policy.json in the checkpoint folder, where predict and ensemble find it, "
+                        "and the report in CHECKPOINT/search. A path ending in .json is the policy file itself (the "
+                        "report then goes to CHECKPOINT/search), as before")
+    search.add_argument("--report-dir", default=None, help="deprecated: the report folder (use --out FOLDER)")
     search.add_argument(
         "--conformal-holdout", type=float, default=0.2, metavar="FRACTION",
         help="share of the validation rows kept from the search (seeded, stratified, recorded in the policy) so "
@@ -52,11 +56,18 @@ def add_parser(commands) -> None:
     _add_model_args(search)
 
 
+def _is_policy_file(out: str | None) -> bool:
+    return out is not None and out.lower().endswith(".json")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..jobs.search import search_checkpoint
     from ..search.run import check_search_split
 
     check_search_split(args.split)
+    from ._common import check_out_path
+
+    check_out_path(args.out, "file" if _is_policy_file(args.out) else "folder", "--out")
     results = search_checkpoint(
         args.checkpoint,
         out=args.out,
@@ -90,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"policy written to {results['policy']}; report in {results['reports']['markdown']}")
     if control:
         print(f"the identity with the same calibration (no TTA) written to {control}")
-    other = "" if results.get("records_split", True) else (  # fitted on a model with no weights hash: allowed by name
-        f" --data {args.data or 'DATA'} --allow-other-model")
+    other = "" if results.get("records_split", True) else f" --data {args.data or 'DATA'}"  # a model file: say the data
     print(f"evaluate it with: ttakit evaluate {args.checkpoint} --policy none,{control + ',' if control else ''}"
           f"{results['policy']}{other}")
     return 0

@@ -251,8 +251,10 @@ def fit_to_model(dataset: ImageDataset, predictor: Any, what: str) -> ImageDatas
 def other_model_meta(predictor: Any, dataset: ImageDataset, model: Any, data: str) -> CheckpointMeta:
     """What a job needs to know of a model that is not a checkpoint, as checkpoint metadata: its
     kind, input channels and size (the data's, fitted to the model), the data's classes; no split,
-    no training augmentations, no weights hash (a fitted policy counts as another model's)."""
+    no training augmentations; as its weights hash the digest ``ttakit search`` records for it (a
+    policy searched on this model file is this model's)."""
     return CheckpointMeta(
+        weights_sha256=predictor.weights_digest(),
         arch=str(predictor.kind),
         classes=list(dataset.classes),
         in_channels=dataset.channels,

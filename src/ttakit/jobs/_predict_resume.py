@@ -9,8 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .._io import atomic_write_json
 from ..errors import InvalidInputError
 from ..policy import Policy
@@ -103,37 +101,9 @@ def settings_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".settings.json")
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-
-
 def _weights_digest(predictor: Predictor) -> str:
-    """SHA-256 of what the model computes with: its weights and buffers (torch models), its file
-    (ONNX, Keras) or its code (a Python callable)."""
-    digest = hashlib.sha256()
-    module = predictor._modules.get("model")
-    if module is not None:
-        digest.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
-        for name, tensor in sorted(module.state_dict().items()):
-            if isinstance(tensor, torch.Tensor):
-                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                digest.update(_tensor_bytes(tensor))
-        return digest.hexdigest()
-    source = Path(predictor.source) if predictor.source else None
-    if source is not None and source.is_file():
-        with open(source, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-    backend = getattr(predictor, "_backend", None)
-    function = getattr(backend, "function", backend)
-    code = getattr(function, "__code__", None)
-    digest.update(f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__name__)}".encode())
-    if code is not None:
-        digest.update(code.co_code)
-        digest.update(repr(code.co_consts).encode())
-    return digest.hexdigest()
+    """SHA-256 of what the model computes with (:meth:`ttakit.predictors.Predictor.weights_digest`)."""
+    return predictor.weights_digest()
 
 
 def model_fingerprint(predictor: Predictor) -> dict[str, Any]:

@@ -37,10 +37,12 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_text
 from ..errors import InvalidInputError
 from ..label_issues import (
     AUDIT_METHODS,
+    DEFAULT_FOLDS,
+    WEAK_ACCURACY,
+    WEAK_GAP,
     _check_range,
     _check_threshold,
     _summarize,
@@ -50,8 +52,7 @@ from ..label_issues import (
     rows_to_remove,
 )
 from ..policy import check_policy_model
-from ..report.audit_md import _summary_rows, contact_sheet, issues_to_csv
-from ..report.tables import plural
+from ..report.audit_md import contact_sheet, issues_to_csv
 from ._audit_data import (
     _has_own_test,
     _load_audit_data,
@@ -59,8 +60,8 @@ from ._audit_data import (
     _require_recorded_split,
     _rows_not_fitted_on,
     _same_source,
-    _write_clean_copy,
 )
+from ._audit_write import _write_audit
 
 __all__ = [
     "AUDIT_METHODS",
@@ -238,6 +239,8 @@ class _Plan:
     positions: list[int] = field(default_factory=list)
     test_index: list[int] | None = None
     fitted_note: str = ""
+    folds: int | None = None
+    folds_note: str = ""
 
 
 def _plan(model: str, data: str | None, data_dir: str | None, split: str, folds: int | None, policy: str | None,
@@ -269,12 +272,19 @@ def _plan(model: str, data: str | None, data_dir: str | None, split: str, folds:
             "on them would be scored on images a model picked); audit --split train or val to write a cleaned copy"
         )
     own = bool(recipe) and _same_source(str(spec), str(recipe.get("spec")))
+    folds_note = ""
     if folds is None and split == "train" and own:
-        raise InvalidInputError(
-            f"{model} trained on the train split of {spec}, so its predictions there say nothing about the "
-            "labels; audit with --folds K (models that did not train on each image), or --split val / test"
+        # the checkpoint trained on these rows, so its own predictions say nothing about their
+        # labels: score each row by a model trained on the other folds, with its recipe
+        folds = DEFAULT_FOLDS
+        folds_note = (
+            f"auditing the training split with {folds}-fold cross-validation: {model} trained on these images, so "
+            f"{folds} models with its recipe each train on {folds - 1} folds and score the one left out "
+            f"(that is {folds} trainings: --folds K and --epochs N change it; --split val or test audits with the "
+            "checkpoint itself)"
         )
-    return _Plan(model, predictor, meta, recipe, spec, data_dir, split, tta_policy, own)
+    return _Plan(model, predictor, meta, recipe, spec, data_dir, split, tta_policy, own, folds=folds,
+                 folds_note=folds_note)
 
 
 def _select_rows(plan: _Plan, data: str | None, write_clean: bool) -> None:
@@ -331,9 +341,10 @@ def _audited_dataset(plan: _Plan, limit: int | None) -> Any:
 
 
 def _score(plan: _Plan, dataset: Any, folds: int | None, epochs: int | None, seed: int, max_batch: int,
-           progress: bool, device: str | None, amp: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str, str]:
+           progress: bool, device: str | None, amp: bool,
+           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str, str, torch.Tensor | None]:
     """Out-of-sample probabilities under plain inference and the TTA policy: ``(probs, view votes,
-    main policy name, how they were scored)``."""
+    main policy name, how they were scored, each image's fold or None)``."""
     from ..aliases import get_policy
     from ._policy_eval import place_model
 
@@ -344,27 +355,49 @@ def _score(plan: _Plan, dataset: Any, folds: int | None, epochs: int | None, see
     if folds is not None:
         meta = plan.meta
         config = _train_config(meta, epochs, device, amp)
-        probs, _, view_votes = _cross_val(
+        probs, assignment, view_votes = _cross_val(
             dataset, folds, config=config, arch=meta.arch, arch_kwargs=meta.arch_kwargs, policies=policies,
             seed=seed, max_batch=max_batch, progress=progress, views_of=main, amp=amp,
         )
-        return probs, view_votes, main, f"{folds}-fold cross-validation ({meta.arch}, {config.epochs} epochs per fold)"
+        how = f"{folds}-fold cross-validation ({meta.arch}, {config.epochs} epochs per fold)"
+        return probs, view_votes, main, how, assignment
     place_model(plan.predictor, device)  # --device: the engine runs the model where it is
     probs, view_votes = _policy_probs(plan.predictor, dataset.images, policies, max_batch, progress, "audit", main,
                                       amp=amp)
-    return probs, view_votes, main, f"{plan.model} on data it did not train on{plan.fitted_note}"
+    return probs, view_votes, main, f"{plan.model} on data it did not train on{plan.fitted_note}", None
 
 
-def _file_column(plan: _Plan, dataset: Any) -> tuple[Path, list[str] | None]:
-    """The folder an image folder's files are relative to, and each audited image's path (None
-    for data that are not files)."""
-    root = Path(str(plan.spec)).expanduser()
-    if (root / "train").is_dir() and (root / "test").is_dir():  # files are relative to the split's folder
-        root = root / ("test" if plan.split == "test" else "train")
-    files = getattr(dataset, "files", None)
-    if files is None:
-        return root, None
-    return root, [str(root / f) if not Path(f).is_absolute() else f for f in files]
+def _scorer_check(plan: _Plan, probs: torch.Tensor, labels: torch.Tensor, assignment: torch.Tensor | None,
+                  ) -> dict[str, Any]:
+    """How well the scoring model(s) did on the images they scored (held out): ``accuracy`` against
+    the given labels, ``fold_accuracy`` per fold model, the checkpoint's own ``val_accuracy``, and a
+    ``warning`` line when it is below :data:`WEAK_ACCURACY` or :data:`WEAK_GAP` below the
+    checkpoint's (None otherwise)."""
+    hit = (probs.argmax(dim=1) == labels).float()
+    accuracy = float(hit.mean()) if len(hit) else float("nan")
+    fold_accuracy = None
+    if assignment is not None:
+        fold_accuracy = [round(float(hit[assignment == k].mean()), 4) for k in range(int(assignment.max()) + 1)
+                         if bool((assignment == k).any())]
+    own = (getattr(plan.meta, "metrics", None) or {}).get("val_acc")
+    own = float(own) if isinstance(own, (int, float)) else None
+    who = (f"the {len(fold_accuracy)} fold models score", "they") if fold_accuracy is not None else (
+        f"{plan.model} scores", "it")
+    reasons = []
+    if accuracy < WEAK_ACCURACY:
+        reasons.append(f"below {WEAK_ACCURACY:.0%}")
+    if own is not None and accuracy < own - WEAK_GAP:
+        reasons.append(f"{(own - accuracy) * 100:.0f} points below the checkpoint's own validation accuracy "
+                       f"({own:.1%})")
+    warning = None
+    if reasons:
+        warning = (
+            f"warning: {who[0]} {accuracy:.1%} on the images {who[1]} did not train on ({' and '.join(reasons)}): "
+            "most flags are then the model's errors, not label errors; train longer (--epochs) or on more data "
+            "before trusting the flags (--write-clean needs --force)"
+        )
+    return {"accuracy": round(accuracy, 4), "fold_accuracy": fold_accuracy, "val_accuracy": own, "warning": warning,
+            "weak": warning is not None}
 
 
 def audit_checkpoint(
@@ -381,7 +414,8 @@ def audit_checkpoint(
     mislabel_by: str = "others",
     out_dir: str | os.PathLike = "audit",
     write_clean_to: str | os.PathLike | None = None,
-    remove: str = "all",
+    remove: str = "mislabelled",
+    force: bool = False,
     epochs: int | None = None,
     limit: int | None = None,
     max_batch: int = 256,
@@ -396,7 +430,15 @@ def audit_checkpoint(
     With ``folds``: ``folds`` models with the checkpoint's architecture and training recipe
     (``epochs`` overrides its epochs), each trained on the other folds of the split, score the
     held-out fold; every image of the split is audited. Without: the given model scores a split
-    it did not train on (``val``, ``test``, or other data than its own).
+    it did not train on (``val``, ``test``, or other data than its own); the checkpoint's own
+    training split (the default ``split``) is audited with :data:`DEFAULT_FOLDS` folds
+    (``result["folds_note"]`` says so).
+
+    The scoring models' accuracy on the images they scored is recorded (``result["scorer"]``); below
+    :data:`WEAK_ACCURACY`, or :data:`WEAK_GAP` below the checkpoint's validation accuracy, a warning
+    is recorded and the cleaned copy is not written unless ``force`` (``result["clean_refused"]``
+    says why). ``remove`` (:data:`ttakit.label_issues.REMOVE_CHOICES`) picks what it drops:
+    by default only the images flagged likely mislabelled.
 
     The flags use the TTA probabilities of ``policy`` (default: the checkpoint's training
     augmentations, ``train-aug``, or plain inference if it trained without any). A policy holding
@@ -413,10 +455,19 @@ def audit_checkpoint(
     amb = _check_range(ambiguous_range)
     if folds is not None:
         folds = check_folds(folds)
+    rows_to_remove([], remove)  # an unknown --remove is refused before any work
     plan = _plan(model, data, data_dir, split, folds, policy, write_clean_to is not None, allow_other_model)
+    announced = False
+    if plan.folds_note:  # said before the fold models train (the CLI says it after when progress is off)
+        from ..progress import _silenced, note
+
+        announced = progress and not _silenced()
+        note(plan.folds_note, enabled=progress)
     _select_rows(plan, data, write_clean_to is not None)
     dataset = _audited_dataset(plan, limit)
-    probs, view_votes, main, how = _score(plan, dataset, folds, epochs, seed, max_batch, progress, device, amp)
+    probs, view_votes, main, how, assignment = _score(plan, dataset, plan.folds, epochs, seed, max_batch, progress,
+                                                      device, amp)
+    scorer = _scorer_check(plan, probs[main], dataset.labels, assignment)
 
     def flags(p: torch.Tensor) -> list[Any]:
         return flag_issues(p, dataset.labels, methods=methods, mislabel_threshold=threshold, ambiguous_range=amb,
@@ -428,70 +479,8 @@ def audit_checkpoint(
     summary_plain = _summarize(flags(probs["none"]), len(dataset)) if main != "none" else summary
     settings = {"methods": list(methods), "mislabel_threshold": threshold, "mislabel_by": mislabel_by,
                 "ambiguous_range": list(amb)}
-    return _write_audit(plan, dataset, probs, view_votes, main, how, issues, summary, summary_plain, settings,
-                        Path(out_dir), write_clean_to, remove)
-
-
-def _write_audit(plan: _Plan, dataset: Any, probs: dict[str, torch.Tensor], view_votes: dict[str, torch.Tensor],
-                 main: str, how: str, issues: list[Any], summary: dict, summary_plain: dict, settings: dict[str, Any],
-                 out: Path, write_clean_to: str | os.PathLike | None, remove: str) -> dict[str, Any]:
-    """Write ``issues.csv``, the contact sheet, ``review.html``, the cleaned copy (on request),
-    ``audit.json`` and ``report.html``; return the results with the terminal table."""
-    from .._io import atomic_write_json
-    from ..report.html import write_audit_report
-    from ..report.review_page import write_review_page
-    from ..report.tables import format_table
-
-    spec, split, positions, methods = plan.spec, plan.split, plan.positions, settings["methods"]
-    root, file_column = _file_column(plan, dataset)
-    csv_path = atomic_write_text(out / "issues.csv", issues_to_csv(issues, dataset.classes, file_column, positions,
-                                                                      view_votes))
-    sheet = contact_sheet(
-        dataset.images, issues, dataset.classes, out / "contact_sheet.png", rows=positions,
-        title=f"Flagged images of {spec}/{split}: red probably mislabelled, orange ambiguous (given → suggested, p)",
-    )
-    # review.html: look at the flagged images, then decide
-    review = write_review_page(
-        out / "review.html", dataset.images, probs[main], dataset.labels, dataset.classes, rows=positions,
-        files=file_column, plain_probs=probs["none"] if main != "none" else None, view_probs=view_votes,
-        methods=("others", "top", *(("cleanlab",) if "cleanlab" in methods else ())),
-        default_method=settings["mislabel_by"] if "rule" in methods else "cleanlab",
-        mislabel_threshold=settings["mislabel_threshold"], ambiguous_range=tuple(settings["ambiguous_range"]),
-        title=f"ttakit audit of {spec}/{split}: review",
-        subtitle=f"{len(dataset)} images scored by {how}; TTA policy {main}", run=f"{plan.model}|{spec}|{split}|{out}",
-    )
-    cleaned = manifest = None
-    removed = rows_to_remove(issues, remove)
-    if write_clean_to is not None:
-        cleaned, manifest = _write_clean_copy(
-            plan.source, [positions[r] for r in removed], write_clean_to, spec=str(spec), data_dir=plan.data_dir,
-            split=split, model=str(plan.model), test_index=plan.test_index, root=root,
-            recipe=plan.recipe if plan.own else None,
-        )
-    rows = _summary_rows(summary, summary_plain, main)
-    result = {
-        "format": "ttakit-audit",
-        "format_version": 1,
-        "model": str(plan.model),
-        "data": str(spec),
-        "split": split,
-        "n_images": len(dataset),
-        "scored_by": how,
-        "policy": main,
-        **settings,
-        "flagged": summary,
-        "flagged_plain": summary_plain,
-        "n_flagged_images": len({i.row for i in issues}),
-        "removed": len(removed) if cleaned is not None else None,
-        "rows": rows,
-        "issues_csv": str(csv_path),
-        "contact_sheet": str(sheet) if sheet else None,
-        "review_page": str(review),
-        "clean": str(cleaned) if cleaned else None,
-        "clean_manifest": manifest,
-        "out_dir": str(out),
-    }
-    atomic_write_json(out / "audit.json", result)
-    result["report_html"] = str(write_audit_report(out, result))
-    result["table"] = format_table(rows, title=f"audit of {spec}/{split} ({plural(len(dataset), 'image')}): flagged images")
+    result = _write_audit(plan, dataset, probs, view_votes, main, how, issues, summary, summary_plain, settings,
+                          Path(out_dir), write_clean_to, remove, scorer, force)
+    result["folds_note"] = plan.folds_note or None
+    result["folds_note_shown"] = announced
     return result

@@ -116,6 +116,36 @@ def evaluate_ensemble(
     from ..aliases import get_policy
 
     plain = get_policy("none")
+    rows, per_mode, passes, temperatures = _member_rows(members, resolved, names, plain, images, labels, calibration,
+                                                        max_batch, progress, device, amp)
+    widths = {p.shape[1] for p in per_mode["plain"]}
+    if len(widths) > 1:
+        raise InvalidInputError(
+            f"ensemble members must predict the same classes: they return {sorted(widths)} outputs per image"
+        )
+    best, best_any = _ensemble_rows(rows, per_mode, passes, labels, resolved, plain, vote, w, tie_break, seed)
+    best["any"] = {"model": best_any["model"], "policy": best_any["policy"], "accuracy": best_any["accuracy"]}
+    return {
+        "rows": rows,
+        "best_member": best,
+        "temperatures": temperatures,
+        "calibrated": calibration is not None,
+        "vote": vote,
+        "tie_break": tie_break,
+        "weights": None if w is None else w.tolist(),
+        "n_images": int(images.shape[0]),
+        "members": names,
+        "policies": {names[k]: resolved[k].view_names for k in range(m)},
+    }
+
+
+def _member_rows(members: Sequence[Any], resolved: Sequence[Any], names: Sequence[str], plain: Any,
+                 images: torch.Tensor, labels: torch.Tensor, calibration: tuple[torch.Tensor, torch.Tensor] | None,
+                 max_batch: int, progress: bool, device: str | torch.device | None, amp: bool,
+                 ) -> tuple[list[dict[str, Any]], dict[str, list[torch.Tensor]], dict[str, list[float]],
+                            dict[str, list[float | None]]]:
+    """Each member plain and with its policy (temperature-scaled on ``calibration`` when given):
+    ``(rows, probabilities per mode, passes per image per mode, temperatures per mode)``."""
     per_mode: dict[str, list[torch.Tensor]] = {"plain": [], "tta": []}
     passes: dict[str, list[float]] = {"plain": [], "tta": []}
     temperatures: dict[str, list[float | None]] = {"plain": [], "tta": []}
@@ -141,12 +171,15 @@ def evaluate_ensemble(
             row.update(_scores(probs, probs.argmax(1), labels, True))
             row.update({"passes_per_image": per_image, "seconds": seconds})
             rows.append(row)
-    widths = {p.shape[1] for p in per_mode["plain"]}
-    if len(widths) > 1:
-        raise InvalidInputError(
-            f"ensemble members must predict the same classes: they return {sorted(widths)} outputs per image"
-        )
+    return rows, per_mode, passes, temperatures
 
+
+def _ensemble_rows(rows: list[dict[str, Any]], per_mode: dict[str, list[torch.Tensor]], passes: dict[str, list[float]],
+                   labels: torch.Tensor, resolved: Sequence[Any], plain: Any, vote: Vote, w: torch.Tensor | None,
+                   tie_break: TieBreak, seed: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Append the ensemble's rows, plain and with TTA, each against the best member under any
+    policy; return the best member per mode and the best member row under any policy."""
+    m = len(resolved)
     best: dict[str, dict[str, Any]] = {}
     # Every ensemble row is compared with the best member under ANY policy (plain or its own):
     # an ensemble that only beats the members' TTA rows while a plain member scores higher is
@@ -176,19 +209,7 @@ def evaluate_ensemble(
             }
         )
         rows.append(row)
-    best["any"] = {"model": best_any["model"], "policy": best_any["policy"], "accuracy": best_any["accuracy"]}
-    return {
-        "rows": rows,
-        "best_member": best,
-        "temperatures": temperatures,
-        "calibrated": calibration is not None,
-        "vote": vote,
-        "tie_break": tie_break,
-        "weights": None if w is None else w.tolist(),
-        "n_images": int(images.shape[0]),
-        "members": names,
-        "policies": {names[k]: resolved[k].view_names for k in range(m)},
-    }
+    return best, best_any
 
 
 # --------------------------------------------------------------------------- the command
@@ -365,43 +386,15 @@ def ensemble_checkpoints(
     ``device`` (``--device``) is where every member runs (each moved there first), ``amp``
     (``--amp``) runs their forward passes under autocast.
     """
-    from ..predictors import load as load_predictor
     from ..report.results import write_results
-    from ..report.tables import format_table, markdown_table, plural
+    from ..report.tables import format_table, plural
     from ._eval_data import load_eval_data
 
     _refuse_fitted_split(split)
-    specs = [parse_member(s) for s in members]
-    if len(specs) < 2:
-        raise InvalidInputError(f"an ensemble needs at least two member models, got {len(specs)}: {list(members)}")
-    predictors = [load_predictor(s.model) for s in specs]
-    names = [s.model for s in specs]
-    check_same_classes([_classes_of(p) for p in predictors], names)
-    policies = [s.policy or _default_policy(s.model, p) for s, p in zip(specs, predictors, strict=True)]
-    policies = [policy_for(spec, p) for spec, p in zip(policies, predictors, strict=True)]
-    for pol, p in zip(policies, predictors, strict=True):
-        check_policy_model(pol, p, allow_other_model=allow_other_model)  # fitted on this member?
-    metas = [getattr(p, "meta", None) for p in predictors]
-    if metas[0] is None:
-        raise InvalidInputError(
-            f"the first ensemble member {names[0]} must be a ttakit checkpoint (it names the data and "
-            "its validation split); list a checkpoint first"
-        )
+    specs, predictors, names, policies, metas = _load_members(members, allow_other_model)
     dataset = load_eval_data(metas[0], data, split, data_dir, limit)
     _check_members_fit(predictors, metas, names, dataset, split)
-    calibration = None
-    calibration_note = "members not calibrated (no validation split)"
-    if calibrate and not _same_split(metas, "val"):
-        calibration_note = "members not calibrated (their validation splits differ)"
-    elif calibrate:
-        val = _own_validation_split(metas[0], names[0], data, data_dir)
-        if val is not None:
-            fit_rows, _ = calibration_rows(val, policies)
-            calibration = (val.images[fit_rows], val.labels[fit_rows])
-            calibration_note = (
-                f"members temperature-scaled on the validation split ({len(fit_rows)} of its {len(val)} images: "
-                "the rest are kept for conformal calibration)"
-            )
+    calibration, calibration_note = _member_calibration(calibrate, metas, names, policies, data, data_dir)
     if dataset.classes and _classes_of(predictors[0]) and len(dataset.classes) != len(_classes_of(predictors[0]) or []):
         raise InvalidInputError(
             f"the data have {len(dataset.classes)} classes but the members predict {len(_classes_of(predictors[0]) or [])}"
@@ -430,11 +423,69 @@ def ensemble_checkpoints(
     out = Path(out_dir) if out_dir is not None else Path(names[0]) / "ensemble"
     result.update({"format": "ttakit-ensemble", "format_version": 1, "data": data_name, "split": split,
                    "calibration": calibration_note})
-    markdown = "\n".join(
+    markdown = _ensemble_markdown(result, display, data_name, split, len(dataset), vote, tie_break, calibration_note)
+    write_results(out, result, markdown)
+    result["table"] = table
+    result["out_dir"] = str(out)
+    return result
+
+
+def _load_members(members: Sequence[str], allow_other_model: bool,
+                  ) -> tuple[list[MemberSpec], list[Any], list[str], list[Any], list[Any]]:
+    """Load each ``MODEL[:POLICY]`` with its policy (checked against it): ``(specs, predictors,
+    names, policies, metas)``; the first member must be a ttakit checkpoint."""
+    from ..predictors import load as load_predictor
+
+    specs = [parse_member(s) for s in members]
+    if len(specs) < 2:
+        raise InvalidInputError(f"an ensemble needs at least two member models, got {len(specs)}: {list(members)}")
+    predictors = [load_predictor(s.model) for s in specs]
+    names = [s.model for s in specs]
+    check_same_classes([_classes_of(p) for p in predictors], names)
+    policies = [s.policy or _default_policy(s.model, p) for s, p in zip(specs, predictors, strict=True)]
+    policies = [policy_for(spec, p) for spec, p in zip(policies, predictors, strict=True)]
+    for pol, p in zip(policies, predictors, strict=True):
+        check_policy_model(pol, p, allow_other_model=allow_other_model)  # fitted on this member?
+    metas = [getattr(p, "meta", None) for p in predictors]
+    if metas[0] is None:
+        raise InvalidInputError(
+            f"the first ensemble member {names[0]} must be a ttakit checkpoint (it names the data and "
+            "its validation split); list a checkpoint first"
+        )
+    return specs, predictors, names, policies, metas
+
+
+def _member_calibration(calibrate: bool, metas: Sequence[Any], names: Sequence[str], policies: Sequence[Any],
+                        data: str | None, data_dir: str | None,
+                        ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+    """The members' temperature rows of the first member's validation split (or None), and the
+    note that says how the members were calibrated."""
+    calibration = None
+    calibration_note = "members not calibrated (no validation split)"
+    if calibrate and not _same_split(metas, "val"):
+        calibration_note = "members not calibrated (their validation splits differ)"
+    elif calibrate:
+        val = _own_validation_split(metas[0], names[0], data, data_dir)
+        if val is not None:
+            fit_rows, _ = calibration_rows(val, policies)
+            calibration = (val.images[fit_rows], val.labels[fit_rows])
+            calibration_note = (
+                f"members temperature-scaled on the validation split ({len(fit_rows)} of its {len(val)} images: "
+                "the rest are kept for conformal calibration)"
+            )
+    return calibration, calibration_note
+
+
+def _ensemble_markdown(result: dict[str, Any], display: list[dict[str, Any]], data_name: str, split: str,
+                       n_images: int, vote: Vote, tie_break: TieBreak, calibration_note: str) -> str:
+    """``ensemble.md``: the data, the vote and the calibration, then the table."""
+    from ..report.tables import markdown_table, plural
+
+    return "\n".join(
         [
             "# Ensemble evaluation",
             "",
-            f"Data: {data_name} / {split}, {plural(len(dataset), 'image')}. {vote.capitalize()} vote"
+            f"Data: {data_name} / {split}, {plural(n_images, 'image')}. {vote.capitalize()} vote"
             + (f", tie-break {tie_break}" if vote == "hard" else "")
             + (f", weights {result['weights']}" if result["weights"] else "")
             + f"; {calibration_note}.",
@@ -444,7 +495,3 @@ def ensemble_checkpoints(
             markdown_table(display),
         ]
     )
-    write_results(out, result, markdown)
-    result["table"] = table
-    result["out_dir"] = str(out)
-    return result

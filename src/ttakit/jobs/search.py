@@ -156,6 +156,10 @@ def search_checkpoint(
     ``<checkpoint>/policy.json``) and the report (``search.md``, ``search.json``, plots) to
     ``report_dir`` (default ``<checkpoint>/search``).
 
+    ``out`` may be a folder: the policy (``policy.json``, ``policy-no-tta.json``) and the report
+    are written into it (``report_dir``, deprecated, still names another report folder); a path
+    ending in ``.json`` is the policy file itself, as before.
+
     ``checkpoint`` may also be any model :func:`ttakit.predictors.load` reads (``model_options``
     as its options). It records no split, so the search needs labelled images it never trained
     on: ``data``'s own validation split (an image folder's ``val/``), or every row of ``val_data``
@@ -166,20 +170,10 @@ def search_checkpoint(
 
     check_search_split(split)  # test and train are refused before anything loads
     holdout = _check_holdout(conformal_holdout)
-    from ..report.search_report import write_search_report
     from ..search import search_policy  # the search stack is heavy; load on use
 
-    if is_checkpoint(checkpoint):
-        refuse_other_model_options(checkpoint, model_options, val_data)
-        checkpoint = Path(checkpoint)
-        folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-        default_out, default_reports = folder / "policy.json", folder / "search"
-        model, meta = load_checkpoint(checkpoint)
-        full = load_eval_data(meta, data, split, data_dir)
-        digest = meta.weights_sha256 or weights_digest(meta)
-    else:  # any model ttakit.predictors reads: it records no split, so validation rows are given
-        model, meta, full, digest = _other_model_rows(checkpoint, model_options, data, data_dir, val_data)
-        default_out, default_reports = other_model_out(checkpoint, "policy.json"), other_model_out(checkpoint, "search")
+    checkpoint, model, meta, full, digest, default_out, default_reports = _model_and_rows(
+        checkpoint, model_options, data, split, data_dir, val_data)
     model = prepare_model(model, device, amp)  # --device / --amp (ttakit.predictors)
     searched_rows = _search_rows(full, split, holdout, limit)
     dataset = full.subset(searched_rows, full.name) if len(searched_rows) < len(full) else full
@@ -203,7 +197,40 @@ def search_checkpoint(
         "validation_rows": _rows_record(full, split, searched_rows, holdout),
     }
     result.policy.meta.update(dataset=dataset.name, **provenance)
-    policy_path = Path(out) if out is not None else default_out
+    policy_path, control_path, reports = _save_search(result, provenance, out, report_dir, default_out, default_reports)
+    return _search_summary(result, policy_path, control_path, reports, meta, full, dataset, split)
+
+
+def _model_and_rows(checkpoint: str | os.PathLike, model_options: dict[str, Any] | None, data: str | None,
+                    split: str, data_dir: str | None, val_data: str | None) -> tuple[Any, ...]:
+    """``(checkpoint, model, meta, rows, weights digest, default policy path, default report
+    folder)``: a ttakit checkpoint (then a :class:`~pathlib.Path`) with the rows of its recorded
+    ``split``, or any model :func:`ttakit.predictors.load` reads with the validation rows given."""
+    if is_checkpoint(checkpoint):
+        refuse_other_model_options(checkpoint, model_options, val_data)
+        checkpoint = Path(checkpoint)
+        folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+        default_out, default_reports = folder / "policy.json", folder / "search"
+        model, meta = load_checkpoint(checkpoint)
+        full = load_eval_data(meta, data, split, data_dir)
+        digest = meta.weights_sha256 or weights_digest(meta)
+    else:  # any model ttakit.predictors reads: it records no split, so validation rows are given
+        model, meta, full, digest = _other_model_rows(checkpoint, model_options, data, data_dir, val_data)
+        default_out, default_reports = other_model_out(checkpoint, "policy.json"), other_model_out(checkpoint, "search")
+    return checkpoint, model, meta, full, digest, default_out, default_reports
+
+
+def _save_search(result: Any, provenance: dict[str, Any], out: str | os.PathLike | None,
+                 report_dir: str | os.PathLike | None, default_out: Path, default_reports: Path,
+                 ) -> tuple[Path, Path | None, dict[str, Any]]:
+    """Write the report, the policy and, with matrix scaling, its control without TTA:
+    ``(policy path, control path or None, the report's files)``."""
+    from ..report.search_report import write_search_report
+
+    if out is not None and not str(out).lower().endswith(".json"):  # a folder: the policy and the report in it
+        policy_path, default_reports = Path(out) / "policy.json", Path(out)
+    else:
+        policy_path = Path(out) if out is not None else default_out
     reports = write_search_report(result, Path(report_dir) if report_dir is not None else default_reports)
     result.policy.name = "searched"
     result.policy.save(policy_path)
@@ -213,6 +240,12 @@ def search_checkpoint(
         control_path = policy_path.with_name(f"{policy_path.stem}-no-tta.json")
         control_meta = {"kind": "search-control", "for": str(policy_path), **provenance}
         replace(result.fallback, name=MATRIX_CONTROL, meta=control_meta).save(control_path)
+    return policy_path, control_path, reports
+
+
+def _search_summary(result: Any, policy_path: Path, control_path: Path | None, reports: dict[str, Any], meta: Any,
+                    full: Any, dataset: Any, split: str) -> dict[str, Any]:
+    """What :func:`search_checkpoint` returns: the files, the policy's settings, the cost and the table."""
     held = len(full) - len(dataset)
     kept = f"; {held} of {len(full)} kept unseen for conformal calibration" if split == "val" and held else ""
     table = format_table(search_display_rows(result.rows()),

@@ -100,89 +100,107 @@ class CheckpointMeta:
         Raises:
             CheckpointError: not a ttakit checkpoint, a newer format version, or a bad field.
         """
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise CheckpointError(
-                f"{source} is not a ttakit checkpoint: {META_FILE} has format {found!r}, expected {FORMAT!r}"
-            )
-        version = data.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise CheckpointError(
-                f"{source}: format_version must be a positive integer, got {version!r}"
-            )
-        if version > FORMAT_VERSION:
-            raise CheckpointError(
-                f"{source} has checkpoint format_version {version}, newer than this ttakit reads "
-                f"(up to {FORMAT_VERSION}); upgrade ttakit to load it"
-            )
-
-        def bad(name: str, expected: str) -> CheckpointError:
-            return CheckpointError(
-                f"{source}: {META_FILE} field {name!r} must be {expected}, got {data.get(name)!r}"
-            )
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        if not isinstance(data.get("arch"), str) or not data["arch"]:
-            raise bad("arch", "an architecture name")
-        classes = data.get("classes")
-        if (
-            not isinstance(classes, list)
-            or not classes
-            or not all(isinstance(c, str) for c in classes)
-        ):
-            raise bad("classes", "a non-empty list of class names")
-        if len(set(classes)) != len(classes):
-            raise bad("classes", "a list of distinct class names")
-        in_channels = data.get("in_channels")
-        if not is_int(in_channels) or not 1 <= in_channels <= MAX_CHANNELS:
-            raise bad("in_channels", f"an integer from 1 to {MAX_CHANNELS}")
-        size = data.get("image_size")
-        if (
-            not isinstance(size, list)
-            or len(size) != 2
-            or not all(is_int(s) and 1 <= s <= MAX_IMAGE_SIDE for s in size)
-        ):
-            raise bad("image_size", f"[H, W], integers from 1 to {MAX_IMAGE_SIDE}")
-        for name in ("mean", "std"):
-            value = data.get(name)
-            if value is not None and (
-                not isinstance(value, list)
-                or len(value) != in_channels
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-                or (name == "std" and not all(v > 0 for v in value))
-            ):
-                extra = ", all positive" if name == "std" else ""
-                raise bad(name, f"null or a list of {in_channels} finite numbers (one per channel{extra})")
-        if (data.get("mean") is None) != (data.get("std") is None):
-            raise CheckpointError(f"{source}: {META_FILE} must give both mean and std, or neither")
-        for name in ("arch_kwargs", "metrics", "extra"):
-            if not isinstance(data.get(name, {}), dict):
-                raise bad(name, "an object")
-        augs = data.get("train_augmentations", [])
-        if not isinstance(augs, list) or not all(isinstance(a, dict) and "name" in a for a in augs):
-            raise bad("train_augmentations", 'a list of objects like {"name": "flip"}')
-        if not isinstance(data.get("dataset", ""), str):
-            raise bad("dataset", "a string")
-        if not is_int(data.get("seed", 0)):
-            raise bad("seed", "an integer")
-        if not isinstance(data.get("created", ""), str):
-            raise bad("created", "an ISO date string")
-        digest = data.get("weights_sha256")
-        if digest is not None and (
-            not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)
-        ):
-            raise bad("weights_sha256", "null or 64 lowercase hex digits")
-        for name in ("arch_kwargs", "metrics", "extra"):
-            try:
-                json.dumps(data.get(name, {}), allow_nan=True)
-            except (TypeError, ValueError, RecursionError):
-                raise bad(name, "plain JSON") from None
+        _check_format(data, source)
+        _check_shape_fields(data, source)
+        _check_other_fields(data, source)
         known = {f.name for f in fields(cls)} - {"source"}
         kwargs = {k: v for k, v in data.items() if k in known}  # unknown keys: ignored
         kwargs["format_version"] = FORMAT_VERSION
         return cls(**kwargs, source=source)
+
+
+def _bad(data: dict[str, Any], source: str, name: str, expected: str) -> CheckpointError:
+    """The error for a field of ``checkpoint.json`` that is not what it must be."""
+    return CheckpointError(
+        f"{source}: {META_FILE} field {name!r} must be {expected}, got {data.get(name)!r}"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_format(data: Any, source: str) -> None:
+    """``data`` is a ttakit checkpoint's metadata in a format version this ttakit reads."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(
+            f"{source} is not a ttakit checkpoint: {META_FILE} has format {found!r}, expected {FORMAT!r}"
+        )
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(
+            f"{source}: format_version must be a positive integer, got {version!r}"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} has checkpoint format_version {version}, newer than this ttakit reads "
+            f"(up to {FORMAT_VERSION}); upgrade ttakit to load it"
+        )
+
+
+def _check_shape_fields(data: dict[str, Any], source: str) -> None:
+    """The model's fields: ``arch``, ``classes``, ``in_channels``, ``image_size``, ``mean`` and ``std``."""
+    if not isinstance(data.get("arch"), str) or not data["arch"]:
+        raise _bad(data, source, "arch", "an architecture name")
+    classes = data.get("classes")
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, str) for c in classes)
+    ):
+        raise _bad(data, source, "classes", "a non-empty list of class names")
+    if len(set(classes)) != len(classes):
+        raise _bad(data, source, "classes", "a list of distinct class names")
+    in_channels = data.get("in_channels")
+    if not _is_int(in_channels) or not 1 <= in_channels <= MAX_CHANNELS:
+        raise _bad(data, source, "in_channels", f"an integer from 1 to {MAX_CHANNELS}")
+    size = data.get("image_size")
+    if (
+        not isinstance(size, list)
+        or len(size) != 2
+        or not all(_is_int(s) and 1 <= s <= MAX_IMAGE_SIDE for s in size)
+    ):
+        raise _bad(data, source, "image_size", f"[H, W], integers from 1 to {MAX_IMAGE_SIDE}")
+    for name in ("mean", "std"):
+        value = data.get(name)
+        if value is not None and (
+            not isinstance(value, list)
+            or len(value) != in_channels
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            or (name == "std" and not all(v > 0 for v in value))
+        ):
+            extra = ", all positive" if name == "std" else ""
+            raise _bad(data, source, name, f"null or a list of {in_channels} finite numbers (one per channel{extra})")
+    if (data.get("mean") is None) != (data.get("std") is None):
+        raise CheckpointError(f"{source}: {META_FILE} must give both mean and std, or neither")
+
+
+def _check_other_fields(data: dict[str, Any], source: str) -> None:
+    """The other fields: objects that are plain JSON, training augmentations, data set, seed,
+    creation date and the weights' digest."""
+    for name in ("arch_kwargs", "metrics", "extra"):
+        if not isinstance(data.get(name, {}), dict):
+            raise _bad(data, source, name, "an object")
+    augs = data.get("train_augmentations", [])
+    if not isinstance(augs, list) or not all(isinstance(a, dict) and "name" in a for a in augs):
+        raise _bad(data, source, "train_augmentations", 'a list of objects like {"name": "flip"}')
+    if not isinstance(data.get("dataset", ""), str):
+        raise _bad(data, source, "dataset", "a string")
+    if not _is_int(data.get("seed", 0)):
+        raise _bad(data, source, "seed", "an integer")
+    if not isinstance(data.get("created", ""), str):
+        raise _bad(data, source, "created", "an ISO date string")
+    digest = data.get("weights_sha256")
+    if digest is not None and (
+        not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)
+    ):
+        raise _bad(data, source, "weights_sha256", "null or 64 lowercase hex digits")
+    for name in ("arch_kwargs", "metrics", "extra"):
+        try:
+            json.dumps(data.get(name, {}), allow_nan=True)
+        except (TypeError, ValueError, RecursionError):
+            raise _bad(data, source, name, "plain JSON") from None
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: CheckpointMeta) -> Path:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,6 +111,35 @@ class Predictor(nn.Module):
             "classes": self.classes,
             "outputs": self.outputs,
         }
+
+    def weights_digest(self) -> str:
+        """SHA-256 of what the model computes with: its weights and buffers (torch models), its
+        file (ONNX, Keras) or its code (a Python callable). A policy searched on this model records
+        it, so the policy is recognised as this model's wherever the model is loaded from."""
+        digest = hashlib.sha256()
+        module = self._modules.get("model")
+        if module is not None:
+            digest.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+            for name, tensor in sorted(module.state_dict().items()):
+                if isinstance(tensor, torch.Tensor):
+                    digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+                    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+            return digest.hexdigest()
+        source = Path(self.source) if self.source else None
+        if source is not None and source.is_file():
+            with open(source, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+        backend = getattr(self, "_backend", None)
+        function = getattr(backend, "function", backend)
+        code = getattr(function, "__code__", None)
+        digest.update(f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__name__)}".encode())
+        if code is not None:
+            digest.update(code.co_code)
+            digest.update(repr(code.co_consts).encode())
+        return digest.hexdigest()
 
     def extra_repr(self) -> str:
         size = "x".join(map(str, self.input_size)) if self.input_size else "any"

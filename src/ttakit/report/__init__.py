@@ -4,6 +4,7 @@
 ``tables``         terminal and Markdown tables
 ``results``        results as JSON and Markdown, written atomically
 ``plots``          PNG plots, one function per kind (``_figure`` holds what they share)
+``lift_plot``      the lift plot ``plot_policy_metrics`` draws for rows carrying a ``lift``
 ``search_report``  the search report (``search.md``, its plots, ``report.html``)
 ``html``           Markdown to one self-contained HTML page (``report.html``)
 ``review_page``    the audit's ``review.html``, to decide flagged images in a browser

@@ -14,7 +14,8 @@ import torch
 
 from ..label_issues import Issue, view_disagreement
 
-CSV_COLUMNS = ("rank", "row", "file", "given", "suggested", "probability", "kind", "method", "views")
+CSV_COLUMNS = ("rank", "row", "file", "given", "suggested", "probability", "probability_of", "p_suggested", "p_given",
+               "kind", "method", "views")
 
 
 # --------------------------------------------------------------------------- validation
@@ -22,7 +23,14 @@ CSV_COLUMNS = ("rank", "row", "file", "given", "suggested", "probability", "kind
 
 def issues_to_csv(issues: Sequence[Issue], classes: Sequence[str], files: Sequence[str] | None = None,
                   rows: Sequence[int] | None = None, view_votes: dict[str, torch.Tensor] | None = None) -> str:
-    """``issues.csv`` text: ``rank, row, file, given, suggested, probability, kind, method, views``.
+    """``issues.csv`` text: ``rank, row, file, given, suggested, probability, probability_of,
+    p_suggested, p_given, kind, method, views``.
+
+    ``probability`` is the probability the method judged and ``probability_of`` says which
+    (:attr:`Issue.judged`): ``1-p(given)`` for the rule's default mislabelled test, ``p(top)`` for
+    ``ambiguous`` (the top probability, the one within the range) and ``--mislabel-by top``,
+    ``p(given)`` for cleanlab (its self-confidence); ``p_suggested`` and ``p_given`` are the
+    model's probabilities of the suggested and the given class (the review page's p and p(given)).
 
     ``row`` is the image's row in the data as given (``rows`` maps audited positions to it);
     ``file`` its path for image folders (else empty); labels are class names; ``views`` the TTA
@@ -40,7 +48,10 @@ def issues_to_csv(issues: Sequence[Issue], classes: Sequence[str], files: Sequen
                 files[issue.row] if files is not None else "",
                 classes[issue.given],
                 classes[issue.suggested],
+                f"{issue.judged if issue.judged is not None else issue.probability:.4f}",
+                issue.judged_by if issue.judged is not None else "p(suggested)",
                 f"{issue.probability:.4f}",
+                "" if issue.given_probability is None else f"{issue.given_probability:.4f}",
                 issue.kind,
                 issue.method,
                 "; ".join(f"{name}={classes[c]}" for name, c in view_disagreement(view_votes, issue.row)),

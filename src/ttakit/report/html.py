@@ -236,6 +236,7 @@ def write_audit_report(out_dir: str | os.PathLike, result: dict[str, Any]) -> Pa
         f"{result.get('n_images')} images scored by {result.get('scored_by')}; TTA policy `{result.get('policy')}`; "
         f"methods {', '.join(result.get('methods') or [])}; {result.get('n_flagged_images')} images flagged.",
         "",
+        *([f"**Warning:** {result['warning']}", ""] if result.get("warning") else []),
         "## Flagged images",
         "",
         markdown_table(rows) if rows else "Nothing was flagged.",
@@ -255,7 +256,8 @@ def write_audit_report(out_dir: str | os.PathLike, result: dict[str, Any]) -> Pa
         "- `issues.csv`: one row per flag; `audit.json`: these numbers",
     ]
     if result.get("clean"):
-        lines.append(f"- `{result['clean']}`: the data without the flagged images")
+        removed = result.get("removed_what") or "the flagged images"
+        lines.append(f"- `{result['clean']}`: the data without {removed}")
     if result.get("contact_sheet") and Path(result["contact_sheet"]).parent == out:
         lines += ["", "## Contact sheet", "", f"![contact sheet]({Path(result['contact_sheet']).name})"]
     data = shlex.quote(str(result.get("data")))

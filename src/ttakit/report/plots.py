@@ -24,6 +24,7 @@ from ._figure import (
     _new_figure,
     _save,
 )
+from .lift_plot import _plot_lifts, lift_plot_layout
 from .tables import _columns
 
 __all__ = [
@@ -72,6 +73,13 @@ def plot_policy_metrics(
     if any(not math.isnan(_finite_or_nan(row.get("lift"))) for row in rows) and all("name" in r for r in rows):
         return _plot_lifts(rows, path, title or "Lift over plain inference per TTA policy")
     title = title or "Metrics per TTA policy"
+    _check_metrics(rows, metrics)
+    return _plot_metric_bars(rows, path, metrics, title)
+
+
+def _check_metrics(rows: list[dict], metrics: Sequence[str]) -> None:
+    """The bar chart's checks: ``metrics`` a non-empty list of keys with a value in some row, every
+    row named."""
     if isinstance(metrics, str) or not metrics:
         raise InvalidInputError(
             f"Expected argument `metrics` to be a non-empty list of row keys, but got {metrics!r}"
@@ -87,6 +95,10 @@ def plot_policy_metrics(
                 f"Expected argument `metrics` to name numeric row keys, but no row has a value for {metric!r}"
             )
 
+
+def _plot_metric_bars(rows: list[dict], path: Path, metrics: Sequence[str], title: str) -> Path:
+    """The bar chart of :func:`plot_policy_metrics`: one panel per metric, one bar per row,
+    grouped by name with one colour per model when rows carry ``model``."""
     names = list(dict.fromkeys(str(r["name"]) for r in rows))
     grouped = any("model" in r for r in rows)
     models = list(dict.fromkeys(str(r.get("model", "-")) for r in rows)) if grouped else [""]
@@ -95,60 +107,10 @@ def plot_policy_metrics(
     width = min(16.0, max(6.0, 1.2 + 0.32 * n_bars + 0.25 * n_groups))
     fig = _new_figure(width, 1.2 + 2.8 * len(metrics) + (0.9 if max(map(len, names)) > 6 else 0.3))
     axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
-    bar_w = 0.8 / n_models
-    colors = [f"C{i % 10}" for i in range(n_models)]
     annotate = n_bars <= 16
 
     for ax, metric in zip(axes, metrics, strict=True):
-        lows, highs = [], []
-        present = [_finite_or_nan(r.get(metric)) for r in rows]
-        present = [v for v in present if not math.isnan(v)]
-        spread = max(present) - min(present)
-        digits = _decimals(spread if spread > 0 else max(abs(v) for v in present), 2)
-        for m, model in enumerate(models):
-            xs, ys, errs = [], [], []
-            for g, name in enumerate(names):
-                match = [
-                    r
-                    for r in rows
-                    if str(r["name"]) == name and (not grouped or str(r.get("model", "-")) == model)
-                ]
-                if not match:
-                    continue
-                y = _finite_or_nan(match[0].get(metric))
-                if math.isnan(y):
-                    continue
-                e = _finite_or_nan(match[0].get(f"{metric}_std"))
-                xs.append(g + (m - (n_models - 1) / 2) * bar_w)
-                ys.append(y)
-                errs.append(0.0 if math.isnan(e) else e)
-                lows.append(y - errs[-1])
-                highs.append(y + errs[-1])
-            if not xs:
-                continue
-            bars = ax.bar(
-                xs,
-                ys,
-                width=bar_w * 0.92,
-                color=colors[m],
-                label=model if grouped else None,
-                yerr=errs if any(errs) else None,
-                capsize=3 if any(errs) else 0,
-                ecolor="#333333",
-            )
-            if annotate:
-                ax.bar_label(bars, labels=[f"{v:.{digits}f}" for v in ys], padding=2, fontsize=7)
-        lo, hi = min(lows), max(highs)
-        span = hi - lo
-        if lo > 0 and span < 0.5 * hi:  # zoom: small differences on a large base
-            pad = max(span * 0.25, abs(hi) * 0.002, 1e-9)
-            ax.set_ylim(lo - pad, hi + pad * (1.8 if annotate else 1.0))
-        else:
-            ax.margins(y=0.15)
-        ax.set_ylabel(metric)
-        ax.set_title(metric, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
+        _metric_panel(ax, rows, metric, names, models if grouped else None, annotate)
     last = axes[-1]
     last.set_xticks(range(n_groups))
     rotate = n_groups > 6 or max(map(len, names)) > 10
@@ -162,136 +124,64 @@ def plot_policy_metrics(
     return _save(fig, path)
 
 
-def _zoom_limit(values: Sequence[float], intervals: Sequence[tuple[float, float] | None], core: float) -> float:
-    """Half-width of an axis centred on 0 that shows every value within ``core`` of 0 with its
-    whole interval at a readable size; values beyond ``core`` are drawn clipped."""
-    every = [abs(v) for v in values if math.isfinite(v)]
-    every += [abs(b) for ci in intervals if ci for b in ci if math.isfinite(b)]
-    if not every:
-        return 1.0
-    inside: list[float] = []
-    for value, ci in zip(values, intervals, strict=True):
-        # values too small to matter do not set a zoom: the axis then shows everything
-        if math.isfinite(value) and abs(value) <= core and (abs(value) > core * 1e-3 or (ci and max(map(abs, ci)) > core * 1e-3)):
-            inside += [abs(value), *(abs(b) for b in (ci or ()) if math.isfinite(b))]
-    if not inside or max(every) <= core:
-        return max(max(every) * 1.12, 1e-6)
-    return max(max(inside) * 1.12, core * 0.1, 1e-6)
-
-
-def lift_plot_layout(rows: Sequence[Mapping[str, Any]], core_points: float = 2.0) -> dict[str, Any]:
-    """What :func:`plot_policy_metrics` draws for rows carrying a ``lift``: one entry per
-    non-baseline row with the lift and its interval in points, the NLL change, the value drawn
-    (clipped to the zoomed axis) and the text printed beside the bar.
-
-    The lift axis is zoomed to lifts within ``core_points`` points of zero (with their
-    intervals), so a collapse of tens of points (d4 on a model that never saw rotations) does
-    not flatten a +0.35-point lift; clipped bars are hatched and labelled with their value.
-    """
-    entries = []
-    for row in rows:
-        lift = _finite_or_nan(row.get("lift"))
-        if math.isnan(lift):
+def _metric_panel(ax: Any, rows: list[dict], metric: str, names: list[str], models: list[str] | None,
+                  annotate: bool) -> None:
+    """One panel of the bar chart: ``metric`` per name (and per model, when ``models`` is not None),
+    with error bars from ``{metric}_std``, on a y-axis zoomed to the data."""
+    grouped = models is not None
+    models = models if models is not None else [""]
+    n_models = len(models)
+    bar_w = 0.8 / n_models
+    colors = [f"C{i % 10}" for i in range(n_models)]
+    lows, highs = [], []
+    present = [_finite_or_nan(r.get(metric)) for r in rows]
+    present = [v for v in present if not math.isnan(v)]
+    spread = max(present) - min(present)
+    digits = _decimals(spread if spread > 0 else max(abs(v) for v in present), 2)
+    for m, model in enumerate(models):
+        xs, ys, errs = [], [], []
+        for g, name in enumerate(names):
+            match = [
+                r
+                for r in rows
+                if str(r["name"]) == name and (not grouped or str(r.get("model", "-")) == model)
+            ]
+            if not match:
+                continue
+            y = _finite_or_nan(match[0].get(metric))
+            if math.isnan(y):
+                continue
+            e = _finite_or_nan(match[0].get(f"{metric}_std"))
+            xs.append(g + (m - (n_models - 1) / 2) * bar_w)
+            ys.append(y)
+            errs.append(0.0 if math.isnan(e) else e)
+            lows.append(y - errs[-1])
+            highs.append(y + errs[-1])
+        if not xs:
             continue
-        low, high = _finite_or_nan(row.get("lift_ci_low")), _finite_or_nan(row.get("lift_ci_high"))
-        nll, d_nll = _finite_or_nan(row.get("nll")), _finite_or_nan(row.get("lift_nll"))
-        entry = {
-            "name": str(row["name"]),
-            "model": str(row.get("model", "")),
-            "lift_pts": 100 * lift,
-            "ci_pts": (100 * low, 100 * high) if not (math.isnan(low) or math.isnan(high)) else None,
-            "nll": nll,
-            "nll_change": d_nll,
-        }
-        ci = f" [{entry['ci_pts'][0]:+.2f}, {entry['ci_pts'][1]:+.2f}]" if entry["ci_pts"] else ""
-        entry["lift_text"] = f"{entry['lift_pts']:+.2f}{ci}"
-        change = f"{d_nll:+.4f}" if math.isnan(d_nll) or d_nll == 0 or abs(d_nll) >= 5e-5 else f"{d_nll:+.1e}"
-        entry["nll_text"] = f"{nll:.4f} ({change})" if not math.isnan(d_nll) else f"{nll:.4f}"
-        entries.append(entry)
-    lift_limit = _zoom_limit([e["lift_pts"] for e in entries], [e["ci_pts"] for e in entries], core_points)
-    changes = [e["nll_change"] for e in entries if not math.isnan(e["nll_change"])]
-    small = sorted(abs(c) for c in changes)
-    nll_core = 5 * small[(len(small) - 1) // 2] if small else 1.0  # 5x the lower median change
-    nll_limit = _zoom_limit(changes, [None] * len(changes), max(nll_core, 1e-4))
-    for e in entries:
-        e["lift_shown"] = max(-lift_limit, min(lift_limit, e["lift_pts"]))
-        e["lift_clipped"] = abs(e["lift_pts"]) > lift_limit
-        change = 0.0 if math.isnan(e["nll_change"]) else e["nll_change"]
-        e["nll_shown"] = max(-nll_limit, min(nll_limit, change))
-        e["nll_clipped"] = abs(change) > nll_limit
-    return {"entries": entries, "lift_limit": lift_limit, "nll_limit": nll_limit}
-
-
-def _plot_lifts(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
-    layout = lift_plot_layout(rows)
-    entries = layout["entries"]
-    models = list(dict.fromkeys(e["model"] for e in entries))
-    plain = {
-        str(r.get("model", "")): _finite_or_nan(r.get("accuracy"))
-        for r in rows
-        if math.isnan(_finite_or_nan(r.get("lift")))
-    }
-    ys, y, labels = [], 0.0, []
-    for model in models:  # one block of bars per model, top to bottom
-        for e in entries:
-            if e["model"] == model:
-                ys.append(y)
-                labels.append(e["name"])
-                y -= 1.0
-        y -= 0.6
-    order = [e for model in models for e in entries if e["model"] == model]
-    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
-    fig = _new_figure(10.0, 2.2 + 0.62 * len(order))
-    ax_lift, ax_nll = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
-    panels = (
-        (ax_lift, "lift", layout["lift_limit"], "accuracy lift over plain (points), 95% paired bootstrap interval"),
-        (ax_nll, "nll", layout["nll_limit"], "NLL change over plain (lower is better); label: NLL (change)"),
-    )
-    for ax, kind, limit, xlabel in panels:
-        for e, yy in zip(order, ys, strict=True):
-            shown, clipped = e[f"{kind}_shown"], e[f"{kind}_clipped"]
-            ax.barh(
-                yy, shown, height=0.7, color=colors[e["model"]], alpha=0.55 if clipped else 1.0,
-                hatch="//" if clipped else None, edgecolor="#333333" if clipped else colors[e["model"]],
-            )
-            if kind == "lift" and e["ci_pts"]:
-                lo, hi = (max(-limit, min(limit, b)) for b in e["ci_pts"])
-                ax.plot([lo, hi], [yy, yy], color="#222222", lw=1.4, solid_capstyle="butt")
-                for b, edge in ((e["ci_pts"][0], lo), (e["ci_pts"][1], hi)):
-                    if abs(b) <= limit:
-                        ax.plot([edge, edge], [yy - 0.18, yy + 0.18], color="#222222", lw=1.4)
-            text = e["lift_text"] if kind == "lift" else e["nll_text"]
-            if clipped:
-                text += "  (off scale)"
-            ax.text(
-                1.01 if kind == "lift" else 1.01, yy, text, transform=ax.get_yaxis_transform(),
-                va="center", ha="left", fontsize=8, color="#b00020" if clipped else "#222222",
-            )
-        ax.axvline(0.0, color="#444444", lw=0.9)
-        ax.set_xlim(-limit * 1.04, limit * 1.04)
-        from matplotlib.ticker import MaxNLocator  # _new_figure above checked matplotlib is there
-
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=5 if kind == "lift" else 3, symmetric=True))
-        ax.tick_params(axis="x", labelsize=8)
-        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_axisbelow(True)
-        ax.set_xlabel(xlabel, fontsize=8)
-    ax_lift.set_yticks(ys)
-    ax_lift.set_yticklabels(labels, fontsize=9)
-    ax_lift.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
-    if len(models) > 1 or models[0]:
-        from matplotlib.patches import Patch
-
-        handles = [
-            Patch(color=colors[m], label=f"{m}" + (f" (plain {100 * plain[m]:.2f}%)" if not math.isnan(plain.get(m, math.nan)) else ""))
-            for m in models
-        ]
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(models)), fontsize=8, title="model")
-    elif not math.isnan(plain.get("", math.nan)):
-        ax_lift.set_title(f"plain inference: {100 * plain['']:.2f}% accuracy", fontsize=9)
-    fig.suptitle(title, wrap=True)  # wrapped at the figure's edges, not clipped
-    return _save(fig, path)
+        bars = ax.bar(
+            xs,
+            ys,
+            width=bar_w * 0.92,
+            color=colors[m],
+            label=model if grouped else None,
+            yerr=errs if any(errs) else None,
+            capsize=3 if any(errs) else 0,
+            ecolor="#333333",
+        )
+        if annotate:
+            ax.bar_label(bars, labels=[f"{v:.{digits}f}" for v in ys], padding=2, fontsize=7)
+    lo, hi = min(lows), max(highs)
+    span = hi - lo
+    if lo > 0 and span < 0.5 * hi:  # zoom: small differences on a large base
+        pad = max(span * 0.25, abs(hi) * 0.002, 1e-9)
+        ax.set_ylim(lo - pad, hi + pad * (1.8 if annotate else 1.0))
+    else:
+        ax.margins(y=0.15)
+    ax.set_ylabel(metric)
+    ax.set_title(metric, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
 
 
 def plot_reliability_diagram(
