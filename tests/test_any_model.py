@@ -166,7 +166,7 @@ def test_predict_resizes_as_the_checkpoint_records_it_was_trained(tmp_path, caps
     capsys.readouterr()
     assert main(["--no-progress", "predict", str(run), str(folder / "a"), "--out", str(tmp_path / "p.csv"),
                  "--workers", "0"]) == 0
-    assert "images resized with --resize stretch (as the model was trained)" in capsys.readouterr().out
+    assert "are resized with --resize stretch (as the model was trained)" in capsys.readouterr().out
 
 
 def test_audit_resizes_to_the_size_the_checkpoint_trained_at(tmp_path, capsys):

@@ -310,7 +310,7 @@ def test_predict_resize_modes(tmp_path, run, images, capsys, mode):
                  "--top-k", "10", *extra]) == 0
     printed = capsys.readouterr().out
     used = mode or "stretch"
-    assert f"images resized with --resize {used} (" in printed
+    assert f"are resized with --resize {used} (" in printed
     if mode is None:
         assert "the default: the model does not record" in printed
     row = rows(out)[0]

@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['images_per_second']:.0f} img/s predicting) -> {summary['out']}"
     )
     if summary.get("resize"):
-        print(f"images resized with --resize {summary['resize']} ({summary['resize_source']})")
+        print(f"images of another size than the model takes are resized with --resize {summary['resize']} "
+              f"({summary['resize_source']})")
     if summary["n_errors"]:
         from ..report.tables import plural
 
