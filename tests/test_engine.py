@@ -246,8 +246,8 @@ def test_bad_settings_are_refused(softmax_classifier, kwargs, error, pattern):
 
 
 def test_non_invertible_views_fail_when_the_engine_is_built(segmenter):
-    with pytest.raises(NotInvertibleError, match="FiveCrops cannot invert the 'mask' target"):
-        TTAEngine(segmenter, Compose([T.FiveCrops(4, 4)]), target="mask")
+    with pytest.raises(NotInvertibleError, match="Rotate cannot invert the 'mask' target"):
+        TTAEngine(segmenter, Compose([T.Rotate([10])]), target="mask")
     with pytest.raises(InvalidInputError, match="model must be callable.*got str"):
         TTAEngine("model", "hflip")
 
@@ -752,3 +752,36 @@ def test_huge_finite_outputs_are_not_reported_as_nan(merge_mode):
     assert out.shape == (2, 3)
     if merge_mode == "max":
         assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- tiles and partial views (masks)
+
+
+@pytest.mark.parametrize("batch, max_batch, pass_size", [(3, 4, None), (5, 2, None), (2, 64, 5), (1, 1, None), (4, 16, "auto")])
+def test_tiled_views_run_in_passes_of_at_most_max_batch(segmenter, batch, max_batch, pass_size):
+    # 9x10 images in 4x4 tiles at overlap 0.5: rows start at 0, 2, 4, 5 and columns at 0, 2, 4, 6 (16 tiles).
+    model = Recorder(segmenter)
+    policy = Compose([T.Tiles(4, 0.5, full_image=True), T.VerticalFlip()])
+    x = torch.rand(batch, 3, 9, 10)
+    engine = TTAEngine(model, policy, target="mask", max_batch=max_batch, pass_size=pass_size)
+    for _ in range(3 if pass_size == "auto" else 1):
+        out = engine.run(x, return_views=True)
+    assert max(model.batches) <= max_batch
+    assert out.passes_per_image == 2 + 2 * 16  # two whole-image views, 16 tiles in each of two views
+    assert out.views.shape == (4, batch, 2, 9, 10)
+    torch.testing.assert_close(out.views, manual_views(segmenter, policy, x, "mask"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.merged, out.views.mean(0), rtol=0, atol=1e-6)
+
+
+def test_crop_views_of_masks_are_pasted_and_merged_where_seen(segmenter):
+    # Four 5x6 corner crops of a 9x10 image: the centre row and column are seen by 2 or 4 crops,
+    # the rest by one; each pixel is the mean over the crops that saw it.
+    model = Recorder(segmenter)
+    policy = Policy(Compose([T.FiveCrops(5, 6)]).views[:4])
+    x = torch.rand(2, 3, 9, 10)
+    out = TTAEngine(model, policy, target="mask").run(x, return_views=True)
+    seen = torch.zeros(1, 1, 9, 10)
+    for top, left in [(0, 0), (4, 0), (4, 4), (0, 4)]:
+        seen[..., top : top + 5, left : left + 6] += 1
+    torch.testing.assert_close(out.merged, out.views.sum(0) / seen, rtol=0, atol=1e-6)  # views are 0 where unseen
+    assert model.batches == [8]  # the four views of the two images in one pass

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "ttakit"
 # Modules an `import ttakit` must not load: optional extras and heavy imports a function needs.
 HEAVY = ("matplotlib", "keras", "onnx", "onnxruntime", "onnxscript", "cleanlab", "sklearn", "h5py",
-         "selenium", "ray", "PIL", "tensorflow", "jax")
+         "selenium", "ray", "PIL", "tensorflow", "jax", "ensemble_boxes", "pycocotools")
 _LOADED = "import json, sys; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & set(HEAVY))))"
 
 

@@ -351,3 +351,24 @@ def test_evaluate_merges_a_probs_model_without_a_second_softmax():
     data = ImageDataset(x, torch.arange(30) % 3, ["a", "b", "c"])
     (plain,) = evaluate_policies(predictor, data, resolve_policies(["none"]), progress=False)
     np.testing.assert_allclose(plain.probs.numpy(), model(x.numpy()), atol=1e-6)
+
+
+def test_a_python_file_model_has_the_same_digest_in_every_process(tmp_path):
+    """--resume compares weights digests across processes; the module name a FILE.py:NAME model is
+    imported under enters the digest, so it must not depend on the per-process hash salt."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "net.py").write_text(
+        "import torch\n\n\nclass Net(torch.nn.Sequential):  # defined here: its __module__ is the file's\n"
+        "    pass\n\n\ntorch.manual_seed(0)\nmodel = Net(torch.nn.Flatten(), torch.nn.Linear(16, 3))\n"
+    )
+    code = ("import ttakit.predictors as p; "
+            f"print(p.load({str(tmp_path / 'net.py') + ':model'!r}, input_size=(4, 4), channels=1, outputs='logits').weights_digest())")
+    digests = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(digests) == 1 and len(next(iter(digests))) > 8

@@ -40,6 +40,10 @@ EXAMPLES: dict[str, list[Callable[[int, int], T.BaseTransform]]] = {
     "FiveCrops": [lambda h, w: T.FiveCrops((h + 1) // 2, (w + 1) // 2), lambda h, w: T.FiveCrops(h, w - 1)],
     "TenCrops": [lambda h, w: T.TenCrops((h + 1) // 2, (w + 1) // 2)],
     "Shift": [lambda h, w, m=m: T.Shift([(1, 0), (-2, 1), (0, -1), (2, 2)], m) for m in F.PADDING_MODES],
+    "Tiles": [
+        lambda h, w: T.Tiles((max(1, h // 2), max(1, w - 1)), 0.25),
+        lambda h, w: T.Tiles((h, (w + 2) // 3), 0.5, "gaussian", full_image=True),
+    ],
     # Helper B's search views (bilinear resampling): whole-pixel and quarter-turn examples keep
     # the dot and rectangle images below exact.
     "Translate": [lambda h, w: T.Translate([(1, 0), (0, -1)])],
@@ -83,14 +87,6 @@ NOT_PIXEL_EXACT = ("Zoom",)
 # --------------------------------------------------------------------------- masks
 
 
-def seen_region(transform, param, h, w) -> tuple[slice, slice]:
-    """Pixels of the original frame a view saw (the documented exactness region of a mask)."""
-    if isinstance(transform, T.Shift) and transform.padding_mode != "circular":
-        dx, dy = param
-        return slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx))
-    return slice(0, h), slice(0, w)
-
-
 @pytest.mark.parametrize("name, index", CASES, ids=CASE_IDS)
 @FAST
 @given(size=sizes, data=st.data())
@@ -109,10 +105,15 @@ def test_mask_round_trip(name, index, size, data):
             # Pixel values change, geometry does not: a mask comes back untouched.
             assert torch.equal(t.deaugment_mask(augmented), augmented)
             continue
-        back = t.deaugment_mask(augmented)  # an identity "segmentation model" on the view
+        # An identity "segmentation model" on the view; the mask is exact on the pixels it saw.
+        back, weight = t.deaugment_mask_weighted(augmented)
         assert back.shape == x.shape
-        rows, cols = seen_region(transform, param, h, w)
-        assert torch.equal(back[..., rows, cols], x[..., rows, cols]), (name, param)
+        assert torch.equal(t.deaugment_mask(augmented), back)
+        seen = torch.ones(h, w, dtype=torch.bool) if weight is None else weight[0, 0] > 0
+        assert bool(seen.any()), (name, param)
+        if not getattr(transform, "loses_pixels", False):  # e.g. tiles, circular shifts: every pixel seen
+            assert bool(seen.all()), (name, param)
+        torch.testing.assert_close(back[..., seen], x[..., seen], rtol=0, atol=1e-6, msg=f"{name} {param}")
 
 
 @FAST
@@ -168,8 +169,8 @@ def test_keypoints_round_trip_against_dot_images(name, index, size, data):
     h, w = size
     transform = make(name, index, h, w)
     m = margin(transform)
-    if h <= 2 * m or w <= 2 * m or name in NOT_PIXEL_EXACT:
-        return
+    if h <= 2 * m or w <= 2 * m or name in NOT_PIXEL_EXACT or getattr(transform, "multiplies_batch", False):
+        return  # tiles: one view is many images, each with its own keypoints; Tiles refuses keypoints
     pixels = draw_pixels(data, h, w, m, 2)
     values = (1.0, 0.5)
     image = torch.zeros(1, 1, h, w)
@@ -205,6 +206,8 @@ def test_boxes_round_trip_against_rectangle_images(name, index, size, data):
     m = margin(transform)
     if h <= 2 * m or w <= 2 * m or name in NOT_PIXEL_EXACT or "boxes" not in transform.targets:
         return  # refusing boxes is checked in test_labels_pass_through_and_missing_targets_are_refused
+    if getattr(transform, "multiplies_batch", False):
+        return  # one view is many images (tiles): tests/test_tiles.py maps their boxes back
     (r0, c0), (r1, c1) = draw_pixels(data, h, w, m, 2)
     r0, r1, c0, c1 = min(r0, r1), max(r0, r1), min(c0, c1), max(c0, c1)
     image = torch.zeros(1, 1, h, w)
@@ -236,7 +239,11 @@ def test_labels_pass_through_and_missing_targets_are_refused(name):
     for param in transform.params:
         t = one_step(transform, param)
         t.augment_image(torch.rand(2, 3, 6, 8))
-        assert torch.equal(t.deaugment_label(label), label)
+        if "label" in transform.targets:
+            assert torch.equal(t.deaugment_label(label), label)
+        else:
+            with pytest.raises(NotInvertibleError, match=f"^{name} cannot invert the 'label' target"):
+                t.deaugment_label(label)
         for target in set(T.TARGETS) - {"image", "label"} - transform.targets:
             method = getattr(t, f"deaugment_{'mask' if target == 'mask' else target}")
             arg = {"mask": torch.rand(2, 1, 6, 8), "keypoints": torch.rand(2, 1, 2), "boxes": torch.rand(2, 1, 4)}
@@ -249,12 +256,26 @@ def test_declared_targets():
     for name in ["HorizontalFlip", "VerticalFlip", "Rotate90", "Scale", "Resize", "Shift", "Add", "Brightness"]:
         assert set(make(name, 0, 6, 6).targets) == everything, name
     for name in ["FiveCrops", "TenCrops"]:
-        assert set(make(name, 0, 6, 6).targets) == everything - {"mask"}
+        assert set(make(name, 0, 6, 6).targets) == everything, name
+    assert set(make("Tiles", 0, 6, 6).targets) == {"image", "mask", "boxes"}
 
 
-def test_five_crops_refuses_masks_naming_transform_and_target():
-    with pytest.raises(NotInvertibleError, match=r"FiveCrops cannot invert the 'mask' target.*keypoints"):
-        T.FiveCrops(2, 2).apply_deaug_mask(torch.rand(1, 1, 2, 2), crop="lt")
+def test_five_crops_masks_are_pasted_into_the_full_frame():
+    x = torch.rand(2, 3, 5, 7)
+    # 2x3 crops of a 5x7 image, placed as ttach places them (centre: row 5 // 2 - 1, column 7 // 2 - 1).
+    rectangles = {"lt": (0, 0), "lb": (3, 0), "rb": (3, 4), "rt": (0, 4), "center": (1, 2)}
+    transform = T.FiveCrops(2, 3)
+    for crop, (top, left) in rectangles.items():
+        t = one_step(transform, crop)
+        view = t.augment_image(x)
+        assert torch.equal(view, x[..., top : top + 2, left : left + 3]), crop
+        values, weight = t.deaugment_mask_weighted(view)  # an identity "segmentation model"
+        inside = torch.zeros(5, 7, dtype=torch.bool)
+        inside[top : top + 2, left : left + 3] = True
+        assert values.shape == x.shape and weight.shape == (1, 1, 5, 7)
+        assert torch.equal(values[..., inside], x[..., inside]), crop
+        assert torch.equal(weight[0, 0], inside.float()), crop
+        assert torch.equal(t.deaugment_mask(view), values), crop
 
 
 # --------------------------------------------------------------------------- ttach's names and defaults

@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 import ttach
 
 import ttakit
-from ttakit.errors import InvalidInputError, NotInvertibleError
+from ttakit.errors import InvalidInputError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -26,12 +26,15 @@ ALL_MODES = [*TTACH_MODES, "vote"]
 assert set(ALL_MODES) == set(ttakit.MERGE_MODES)
 ATOL = 1e-5
 
+# Crops for masks: ttach refuses them at run time; ttakit pastes each crop's mask into the frame and
+# merges each pixel over the crops that saw it (on 8x8 images 5x6 crops cover every pixel).
+PER_PIXEL = "ttach refuses crops for masks at run time"
 # What ttach does per task and alias: "equal", or the ttach bug / limitation that makes it differ.
 EXPECT = {
     "segmentation": {
         "flip_transform": "equal", "hflip_transform": "equal", "vflip_transform": "equal", "d4_transform": "equal",
         "multiscale_transform": "equal",  # on 8x8 images: 8 * 0.5 = 4 and 4 / 0.5 = 8 round-trip
-        "five_crop_transform": "not invertible", "ten_crop_transform": "not invertible",
+        "five_crop_transform": PER_PIXEL, "ten_crop_transform": PER_PIXEL,
     },
     "keypoints-square": {
         "flip_transform": "equal", "hflip_transform": "equal", "vflip_transform": "equal", "d4_transform": "equal",
@@ -127,18 +130,76 @@ def test_ttach_gmean_on_logits_is_nan(logits_classifier, images):
 
 # --------------------------------------------------------------------------- segmentation
 
+# Top-left corners of ttach's 5x6 crops of an 8x8 image, in its order: lt, lb, rb, rt, centre
+# (8 // 2 - 5 // 2, 8 // 2 - 6 // 2).
+CROP_ORIGINS = [(0, 0), (3, 0), (3, 2), (0, 2), (2, 1)]
+
+
+def crop_views_by_hand(model, name, x):
+    """``x: (B, C, 8, 8)`` -> per-view outputs pasted into the frame ``(K, B, C', 8, 8)`` and the
+    pixels each view saw ``(K, 1, 1, 8, 8)``, written out plainly; each view's input is checked
+    against ttach's own augmented image for that view."""
+    flips = (False, True) if name == "ten_crop_transform" else (False,)
+    plans = [(flip, top, left) for flip in flips for top, left in CROP_ORIGINS]
+    theirs = list(alias(name, ttach))
+    assert len(theirs) == len(plans)
+    outs, seen = [], []
+    for (flip, top, left), t in zip(plans, theirs, strict=True):
+        source = x.flip(-1) if flip else x
+        view = source[..., top : top + 5, left : left + 6]
+        assert torch.equal(view, t.augment_image(x))
+        y = model(view)
+        frame = torch.zeros(*y.shape[:2], 8, 8)
+        frame[..., top : top + 5, left : left + 6] = y
+        saw = torch.zeros(1, 1, 8, 8)
+        saw[..., top : top + 5, left : left + 6] = 1.0
+        outs.append(frame.flip(-1) if flip else frame)
+        seen.append(saw.flip(-1) if flip else saw)
+    return torch.stack(outs), torch.stack(seen)
+
+
+def per_pixel_reference(views: torch.Tensor, seen: torch.Tensor, mode: str) -> torch.Tensor:
+    """Each pixel merged over the views that saw it: ``views (K, B, C, H, W)``, ``seen (K, 1, 1, H, W)``."""
+    views, seen = views.double(), seen.double()
+    count = seen.sum(0)
+    if mode == "mean":
+        return (views * seen).sum(0) / count
+    if mode == "gmean":  # log 0 outside a crop: only the pixels a view saw enter its sum
+        return torch.exp(torch.where(seen > 0, views.log() * seen, 0.0).sum(0) / count)
+    if mode == "tsharpen":
+        return (views.sqrt() * seen).sum(0) / count
+    if mode == "max":
+        return torch.where(seen > 0, views, torch.tensor(-torch.inf, dtype=views.dtype)).amax(0)
+    if mode == "min":
+        return torch.where(seen > 0, views, torch.tensor(torch.inf, dtype=views.dtype)).amin(0)
+    assert mode == "vote"
+    # As reference_vote, over the covering views: among classes with the most votes the larger
+    # summed score wins and gets the 1e-6 nudge.
+    votes = (TF.one_hot(views.argmax(dim=2), views.shape[2]).movedim(-1, 2) * seen).sum(0)
+    scores = (views * seen).sum(0)
+    best = votes.amax(dim=1, keepdim=True)
+    winner = torch.where(votes == best, scores, torch.full_like(scores, -torch.inf)).argmax(dim=1, keepdim=True)
+    return (votes / count).scatter_add(1, winner, torch.full(winner.shape, 1e-6, dtype=torch.double))
+
 
 @pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("name", ALIASES)
 def test_segmentation(segmenter, images, name, mode):
     expect = EXPECT["segmentation"][name]
-    if expect == "not invertible":
-        # ttach fails at run time, halfway through; ttakit when the wrapper is built.
-        with pytest.raises(NotInvertibleError, match="FiveCrops cannot invert the 'mask' target"):
-            ttakit.SegmentationTTAWrapper(segmenter, alias(name), mode)
-        if mode in TTACH_MODES:
+    if expect == PER_PIXEL:
+        if mode in TTACH_MODES:  # ttach fails at run time, halfway through
             with pytest.raises(ValueError, match="not suitable for mask"):
                 ttach.SegmentationTTAWrapper(segmenter, alias(name, ttach), mode)(images)
+        if mode == "sum":  # a sum over different numbers of views per pixel: refused when built
+            with pytest.raises(InvalidInputError, match="merge mode 'sum' cannot merge views that see different pixels"):
+                ttakit.SegmentationTTAWrapper(segmenter, alias(name), mode)
+            return
+        ours = ttakit.SegmentationTTAWrapper(segmenter, alias(name), mode)(images)
+        assert ours.shape == (3, 2, 8, 8)
+        with torch.no_grad():
+            views, seen = crop_views_by_hand(segmenter, name, images)
+        assert bool((seen.sum(0) > 0).all())  # 5x6 crops cover the 8x8 image
+        assert torch.allclose(ours.double(), per_pixel_reference(views, seen, mode), atol=ATOL, rtol=0)
         return
     ours = ttakit.SegmentationTTAWrapper(segmenter, alias(name), mode)(images)
     assert ours.shape == (3, 2, 8, 8)

@@ -68,9 +68,9 @@ def test_extra_positional_model_arguments(softmax_classifier):
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_segmentation_refuses_crops_when_built(segmenter):
-    with pytest.raises(NotInvertibleError, match="FiveCrops cannot invert the 'mask' target"):
-        ttakit.SegmentationTTAWrapper(segmenter, ttakit.aliases.five_crop_transform(4, 4))
+def test_segmentation_refuses_free_rotations_when_built(segmenter):
+    with pytest.raises(NotInvertibleError, match="Rotate cannot invert the 'mask' target"):
+        ttakit.SegmentationTTAWrapper(segmenter, Compose([T.Rotate([10])]))
 
 
 @pytest.mark.parametrize("transform", ["identity", "hflip"])

@@ -4,9 +4,10 @@ The public API is what this module exports. ttach users can ``import ttakit as t
 their code: ``tta.ClassificationTTAWrapper(model, tta.aliases.d4_transform())``.
 """
 
-from . import aliases, base, functional, transforms, wrappers  # noqa: E402  (ttach's module paths)
+from . import aliases, base, detection, functional, transforms, wrappers  # noqa: E402  (ttach's module paths)
 from ._version import __version__  # the one place the version is written
 from .aliases import get_policy, list_policies, register_policy  # noqa: E402
+from .detection import Detections, DetectionTTAOutput, DetectionTTAWrapper  # noqa: E402
 from .engine import TTAEngine, TTAOutput  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
@@ -36,6 +37,7 @@ from .transforms import (  # noqa: E402
     Scale,
     Shift,
     TenCrops,
+    Tiles,
     VerticalFlip,
     register_transform,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "__version__",
     "aliases",
     "base",
+    "detection",
     "functional",
     "transforms",
     "wrappers",
@@ -88,9 +91,13 @@ __all__ = [
     "Contrast",
     "FiveCrops",
     "TenCrops",
+    "Tiles",
     "Shift",
     "register_transform",
     "ClassificationTTAWrapper",
     "SegmentationTTAWrapper",
     "KeypointsTTAWrapper",
+    "DetectionTTAWrapper",
+    "DetectionTTAOutput",
+    "Detections",
 ]

@@ -44,12 +44,17 @@ def unwrap_output(output: Any, output_key: str | None) -> torch.Tensor:
     return output
 
 
-def find_non_finite(out: torch.Tensor, group: list[int], n: int, rows, bad: dict[int, list[int]]) -> None:
+def find_non_finite(
+    out: torch.Tensor, group: list[int], n: int, rows, bad: dict[int, list[int]], per_image: int = 1, start: int = 0
+) -> None:
     """Record in ``bad`` the chunk rows whose output is NaN/inf, per view of the pass ``out``
-    (``len(group)`` views of ``n`` rows each; ``rows`` maps them to the chunk's rows)."""
+    (``len(group)`` views of ``n`` images each, ``per_image`` rows per image (tiles, image-major);
+    the images are rows ``start..`` of the stage; ``rows`` maps those to the chunk's rows)."""
     finite = torch.isfinite(out).reshape(out.shape[0], -1).all(dim=1).cpu()
+    if per_image > 1:
+        finite = finite.reshape(-1, per_image).all(dim=1)
     for i, k in enumerate(group):
-        found = torch.nonzero(~finite[i * n : (i + 1) * n]).flatten()
+        found = torch.nonzero(~finite[i * n : (i + 1) * n]).flatten() + start
         if found.numel():
             chunk_rows = found if rows is None else rows.cpu()[found]
             bad.setdefault(k, []).extend(chunk_rows.tolist())
@@ -89,3 +94,34 @@ def check_output_shape(shape: tuple[int, ...], index: int, ref: list, names: Seq
             f"first): expected a dimension in 1..{ndim - 1} (or -{ndim - 1}..-1); pass class_dim=1 for (B, C) scores"
         )
     ref.append((index, shape[1:]))
+
+
+def check_coverage(
+    coverages: Sequence[torch.Tensor | None],
+    view_weights: Sequence[float] | None,
+    names: Sequence[str],
+    policy_name: str,
+    crop_sizes: Sequence[tuple[int, int]],
+    size: tuple[int, int],
+) -> None:
+    """Refuse, before any forward pass, a policy whose views leave some pixel of an image of
+    ``size = (H, W)`` unseen: ``coverages`` ``(1, 1, H, W)`` per view (None: every pixel),
+    weighted by ``view_weights`` (None: 1 each)."""
+    total = None
+    for k, coverage in enumerate(coverages):
+        weight = 1.0 if view_weights is None else float(view_weights[k])
+        if weight == 0.0:
+            continue
+        if coverage is None:
+            return  # a view of non-zero weight saw every pixel
+        part = coverage.detach().float() * weight
+        total = part if total is None else total + part
+    h, w = size
+    unseen = h * w if total is None else int((total <= 0).sum())
+    if unseen:
+        crops = ", ".join(f"{ch}x{cw}" for ch, cw in dict.fromkeys(crop_sizes)) or "none"
+        raise InvalidInputError(
+            f"policy {policy_name!r} leaves {unseen} of {h * w} pixels of a {h}x{w} image unseen by every view "
+            f"(views: {', '.join(names)}; crop size {crops}), so its mask there is undefined; add the identity "
+            "view, use larger crops or Tiles"
+        )

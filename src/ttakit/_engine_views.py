@@ -1,9 +1,11 @@
 """Views in and out of the model: the de-augment hooks by target, bound augmentations, grouping views
-into forward passes, cutting extra model arguments along with the images, and the vote's row ids."""
+into forward passes, cutting extra model arguments along with the images, the vote's row ids, and
+each view's geometry (rows per image, pixels seen) probed before any forward pass."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +29,47 @@ def _deaugment_mask(transformer: Transformer, output: torch.Tensor, view_size) -
         raise ModelOutputError(
             f"a segmentation model must return masks of shape (B, C, H, W), got shape {tuple(output.shape)}"
         )
+    if tuple(output.shape[-2:]) != tuple(view_size):
+        raise ModelOutputError(
+            f"a segmentation model must return masks of its input's spatial size {view_size[0]}x{view_size[1]} "
+            f"(B, C, H, W), got shape {tuple(output.shape)}"
+        )
     return transformer.deaugment_mask(output)
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """What a view does to one image of a given size, known before any forward pass.
+
+    Attributes:
+        rows: images the view makes of one image (T for tiles, else 1).
+        coverage: ``(1, 1, H, W)`` how much of each input pixel the view saw (0: never), or None
+            when it saw every pixel (mask targets only; None otherwise).
+    """
+
+    rows: int
+    coverage: torch.Tensor | None
+
+
+def view_geometry(view: View, image_shape: tuple[int, ...], device, dtype, mask: bool) -> ViewGeometry:
+    """Probe ``view`` with one blank image of ``image_shape = (C, H, W)``: its rows per image and,
+    for masks, its coverage (a 1-channel blank mask sent back through the view's inverse)."""
+    transformer = view.transformer()
+    augmented = transformer.augment_image(torch.zeros(1, *image_shape, device=device, dtype=dtype))
+    coverage = None
+    if mask:
+        _, coverage = transformer.deaugment_mask_weighted(torch.zeros_like(augmented[:, :1]))
+    return ViewGeometry(int(augmented.shape[0]), coverage)
+
+
+def multiplies_batch(view: View) -> bool:
+    """Whether some step of ``view`` cuts an image into several (``multiplies_batch``, e.g. Tiles)."""
+    return any(getattr(s.transform, "multiplies_batch", False) for s in view.steps)
+
+
+def loses_pixels(view: View) -> bool:
+    """Whether some step of ``view`` sees only part of the image (``loses_pixels``: crops, shifts)."""
+    return any(getattr(s.transform, "loses_pixels", False) for s in view.steps)
 
 
 _DEFAULT_HOOKS: dict[str, DeaugmentHook] = {"label": _deaugment_label, "mask": _deaugment_mask}

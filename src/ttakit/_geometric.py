@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from . import functional as F
 from ._transform_base import (
     _ALL_TARGETS,
@@ -269,10 +271,12 @@ def _check_crop(crop_height: object, crop_width: object) -> tuple[int, int]:
 
 
 class _Crops(DualTransform):
-    """Shared by FiveCrops and TenCrops: crops invert for labels, keypoints and boxes, not masks."""
+    """Shared by FiveCrops and TenCrops: labels pass through, keypoints and boxes map back exactly,
+    and a mask is pasted into the full frame (pixels outside the crop get weight 0 in the merge)."""
 
-    targets = frozenset({"image", "label", "keypoints", "boxes"})
+    targets = _ALL_TARGETS
     uses_input_size = True
+    loses_pixels = True  # the merge averages each pixel over the views that saw it
 
     def __init__(self, crop_height, crop_width, params):
         self.crop_height, self.crop_width = _check_crop(crop_height, crop_width)
@@ -292,8 +296,17 @@ class _Crops(DualTransform):
         top, left = F.crop_origin(tuple(input_size), self.crop_size, position)
         return fn(targets, top, left, self.crop_size, tuple(input_size))
 
-    def apply_deaug_mask(self, mask, *args, **kwargs):
-        raise self.refuse("mask")
+    def _paste(self, mask, weight, position, input_size, flip):
+        """``mask: (B, C, ch, cw)`` on the crop -> ``(values (B, C, H, W), weight (1, 1, H, W))``:
+        values pasted at the crop (zero elsewhere), weight the crop's (or the incoming ``weight``'s)."""
+        if input_size is None:
+            raise NotInvertibleError(f"{type(self).__name__} needs the recorded input size; augment first")
+        size = tuple(input_size)
+        top, left = F.crop_origin(size, self.crop_size, position)
+        if weight is None:
+            weight = mask.new_ones(1, 1, *mask.shape[-2:], dtype=mask.dtype if mask.is_floating_point() else torch.float32)
+        values, weight = F.uncrop_mask(mask, top, left, size), F.uncrop_mask(weight, top, left, size)
+        return (F.hflip(values), F.hflip(weight)) if flip else (values, weight)
 
     def apply_deaug_label(self, label, *args, **kwargs):
         return label
@@ -306,8 +319,9 @@ class _Crops(DualTransform):
 class FiveCrops(_Crops):
     """Four corner crops and a centre crop, as ttach. Views: ``lt``, ``lb``, ``rb``, ``rt``, ``center``.
 
-    There is no identity view. Masks cannot be mapped back (the crop discards pixels); keypoints
-    and boxes can.
+    There is no identity view. Keypoints and boxes map back exactly; a mask is pasted into the
+    full frame, and the engine's merge averages each pixel over the views that saw it (a policy
+    leaving some pixel unseen by every view is refused before any forward pass).
     """
 
     def __init__(self, crop_height: int, crop_width: int):
@@ -315,6 +329,14 @@ class FiveCrops(_Crops):
 
     def apply_aug_image(self, image, crop="center", **kwargs):
         return self._crop(image, crop)
+
+    def apply_deaug_mask_weighted(self, mask, weight=None, crop="center", input_size=None, **kwargs):
+        """``mask: (B, C, ch, cw)`` -> ``(values (B, C, H, W), weight (1, 1, H, W))``: pasted at the crop."""
+        return self._paste(mask, weight, crop, input_size, flip=False)
+
+    def apply_deaug_mask(self, mask, crop="center", input_size=None, **kwargs):
+        """``mask: (B, C, ch, cw)`` -> ``(B, C, H, W)``, zero outside the crop (which the view never saw)."""
+        return self.apply_deaug_mask_weighted(mask, None, crop=crop, input_size=input_size)[0]
 
     def apply_deaug_keypoints(self, keypoints, crop="center", input_size=None, **kwargs):
         return self._uncrop(F.keypoints_uncrop, keypoints, crop, input_size)
@@ -341,6 +363,15 @@ class TenCrops(_Crops):
         flip, position = crop
         return self._crop(F.hflip(image) if flip else image, position)
 
+    def apply_deaug_mask_weighted(self, mask, weight=None, crop=(False, "center"), input_size=None, **kwargs):
+        """``mask: (B, C, ch, cw)`` -> ``(values (B, C, H, W), weight (1, 1, H, W))``: pasted, then unflipped."""
+        flip, position = crop
+        return self._paste(mask, weight, position, input_size, flip=flip)
+
+    def apply_deaug_mask(self, mask, crop=(False, "center"), input_size=None, **kwargs):
+        """``mask: (B, C, ch, cw)`` -> ``(B, C, H, W)``, zero outside the crop."""
+        return self.apply_deaug_mask_weighted(mask, None, crop=crop, input_size=input_size)[0]
+
     def apply_deaug_keypoints(self, keypoints, crop=(False, "center"), input_size=None, **kwargs):
         flip, position = crop
         keypoints = self._uncrop(F.keypoints_uncrop, keypoints, position, input_size)
@@ -361,7 +392,8 @@ class Shift(DualTransform):
     """Translate images by whole pixels: each shift is ``(dx, dy)`` (right, down). ``(0, 0)`` is added.
 
     Invertible for masks (exact wherever the view saw the pixel; see
-    :func:`ttakit.functional.unshift_mask`), keypoints and boxes.
+    :func:`ttakit.functional.unshift_mask`; the engine's merge leaves the strip a view never
+    saw out of that view's average), keypoints and boxes.
 
     Args:
         shifts: ``(dx, dy)`` integer pairs.
@@ -379,6 +411,8 @@ class Shift(DualTransform):
         if padding_mode not in F.PADDING_MODES:
             raise InvalidInputError(f"padding_mode must be one of {', '.join(F.PADDING_MODES)}, got {padding_mode!r}")
         self.padding_mode = padding_mode
+        # The shifted-out border comes back as padding, which the view never saw (circular wraps).
+        self.loses_pixels = padding_mode != "circular"
         super().__init__("shift", _with_identity(shifts, self.identity_param))
 
     @classmethod
@@ -410,6 +444,17 @@ class Shift(DualTransform):
 
     def apply_deaug_mask(self, mask, shift=(0, 0), **kwargs):
         return F.unshift_mask(mask, shift[0], shift[1], self.padding_mode)
+
+    def apply_deaug_mask_weighted(self, mask, weight=None, shift=(0, 0), **kwargs):
+        """``mask: (B, C, H, W)`` -> ``(values, weight (1, 1, H, W) or None)``: the strip the
+        shifted view never saw gets weight 0 (``circular``: it saw every pixel, weight None)."""
+        dx, dy = shift
+        values = F.unshift_mask(mask, dx, dy, self.padding_mode)
+        if (dx, dy) == (0, 0) or (weight is None and not self.loses_pixels):
+            return values, weight
+        if weight is None:
+            weight = mask.new_ones(1, 1, *mask.shape[-2:])
+        return values, F.shift_coverage(weight, dx, dy, self.padding_mode)
 
     def apply_deaug_label(self, label, shift=(0, 0), **kwargs):
         return label

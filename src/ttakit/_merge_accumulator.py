@@ -44,6 +44,12 @@ class MergeAccumulator:
     The settings are checked once; :meth:`fresh` returns an empty accumulator with the same
     settings without checking them again (the engine makes one per chunk), and
     :meth:`take_rows` keeps some rows of the views added so far (the engine's gate).
+
+    Per-pixel coverage (``fresh(coverage=True)``): views that saw only part of the image (crops,
+    shifts) are added with a weight map ``(1, 1, H, W)`` (``coverage``; None: the whole image),
+    and each pixel is merged over the views that saw it: ``sum_k w_k c_k(x) f(out_k(x)) /
+    sum_k w_k c_k(x)`` for mean, gmean and tsharpen, per-pixel votes for vote, the maximum or
+    minimum over the covering views for max and min (:data:`COVERAGE_MODES`; ``sum`` is refused).
     """
 
     def __init__(
@@ -83,17 +89,23 @@ class MergeAccumulator:
 
     def _reset(self) -> None:
         self.count = 0
+        self.coverage = False  # per-pixel weights: see fresh(coverage=True)
+        self._weight_sum: torch.Tensor | float = 0.0  # coverage: sum_k w_k c_k(x) so far
         self._acc: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None  # vote: summed scores for the tie-break
         self._aliased = False  # whether _acc is the caller's own tensor (one view added as it was)
         self._divided = False  # whether _acc is already divided by the total weight (add_stack of every view)
 
-    def fresh(self) -> MergeAccumulator:
-        """An empty accumulator with these settings (not checked again)."""
+    def fresh(self, coverage: bool = False) -> MergeAccumulator:
+        """An empty accumulator with these settings (not checked again); ``coverage=True`` merges
+        each pixel over the views that saw it (:meth:`add`'s ``coverage``)."""
         new = object.__new__(MergeAccumulator)
         new.__dict__.update(self._settings)
         new._settings = self._settings
         new._reset()
+        if coverage:
+            check_coverage_mode(self.mode)
+            new.coverage = True
         return new
 
     def take_rows(self, rows: torch.Tensor) -> MergeAccumulator:
@@ -104,6 +116,7 @@ class MergeAccumulator:
         new._acc = None if self._acc is None else self._acc[rows]
         new._scores = None if self._scores is None else self._scores[rows]
         new._divided = self._divided
+        new.coverage, new._weight_sum = self.coverage, self._weight_sum
         return new
 
     def _weight(self, index: int) -> float:
@@ -113,11 +126,20 @@ class MergeAccumulator:
         if not 0 <= index < self.n_views:
             raise InvalidInputError(f"view index must lie in [0, {self.n_views - 1}], got {index}")
 
-    def add(self, output: torch.Tensor, index: int | None = None) -> None:
-        """Add the de-augmented output of view ``index`` (default: the next one)."""
+    def add(self, output: torch.Tensor, index: int | None = None, coverage: torch.Tensor | None = None) -> None:
+        """Add the de-augmented output of view ``index`` (default: the next one).
+
+        ``coverage``: accumulators made by ``fresh(coverage=True)`` only: a ``(1, 1, H, W)`` map
+        of how much of each pixel the view saw (0: never), or None for every pixel.
+        """
         index = self.count if index is None else index
         self._check_index(index)
+        if coverage is not None and not self.coverage:
+            raise InvalidInputError("coverage maps need an accumulator made by fresh(coverage=True)")
         x = apply_activation(output, self.activation, self.class_dim)
+        if self.coverage:
+            self._add_covered(x, index, coverage)
+            return
         if self.class_weights:
             self._add_class_weighted(x, index)
             return
@@ -153,7 +175,7 @@ class MergeAccumulator:
         if outputs.shape[0] != n:
             raise InvalidInputError(f"add_stack got {outputs.shape[0]} outputs for {n} view indices")
         mode = self.mode
-        if n == 1 or mode == "vote" or self.class_weights:
+        if n == 1 or mode == "vote" or self.class_weights or self.coverage:
             for i, k in enumerate(indices):
                 self.add(outputs[i], k)
             return
@@ -223,11 +245,51 @@ class MergeAccumulator:
         self._aliased = False
         self.count += 1
 
-    def _add_vote(self, x: torch.Tensor, w: float) -> None:
+    def _add_covered(self, x: torch.Tensor, index: int, coverage: torch.Tensor | None) -> None:
+        """:meth:`add` with per-pixel weights ``w_k * coverage`` (the views' weights alone where
+        ``coverage`` is None); pixels a view never saw take no part in its contribution."""
+        w = 1.0 if self.class_weights else self._weight_list[index]
+        mode = self.mode
+        x = _at_least_float32(x)
+        if mode in ("gmean", "tsharpen"):
+            _check_non_negative(x, mode)
+            x = torch.log(x) if mode == "gmean" else torch.sqrt(x)
+        weight: torch.Tensor | float = w
+        if coverage is not None:
+            coverage = coverage.to(device=x.device, dtype=x.dtype)
+            seen = coverage > 0
+            weight = coverage * w
+        if mode in ("max", "min"):
+            if coverage is not None:  # an unseen pixel never wins
+                x = torch.where(seen, x, torch.full_like(x, -torch.inf if mode == "max" else torch.inf))
+            pick = torch.maximum if mode == "max" else torch.minimum
+            self._acc = x if self._acc is None else pick(self._acc, x)
+        else:
+            if coverage is not None:  # outside the view, values are filler (log(0) = -inf included)
+                x = torch.where(seen, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            if w == 0.0:
+                x = torch.zeros_like(x)  # a zero-weight view contributes nothing (log(0) * 0 is NaN)
+            if mode == "vote":
+                self._add_vote(x, weight)
+            elif self.class_weights:
+                self._add_class_weighted(x if coverage is None else x * coverage, index)
+                self.count -= 1  # counted below
+            else:
+                part = x * weight if not (isinstance(weight, float) and weight == 1.0) else x
+                self._acc = part if self._acc is None else self._acc + part
+        self._weight_sum = self._weight_sum + weight
+        self._aliased = False
+        self.count += 1
+
+    def _add_vote(self, x: torch.Tensor, w: float | torch.Tensor) -> None:
         dim = self.class_dim % x.ndim
         scores = _at_least_float32(x) * w
         one_hot = torch.zeros_like(scores)
-        one_hot.scatter_(dim, x.argmax(dim=dim, keepdim=True), w)
+        if isinstance(w, torch.Tensor):  # per-pixel weights (coverage)
+            one_hot.scatter_(dim, x.argmax(dim=dim, keepdim=True), 1.0)
+            one_hot = one_hot * w
+        else:
+            one_hot.scatter_(dim, x.argmax(dim=dim, keepdim=True), w)
         self._acc = one_hot if self._acc is None else self._acc + one_hot
         self._scores = scores if self._scores is None else self._scores + scores
 
@@ -250,7 +312,10 @@ class MergeAccumulator:
             return self._vote_result(ids)
         if self.class_weights:
             return self._acc / self._acc.sum(dim=self.class_dim, keepdim=True).clamp_min(PROB_FLOOR)
-        merged = self._acc if self._divided else self._acc / self.total_weight
+        if self.coverage:
+            merged = self._acc / self._weight_sum
+        else:
+            merged = self._acc if self._divided else self._acc / self.total_weight
         if mode == "gmean":
             merged = torch.exp(merged)
             if self.renormalize:
@@ -260,7 +325,9 @@ class MergeAccumulator:
     def _vote_result(self, ids: RowIds | None) -> torch.Tensor:
         votes, scores = self._acc, self._scores
         dim = self.class_dim % votes.ndim
-        tol = 1e-9 * max(self.total_weight, 1.0)
+        # Under coverage each pixel's votes are over the views that saw it.
+        total = self._weight_sum if self.coverage else self.total_weight
+        tol = 1e-9 * max(float(total.max()) if isinstance(total, torch.Tensor) else total, 1.0)
         top = votes >= votes.amax(dim=dim, keepdim=True) - tol
         masked = torch.where(top, scores, torch.full_like(scores, -torch.inf))
         # Tolerance per row (its largest score), so that no other row of the batch matters.
@@ -275,8 +342,22 @@ class MergeAccumulator:
                 noise = torch.rand(votes.shape[1:], generator=generator).to(votes.device)
                 pick = torch.where(top[row], noise, torch.full_like(noise, -1.0)).argmax(dim=dim - 1, keepdim=True)
                 winner[row] = pick
-        fractions = votes / self.total_weight
+        fractions = votes / total
         return fractions.scatter_add(dim, winner, torch.full_like(winner, _VOTE_NUDGE, dtype=fractions.dtype))
+
+
+# Merge modes that can merge views seeing different pixels (crops, shifts): per pixel, over the views that saw it.
+COVERAGE_MODES = ("mean", "gmean", "tsharpen", "vote", "max", "min")
+
+
+def check_coverage_mode(mode: str) -> str:
+    """``mode`` if it can merge each pixel over the views that saw it, else a one-line error."""
+    if mode not in COVERAGE_MODES:
+        raise InvalidInputError(
+            f"merge mode {mode!r} cannot merge views that see different pixels (crops, shifts with padding): "
+            f"each pixel is merged over the views that saw it; use one of {', '.join(COVERAGE_MODES)}"
+        )
+    return mode
 
 
 # A row's identity for the vote's tie-break: (B,) integers, or rows -> their ids.

@@ -146,7 +146,8 @@ class Transformer:
         self.input_sizes = sizes
         return image
 
-    def _deaugment(self, method: str, target: str, x):
+    def _steps_back(self, target: str):
+        """``(transform, kwargs)`` of each step, last first, for de-augmenting ``target``."""
         sizes = self.input_sizes or [None] * len(self.steps)
         for step, size in zip(reversed(self.steps), reversed(sizes), strict=True):
             transform = step.transform
@@ -164,12 +165,41 @@ class Transformer:
                         "through this transformer first"
                     )
                 kwargs["input_size"] = size
+            yield transform, kwargs
+
+    def _deaugment(self, method: str, target: str, x):
+        for transform, kwargs in self._steps_back(target):
             x = getattr(transform, method)(x, **kwargs)
         return x
 
     def deaugment_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """``mask: (B, C, H', W')`` predicted on the view -> ``(B, C, H, W)`` in the input's frame."""
-        return self._deaugment("apply_deaug_mask", "mask", _check_spatial(mask, "mask"))
+        """``mask: (B', C, H', W')`` predicted on the view -> ``(B, C, H, W)`` in the input's frame
+        (``B' = B`` except after views that cut an image into several, such as tiles).
+
+        Pixels the view never saw (outside a crop, the strip a shift pushed out) hold a filler
+        value; :meth:`deaugment_mask_weighted` says which pixels those are.
+        """
+        return self.deaugment_mask_weighted(mask)[0]
+
+    def deaugment_mask_weighted(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``mask: (B', C, H', W')`` -> ``(values (B, C, H, W), weight)``: ``weight`` is None when
+        the view saw every pixel of the input, else ``(1, 1, H, W)``: how much of each pixel the
+        view saw (0: never; crops and shifts give 0 or 1, tiles over a crop fractions).
+
+        Steps with an ``apply_deaug_mask_weighted(mask, weight, **params)`` method map both; the
+        others (flips, quarter-turns, resizes, photometric and ttach transforms) map the weight
+        as they map a mask.
+        """
+        x, weight = _check_spatial(mask, "mask"), None
+        for transform, kwargs in self._steps_back("mask"):
+            weighted = getattr(transform, "apply_deaug_mask_weighted", None)
+            if weighted is not None:
+                x, weight = weighted(x, weight, **kwargs)
+            else:
+                x = transform.apply_deaug_mask(x, **kwargs)
+                if weight is not None:
+                    weight = transform.apply_deaug_mask(weight, **kwargs)
+        return x, weight
 
     def deaugment_label(self, label: torch.Tensor) -> torch.Tensor:
         """Class scores ``(B, C)``; every transform here leaves them unchanged."""

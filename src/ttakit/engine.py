@@ -16,7 +16,15 @@ came in or on the pass plan.
 Memory: at most ``max_batch`` augmented images exist at a time, whatever the number of views
 (while views of a small batch are stacked, their copy in the stacked batch too, until it is
 made). With extra model arguments the same bound holds: views then run one per forward pass, and
-per-sample tensor arguments are sliced along with the images.
+per-sample tensor arguments are sliced along with the images. Views that cut each image into
+several (:class:`~ttakit.transforms.Tiles`) run on their own, augmenting as many whole images as
+fit in a pass; an image with more tiles than that has them run in several passes, whose outputs
+are concatenated before de-augmenting: no forward pass holds more than ``max_batch`` images.
+
+Masks from views that see part of the image (crops; shifts with padding) are pasted into the full
+frame and merged per pixel over the views that saw it (each view's geometry is probed on a blank
+image before any forward pass, once per input shape); a policy leaving some pixel unseen by every
+view is refused then. Policies without such views merge exactly as before.
 
 Speed: the policy's per-view work (transformers, bound augmentation steps, label pass-through,
 merge settings, weights) is prepared once, when the engine is built; the views of a stacked pass
@@ -56,6 +64,7 @@ from ._engine_args import (
 )
 from ._engine_checks import (
     _sum_is_finite,
+    check_coverage,
     check_output_shape,
     find_non_finite,
     non_finite_error,
@@ -73,6 +82,9 @@ from ._engine_views import (
     _label_passes_through,
     _RowIds,
     _slice_args,
+    loses_pixels,
+    multiplies_batch,
+    view_geometry,
 )
 from ._pass_tuner import PassTuner, candidate_pass_sizes
 from .errors import InvalidInputError, ModelOutputError
@@ -82,6 +94,7 @@ from .merge import (
     _at_least_float32,
     apply_activation,
     check_activation,
+    check_coverage_mode,
     check_matrix_scaling,
     check_merge_mode,
     check_temperature,
@@ -111,6 +124,8 @@ class TTAEngine:
         policy: a :class:`Policy`, :class:`Compose`, list of :class:`View` or a policy name.
         target: ``"label"`` (classification), ``"mask"`` (segmentation) or, with a ``deaugment``
             hook, ``"keypoints"``/``"boxes"``. Views that cannot invert it fail here, at build time.
+            For masks, views that see part of the image (crops, shifts with padding) are merged per
+            pixel over the views that saw it (merge modes mean, gmean, tsharpen, vote, max, min).
         merge_mode: a :mod:`ttakit.merge` mode; defaults to the policy's.
         weights: per-view weights (K non-negative numbers) or class-by-view weights (K lists of C,
             merge ``"mean"`` of probabilities only: ``p_c ~ sum_k W[k][c] p_kc`` renormalised over
@@ -256,6 +271,14 @@ class TTAEngine:
         # The views run in stages: all at once, or under the gate the identity on every image and
         # then the others on the images it is unsure of.
         self._stages = [list(range(n_views))] if self.gate_threshold is None else [[self._identity], self._others]
+        # Views that cut an image into several (Tiles) run in passes of their own; for masks, views
+        # that see part of the image (crops, shifts) are merged per pixel over the views that saw it.
+        # Both need each view's geometry per input size, probed before any forward pass.
+        self._multiplies = any(multiplies_batch(v) for v in self.policy.views)
+        self._coverage = self.target == "mask" and any(loses_pixels(v) for v in self.policy.views)
+        if self._coverage:
+            check_coverage_mode(self.merge_mode)
+        self._geometries: dict[tuple, list] = {}
 
     def _prepare_merge(self) -> None:
         """The merge settings, and what the merged output is (for the temperature and the
@@ -370,8 +393,9 @@ class TTAEngine:
                 candidates = candidate_pass_sizes(total, len(self.transformers), pass_size, self.max_batch)
                 pass_size, timed = tuner.choose(key, candidates)
                 timed_key = key if timed else None
+        geometry = self._geometry(images, args, device) if self._multiplies or self._coverage else None
         started = tuner.clock() if timed_key is not None else 0.0
-        out = self._run(images, args, ids, device, pass_size, return_views, return_uncertainty, progress)
+        out = self._run(images, args, ids, device, pass_size, return_views, return_uncertainty, progress, geometry)
         if timed_key is not None:
             tuner.record(timed_key, pass_size, tuner.clock() - started)
         return out
@@ -386,7 +410,41 @@ class TTAEngine:
             return self.max_batch
         return total if _CPU_PASS < total < self.max_batch else min(_CPU_PASS, self.max_batch)
 
-    def _run(self, images, args, ids, device, pass_size, return_views, return_uncertainty, progress) -> TTAOutput:
+    def _geometry(self, images: torch.Tensor, args: tuple, device: torch.device) -> list:
+        """Each view's :class:`~ttakit._engine_views.ViewGeometry` on images like ``images``
+        (cached per image shape), its coverage checked: all before any forward pass."""
+        key = (tuple(images.shape[1:]), images.dtype, device)
+        geometry = self._geometries.get(key)
+        if geometry is None:
+            geometry = [
+                view_geometry(view, tuple(images.shape[1:]), device, images.dtype, self._coverage)
+                for view in self.policy.views
+            ]
+            if self._coverage:
+                crops = [
+                    tuple(s.transform.crop_size)
+                    for v in self.policy.views
+                    for s in v.steps
+                    if getattr(s.transform, "crop_size", None) is not None
+                ]
+                check_coverage(
+                    [g.coverage for g in geometry], self._view_weights, self._names, self.policy.name, crops,
+                    (int(images.shape[-2]), int(images.shape[-1])),
+                )
+            if len(self._geometries) >= 64:  # a few tensors per shape: bounded like the pass tuner
+                self._geometries.clear()
+            self._geometries[key] = geometry
+        if args and any(g.rows > 1 for g in geometry):
+            raise InvalidInputError(
+                f"extra model arguments cannot follow views that cut each image into several (policy "
+                f"{self.policy.name!r}: {', '.join(n for n, g in zip(self._names, geometry, strict=True) if g.rows > 1)}); "
+                "run tiled views without extra arguments"
+            )
+        return geometry
+
+    def _run(
+        self, images, args, ids, device, pass_size, return_views, return_uncertainty, progress, geometry=None
+    ) -> TTAOutput:
         total = images.shape[0]
         chunk_size = min(total, pass_size)
         keep = return_views or return_uncertainty
@@ -399,7 +457,9 @@ class TTAEngine:
                 chunk = chunk.to(device, non_blocking=True)
             chunk_args = _slice_args(args, total, start, stop) if args and chunk_size < total else args
             chunk_ids = None if ids is None else ids[start:stop]
-            parts.append(self._run_chunk(chunk, chunk_args, chunk_ids, start, pass_size, keep, return_uncertainty, ref))
+            parts.append(
+                self._run_chunk(chunk, chunk_args, chunk_ids, start, pass_size, keep, return_uncertainty, ref, geometry)
+            )
             if progress is not None:
                 progress(stop - start)
         if len(parts) == 1:
@@ -424,7 +484,7 @@ class TTAEngine:
 
     # ------------------------------------------------------------------------------ the one path
 
-    def _run_chunk(self, chunk, args, ids, offset, pass_size, keep, want_uncertainty, ref):
+    def _run_chunk(self, chunk, args, ids, offset, pass_size, keep, want_uncertainty, ref, geometry=None):
         """Every view of ``chunk`` (``(b, C, H, W)``, on the device), merged.
 
         Augment the views, stack as many per forward pass as fit in ``pass_size`` images, run the
@@ -440,13 +500,16 @@ class TTAEngine:
         gated (b,) or None, images forwarded, uncertainty or None)``.
         """
         with torch.inference_mode() if self.inference_mode else contextlib.nullcontext():
-            acc, outputs, gated, rows, forwarded = self._run_views(chunk, args, ids, offset, pass_size, keep, ref)
+            acc, outputs, gated, rows, forwarded = self._run_views(
+                chunk, args, ids, offset, pass_size, keep, ref, geometry
+            )
         return self._finish_chunk(chunk, ids, acc, outputs, gated, rows, forwarded, keep, want_uncertainty)
 
-    def _run_views(self, chunk, args, ids, offset, pass_size, keep, ref):
+    def _run_views(self, chunk, args, ids, offset, pass_size, keep, ref, geometry=None):
         """The loop of :meth:`_run_chunk`: ``(accumulator, kept outputs, gated, gated rows, images forwarded)``."""
         b = chunk.shape[0]
-        acc = self._template.fresh()
+        acc = self._template.fresh(coverage=self._coverage)
+        coverage = [g.coverage for g in geometry] if self._coverage else [None] * len(self.transformers)
         outputs: list[torch.Tensor | None] = [None] * len(self.transformers)  # kept per-view outputs
         bad: dict[int, list[int]] = {}  # view -> rows of the chunk whose output is NaN/inf
         images, row_args, rows, gated, forwarded = chunk, args, None, None, 0  # rows: None = all
@@ -463,6 +526,12 @@ class TTAEngine:
                 else:
                     images, row_args, acc = chunk[rows], _index_args(args, b, rows), acc.take_rows(rows)
             n = images.shape[0]
+            if geometry is not None and self._multiplies:  # views cutting images into several run apart
+                tiled = [k for k in views if geometry[k].rows > 1]
+                views = [k for k in views if geometry[k].rows == 1]
+                for k in tiled:
+                    forwarded += self._run_multiplied(k, images, geometry[k].rows, pass_size, acc, outputs, store,
+                                                      ref, bad, rows, coverage[k])
             per_pass = 1 if args else max(1, pass_size // n)
             for first in range(0, len(views), per_pass):
                 augmented = {k: self._augment[k](images) for k in views[first : first + per_pass]}
@@ -489,13 +558,44 @@ class TTAEngine:
                             output = self.deaugment(self.transformers[k], out[i * n : (i + 1) * n], view_size)
                             check_output_shape(tuple(output.shape), k, ref, self._names, self.class_dim)
                             if not bad:
-                                acc.add(output, k)
+                                acc.add(output, k, coverage[k])
                             if store:
                                 outputs[k] = _at_least_float32(output)
                     del out
         if bad:
             raise non_finite_error(self._names, bad, offset, ids)
         return acc, outputs, gated, rows, forwarded
+
+    def _run_multiplied(self, k, images, per_image, pass_size, acc, outputs, store, ref, bad, rows, coverage) -> int:
+        """View ``k``, which makes ``per_image`` images of each (tiles), on ``images``: augmented a
+        few images at a time, so that no forward pass holds more than ``pass_size`` (<= ``max_batch``)
+        images (an image with more tiles than that: its tiles in several passes, outputs
+        concatenated before de-augmenting); merged into ``acc``. Returns the images forwarded."""
+        transformer = self.transformers[k]
+        n = images.shape[0]
+        group = max(1, pass_size // per_image)  # whole images per augmentation
+        parts, forwarded = [], 0
+        for start in range(0, n, group):
+            augmented = self._augment[k](images[start : start + group])
+            view_size = (int(augmented.shape[-2]), int(augmented.shape[-1]))
+            outs = []
+            for first in range(0, augmented.shape[0], pass_size):
+                outs.append(self._forward(augmented[first : first + pass_size], ()))
+            forwarded += augmented.shape[0]
+            del augmented
+            out = _cat(outs, 0)
+            del outs
+            if self.check_outputs and not _sum_is_finite(out):
+                find_non_finite(out, [k], out.shape[0] // per_image, rows, bad, per_image, start)
+            parts.append(self.deaugment(transformer, out, view_size))
+            del out
+        output = _cat(parts, 0)
+        check_output_shape(tuple(output.shape), k, ref, self._names, self.class_dim)
+        if not bad:
+            acc.add(output, k, coverage)
+        if store:
+            outputs[k] = _at_least_float32(output)
+        return forwarded
 
     def _finish_chunk(self, chunk, ids, acc, outputs, gated, rows, forwarded, keep, want_uncertainty):
         """The chunk's merged output (the gate's plain rows and the merged ones), scaled; its views

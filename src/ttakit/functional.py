@@ -40,6 +40,13 @@ __all__ = [
     "crop_origin",
     "shift",
     "unshift_mask",
+    "TILE_WEIGHTINGS",
+    "uncrop_mask",
+    "shift_coverage",
+    "tile_origins",
+    "tile_window",
+    "tile",
+    "untile_mask",
     "add",
     "multiply",
     "brightness",
@@ -257,6 +264,146 @@ def unshift_mask(mask: torch.Tensor, dx: int, dy: int, padding_mode: PaddingMode
     not biased towards zero there. With ``padding_mode="circular"`` the inverse is exact everywhere.
     """
     return shift(mask, -dx, -dy, "circular" if padding_mode == "circular" else "replicate")
+
+
+# --------------------------------------------------------------------------- masks and tiles
+# Views that lose pixels (crops, shifts with padding) map a mask back by pasting it into the full
+# frame together with a weight map ``(1, 1, H, W)`` saying which pixels the view saw; tiles merge
+# overlapping tile predictions with a per-pixel window (uniform, or MONAI's Gaussian importance map).
+
+TILE_WEIGHTINGS = ("uniform", "gaussian")
+
+
+def uncrop_mask(mask: torch.Tensor, top: int, left: int, size: tuple[int, int]) -> torch.Tensor:
+    """Paste ``mask: (B, C, h, w)`` predicted on a crop at ``(top, left)`` into a zero frame of
+    ``size = (H, W)``: ``(B, C, H, W)``. Pixels outside the crop are 0 (unseen: weight them 0)."""
+    h, w = int(mask.shape[-2]), int(mask.shape[-1])
+    height, width = int(size[0]), int(size[1])
+    if top < 0 or left < 0 or top + h > height or left + w > width:
+        raise InvalidInputError(f"a {h}x{w} mask at ({top}, {left}) falls outside a {height}x{width} image")
+    out = mask.new_zeros(*mask.shape[:-2], height, width)
+    out[..., top : top + h, left : left + w] = mask
+    return out
+
+
+def shift_coverage(weight: torch.Tensor, dx: int, dy: int, padding_mode: PaddingMode = "constant") -> torch.Tensor:
+    """The weight map ``(..., H, W)`` of a view shifted by ``(dx, dy)``, in the original frame: the
+    ``|dx|``/``|dy|`` strip the view never saw gets 0 (none with ``"circular"``, which wraps)."""
+    if padding_mode == "circular":
+        return shift(weight, -dx, -dy, "circular")
+    return shift(weight, -dx, -dy, "constant")
+
+
+def _axis_starts(length: int, tile: int, overlap: float) -> list[int]:
+    # MONAI's dense_patch_slices on one axis: stride int(tile * (1 - overlap)) (at least 1), the
+    # last tile moved back flush with the far edge.
+    if tile == length:
+        return [0]
+    stride = max(1, int(tile * (1 - overlap)))
+    starts, start = [], 0
+    while start + tile < length:
+        starts.append(start)
+        start += stride
+    starts.append(length - tile)
+    return starts
+
+
+def tile_origins(size: tuple[int, int], tile_size: tuple[int, int], overlap: float) -> list[tuple[int, int]]:
+    """Top-left ``(top, left)`` of the tiles of ``tile_size = (th, tw)`` covering an image of
+    ``size = (H, W)``, row by row, as MONAI's sliding-window inference places them: stride
+    ``int(t * (1 - overlap))`` per axis, the last tile flush with the far edge, every pixel covered.
+
+    Example:
+        >>> tile_origins((10, 6), (4, 6), 0.5)
+        [(0, 0), (2, 0), (4, 0), (6, 0)]
+    """
+    (h, w), (th, tw) = (int(size[0]), int(size[1])), (int(tile_size[0]), int(tile_size[1]))
+    if th > h or tw > w:
+        raise InvalidInputError(
+            f"tiles of {th}x{tw} do not fit an image of {h}x{w}; use tiles at most the image size"
+        )
+    if not 0 <= overlap < 1:
+        raise InvalidInputError(f"overlap must be a fraction of the tile in [0, 1), got {overlap!r}")
+    return [(top, left) for top in _axis_starts(h, th, overlap) for left in _axis_starts(w, tw, overlap)]
+
+
+def tile_window(
+    tile_size: tuple[int, int], weighting: str = "uniform", dtype: torch.dtype = torch.float32, device=None
+) -> torch.Tensor:
+    """The ``(th, tw)`` weight of each pixel of a tile when overlapping tiles are merged: ones
+    (``"uniform"``) or MONAI's Gaussian importance map (``"gaussian"``: sigma = 0.125 * tile side,
+    peak 1 at the centre, clamped below at the smallest value or 1e-3, whichever is larger, so
+    no pixel is left unweighted)."""
+    th, tw = int(tile_size[0]), int(tile_size[1])
+    if weighting == "uniform":
+        return torch.ones(th, tw, dtype=dtype, device=device)
+    if weighting != "gaussian":
+        raise InvalidInputError(f"weighting must be one of {', '.join(TILE_WEIGHTINGS)}, got {weighting!r}")
+    axes = []
+    for side in (th, tw):
+        x = torch.arange(side, dtype=torch.float32, device=device) - (side - 1) / 2.0
+        axes.append(torch.exp(x**2 / (-2 * (0.125 * side) ** 2)))
+    window = axes[0][:, None] * axes[1][None, :]
+    floor = max(float(window.min()), 1e-3)
+    return window.clamp(min=floor).to(dtype)
+
+
+def tile(x: torch.Tensor, origins: list[tuple[int, int]], tile_size: tuple[int, int]) -> torch.Tensor:
+    """Cut ``x: (B, C, H, W)`` into tiles at ``origins``: ``(B * T, C, th, tw)``, image-major (row
+    ``b * T + t`` is tile ``t`` of image ``b``)."""
+    th, tw = int(tile_size[0]), int(tile_size[1])
+    tiles = torch.stack([x[..., top : top + th, left : left + tw] for top, left in origins], dim=1)
+    return tiles.reshape(-1, *tiles.shape[2:])
+
+
+def untile_mask(
+    tiles: torch.Tensor,
+    origins: list[tuple[int, int]],
+    size: tuple[int, int],
+    window: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Merge tile predictions back into the frame: the inverse of :func:`tile` for masks.
+
+    Args:
+        tiles: ``(B * T, C, th, tw)`` predictions, image-major as :func:`tile` cuts them.
+        origins: the T tiles' ``(top, left)``.
+        size: the image's ``(H, W)``.
+        window: ``(th, tw)`` per-pixel tile weight (:func:`tile_window`).
+        weight: what each tile saw: None (all of it), or ``(1, 1, th, tw)`` / ``(B * T, 1, th, tw)``.
+
+    Returns:
+        ``(values (B, C, H, W), weight)``: ``values`` the window-weighted mean over the tiles that
+        saw each pixel (0 where none did); ``weight`` None when ``weight`` was None (tiles cover
+        every pixel), else ``(1 or B, 1, H, W)`` in ``[0, 1]``: the window weight of the tiles that
+        saw the pixel over that of all tiles covering it.
+    """
+    n_tiles = len(origins)
+    if tiles.shape[0] % n_tiles:
+        raise InvalidInputError(
+            f"tiles must hold B * {n_tiles} rows (one per tile of each image), got shape {tuple(tiles.shape)}"
+        )
+    b, th, tw = tiles.shape[0] // n_tiles, int(tiles.shape[-2]), int(tiles.shape[-1])
+    grouped = tiles.reshape(b, n_tiles, *tiles.shape[1:])
+    window = window.to(device=tiles.device, dtype=tiles.dtype if tiles.is_floating_point() else torch.float32)
+    per_tile = None
+    if weight is not None:
+        rows = 1 if weight.shape[0] == 1 else b
+        per_tile = weight.reshape(rows, -1, 1, th, tw).expand(rows, n_tiles, 1, th, tw).to(window.dtype)
+    h, w = int(size[0]), int(size[1])
+    values = grouped.new_zeros(b, *grouped.shape[2:-2], h, w, dtype=window.dtype)
+    total = window.new_zeros(1 if per_tile is None else per_tile.shape[0], 1, h, w)
+    full = window.new_zeros(1, 1, h, w) if per_tile is not None else None
+    for t, (top, left) in enumerate(origins):
+        area = (..., slice(top, top + th), slice(left, left + tw))
+        tile_weight = window if per_tile is None else window * per_tile[:, t]
+        values[area] += grouped[:, t] * tile_weight
+        total[area] += tile_weight
+        if full is not None:
+            full[area] += window
+    seen = total > 0
+    values = torch.where(seen, values / torch.where(seen, total, torch.ones_like(total)), torch.zeros_like(values))
+    return values, (None if full is None else total / full)
 
 
 # --------------------------------------------------------------------------- photometric

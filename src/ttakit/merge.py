@@ -22,6 +22,10 @@ A merge is a function of a stack ``(K, B, ...)`` of K views, computed by a strea
               extra so ``argmax`` of the result returns it.
 ============  ===============================================================================
 
+Views that saw only part of the image (crops, shifts with padding) are merged per pixel over the
+views that saw it (:class:`MergeAccumulator` with coverage maps): ``mean``, ``gmean``,
+``tsharpen``, ``vote``, ``max`` and ``min`` (``COVERAGE_MODES``); ``sum`` is refused.
+
 Weights are per view ``(K,)``, or per view and class ``(K, C)`` (ClassTTA, Shanmugam et al. 2021):
 then only ``mean`` of probabilities is defined, ``p_c ~ sum_k W[k, c] p_kc`` renormalised over
 classes (:func:`ttakit.search.weights.merge_class_weighted`); other modes refuse them.
@@ -57,8 +61,10 @@ from ._calibrate import (
     check_temperature,  # noqa: F401
 )
 from ._merge_accumulator import (
+    COVERAGE_MODES,  # noqa: F401
     MergeAccumulator,
     RowIds,
+    check_coverage_mode,  # noqa: F401
     content_key,  # noqa: F401
 )
 from ._merge_checks import (

@@ -12,11 +12,16 @@ and methods ``apply_aug_image``, ``apply_deaug_mask``, ``apply_deaug_label`` and
 * ``uses_input_size``: when true, the de-augment methods receive ``input_size=(H, W)``, the size
   of the image the transform was applied to, recorded during augmentation (so inverses restore
   the stored size instead of recomputing it);
-* ``step_name(param)`` and ``get_args()`` to name and serialise views.
+* ``step_name(param)`` and ``get_args()`` to name and serialise views;
+* optionally ``apply_deaug_mask_weighted(mask, weight, **params)``, returning the mask in the
+  input's frame and a weight map of the pixels the view saw (crops, shifts, tiles), and
+  ``multiplies_batch`` (Tiles: one image becomes several) and ``loses_pixels`` flags, which the
+  engine reads to plan passes and per-pixel merges.
 
 This module is the public face; the code lives by job in private modules:
 :mod:`ttakit._transform_base` (the protocol, the registry, shared argument checks),
 :mod:`ttakit._geometric` (flips, quarter-turns, Scale/Resize, crops, Shift),
+:mod:`ttakit._tiles` (Tiles: sliding-window inference as a view),
 :mod:`ttakit._photometric` (Add, Multiply, Brightness, Contrast) and
 :mod:`ttakit._affine_views` (Translate, Rotate, Zoom: resampled through ``grid_sample``).
 Importing this module registers every transform.
@@ -36,6 +41,7 @@ from ._geometric import (
     VerticalFlip,
 )
 from ._photometric import Add, Brightness, Contrast, Multiply
+from ._tiles import Tiles
 from ._transform_base import (
     TARGETS,
     BaseTransform,
@@ -65,6 +71,7 @@ __all__ = [
     "FiveCrops",
     "TenCrops",
     "Shift",
+    "Tiles",
     "register_transform",
     "list_transforms",
     "get_transform_class",

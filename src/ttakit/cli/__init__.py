@@ -5,6 +5,7 @@ only dispatches; bad input ends in a one-line error and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -65,9 +66,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _error(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr; under torchrun it names the rank (``rank R of W failed: ...``), so the
+    job's log says which process ended it and why."""
+    from ..jobs._distributed import rank_failure
+
     if args.debug:
         traceback.print_exc()
-    print(f"ttakit {args.command}: {message}", file=sys.stderr)
+    print(f"ttakit {args.command}: {rank_failure(message)}", file=sys.stderr)
+
+
+def _quiet_other_ranks(args: argparse.Namespace) -> None:
+    """Under torchrun only rank 0 prints results and progress; the others print only their failures."""
+    from ..jobs._distributed import detect
+
+    if not detect().main:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the life of the process)
+        args.no_progress = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     record_command([a for a in argv if a != "--debug"])
     try:
+        _quiet_other_ranks(args)
         return _run(args)
     except TTAKitError as err:
         _error(args, f"error: {_one_line(err)}")

@@ -10,6 +10,7 @@ from ..errors import InvalidInputError
 from ._common import (
     EXIT_INTERRUPTED,
     _add_device_args,
+    _add_list_arg,
     _add_model_args,
     _add_vote_args,
     _alpha,
@@ -35,7 +36,8 @@ def add_parser(commands) -> None:
                          help="policy name, train-aug, or a policy .json, for models without :POLICY (default: the "
                          "policy.json that ttakit search wrote in a checkpoint folder, else none; --policy none: "
                          "plain inference)")
-    predict.add_argument("--out", required=True, help="CSV file to write (.jsonl for JSON Lines)")
+    predict.add_argument("--out", required=True, help="CSV file to write (.jsonl for JSON Lines); with --task a "
+                         "folder (segmentation, keypoints) or a .json file (detection)")
     predict.add_argument("--top-k", type=_positive_int, default=5, help="classes per row (default 5)")
     predict.add_argument("--workers", type=int, default=None, help="decoding processes (0: in the main process)")
     predict.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default: --max-batch)")
@@ -60,10 +62,123 @@ def add_parser(commands) -> None:
         help="use a policy whose weights, gate, temperature or matrix were fitted on another checkpoint "
         "(refused by default: a policy records the model it was searched on)",
     )
+    scale = predict.add_argument_group("many processes or machines (docs: Running on many machines)")
+    scale.add_argument("--engine", default="local", choices=("local", "ray"),
+                       help="local: this process (under torchrun: each rank its share of the images); ray: Ray Data "
+                       "workers decode and predict (one model; pip install \"ttakit[ray]\"), rows written in input "
+                       "order")
+    scale.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="with --engine ray: the Ray cluster to join (auto, or ray://HOST:10001); default: start "
+                       "a local one")
+    scale.add_argument("--ray-workers", type=_positive_int, default=None, metavar="N",
+                       help="with --engine ray: Ray actors, one CPU and one torch thread each (default: the "
+                       "cluster's CPUs)")
     _add_vote_args(predict.add_argument_group("several models (as in ttakit ensemble)"),
                    calibrated_on="the models on their shared validation split")
+    _add_dense_args(predict.add_argument_group("dense models (--task; as ttakit search --task finds them)"))
     _add_device_args(predict, max_batch=True)
     _add_model_args(predict)
+
+
+def _add_dense_args(group) -> None:
+    """--task and what each dense task takes (:func:`ttakit.jobs.predict_dense.predict_dense`)."""
+    group.add_argument("--task", default=None, choices=("segmentation", "keypoints", "detection"),
+                       help="a dense model: segmentation (--out FOLDER: one palette PNG label map per image), "
+                       "keypoints (--out FOLDER: one JSON of named points per image) or detection (--out FILE.json: "
+                       "COCO results, a file-name map and a CSV beside it); default: classification, or the task "
+                       "a checkpoint records")
+    group.add_argument("--probs", action="store_true",
+                       help="segmentation: also write the merged probabilities (FOLDER/probs/NAME.npz, float16)")
+    group.add_argument("--merge", default=None, choices=("wbf", "nms", "soft_nms", "nmw"),
+                       help="detection: how the views' boxes are fused (default: the searched policy's, else wbf)")
+    group.add_argument("--iou-thr", type=float, default=None,
+                       help="detection: overlap from which two boxes are one object (default: the policy's, else 0.55)")
+    group.add_argument("--match", default=None, choices=("iou", "ios"),
+                       help="detection: overlap by IoU or by intersection over the smaller box (default: the "
+                       "policy's, else iou)")
+    group.add_argument("--conf-type", default=None,
+                       choices=("avg", "max", "box_and_model_avg", "absent_model_aware_avg"),
+                       help="detection: how WBF scores a fused box (default: the policy's, else avg)")
+    group.add_argument("--skip-box-thr", type=float, default=None,
+                       help="detection: boxes scoring below it are dropped before fusion (default: the policy's, else 0)")
+    group.add_argument("--max-detections", type=_positive_int, default=100,
+                       help="detection: boxes kept per view and image before fusion")
+    group.add_argument("--flip-pairs", default=None, type=_flip_pairs, metavar="L:R,...",
+                       help="keypoints: index pairs swapped after a mirroring view, like 1:2,3:4")
+    _add_list_arg(group, "--keypoint-names", default=None, metavar="NAME,...",
+                  help="keypoints: one name per point (default kp0, kp1, ...)")
+    group.add_argument("--scaled", action="store_true", help="keypoints: the model returns coordinates in [0, 1]")
+
+
+def _flip_pairs(text: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(i) for i in part.split(":")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected index pairs such as 1:2,3:4, got {text!r}") from None
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected index pairs such as 1:2,3:4, got {text!r}")
+    return pairs  # type: ignore[return-value]
+
+
+def _recorded_task(model: str) -> str | None:
+    """The dense task a checkpoint folder records (None: a classifier, or not a checkpoint folder)."""
+    folder = Path(model)
+    if not (folder / "checkpoint.json").is_file():
+        return None
+    from ..models import read_checkpoint_meta
+
+    task = getattr(read_checkpoint_meta(folder), "task", "classification")
+    return task if task in ("segmentation", "keypoints", "detection") else None
+
+
+# Classification options a dense run has no use for: refused, not ignored.
+_CLASSIFICATION_ONLY = (("top_k", 5, "--top-k"), ("conformal", None, "--conformal"), ("vote", "soft", "--vote"),
+                        ("weights", None, "--weights"), ("tie_break", "mean", "--tie-break"),
+                        ("no_calibrate", False, "--no-calibrate"), ("engine", "local", "--engine"),
+                        ("ray_address", None, "--ray-address"))
+
+
+def _run_dense(args: argparse.Namespace, task: str) -> int:
+    from ..jobs.predict_dense import predict_dense
+
+    if len(args.inputs) != 2:
+        raise InvalidInputError(
+            f"predict --task {task} takes one MODEL[:POLICY] and the IMAGES, got {len(args.inputs)} inputs"
+        )
+    for name, default, flag in _CLASSIFICATION_ONLY:
+        if getattr(args, name) != default:
+            raise InvalidInputError(f"{flag} does not apply to --task {task}; drop {flag}")
+    from ..jobs.ensemble import parse_member
+
+    member = parse_member(args.inputs[0])
+    try:
+        summary = predict_dense(
+            member.model, args.inputs[-1], task=task, out=args.out,
+            policy=member.policy or args.policy or _searched_policy(member.model), probs=args.probs,
+            resume=args.resume, overwrite=args.overwrite, retry_errors=args.retry_errors, device=args.device,
+            amp=args.amp, max_batch=args.max_batch, batch_size=args.batch_size, workers=args.workers,
+            model_options=_model_options(args), merge=args.merge, iou_thr=args.iou_thr,
+            skip_box_thr=args.skip_box_thr, conf_type=args.conf_type, match=args.match,
+            max_detections=args.max_detections, flip_pairs=args.flip_pairs, keypoint_names=args.keypoint_names,
+            scaled=args.scaled, resize=args.resize, allow_other_model=args.allow_other_model,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(f"ttakit predict: interrupted; what is written so far is kept in {args.out}; continue with: "
+              f"{_resume_command()}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    skipped = f" ({summary['n_done_before']} already done)" if summary["n_done_before"] else ""
+    print(f"predicted {summary['n_predicted']} of {summary['n_images']} images{skipped} ({task}, policy "
+          f"{summary['policy']}: {len(summary['views'])} views) in {summary['seconds']:.1f} s "
+          f"({summary['images_per_second']:.0f} img/s predicting) -> {summary['out']}")
+    if task == "detection":
+        print(f"{summary['n_detections']} boxes on {summary['n_images'] - summary['n_errors']} images; "
+              f"file names in {summary['images_file']}, a CSV in {summary['csv']}")
+    if summary["n_errors"]:
+        from ..report.tables import plural
+
+        print(f"{plural(summary['n_errors'], 'file')} could not be read: see {summary['errors']}")
+    return 0
 
 
 def _searched_policy(model: str) -> str:
@@ -97,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"predict needs MODEL [MODEL ...] IMAGES: at least one model and the images, got only {args.inputs[0]!r}"
         )
+    task = args.task or _recorded_task(parse_member(args.inputs[0]).model)
+    if task is not None:
+        return _run_dense(args, task)
     members = [parse_member(spec) for spec in args.inputs[:-1]]
     if args.weights is not None and len(args.weights) != len(members):
         raise InvalidInputError(
@@ -131,6 +249,9 @@ def run(args: argparse.Namespace) -> int:
             seed=args.tie_break_seed,
             calibrate=not args.no_calibrate,
             allow_other_model=args.allow_other_model,
+            engine=args.engine,
+            ray_address=args.ray_address,
+            ray_workers=args.ray_workers,
         )
     except KeyboardInterrupt:
         print(f"ttakit predict: interrupted; the rows finished so far are kept in {args.out}; continue with: "

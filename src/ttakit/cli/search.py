@@ -26,9 +26,21 @@ def add_parser(commands) -> None:
     _add_data_args(search, default=None)
     _add_split_arg(search, "search", "val",
                    "the split to search on: val (the held-out validation split; test and train are refused)")
-    search.add_argument("--budget", type=_positive_int, default=8, help="most views in the policy")
-    search.add_argument("--objective", default="nll", help="nll (after temperature scaling) or accuracy")
-    search.add_argument("--limit", type=_positive_int, default=None, help="search on the first N images")
+    search.add_argument("--task", default=None, choices=("segmentation", "detection"),
+                        help="search a dense model's views on validation canvases, by mIoU or COCO mAP (detection: "
+                        "also its box-fusion settings), and report the lift on test canvases beside hflip and "
+                        "multi-scale; default: classification (or the task the checkpoint records)")
+    search.add_argument("--budget", type=_positive_int, default=None,
+                        help="most views in the policy (default 8; 4 with --task)")
+    search.add_argument("--objective", default=None,
+                        help="nll (after temperature scaling, the default) or accuracy; with --task: miou "
+                        "(segmentation), map (mAP@[.5:.95], the default) or map50 (detection)")
+    search.add_argument("--limit", type=_positive_int, default=None,
+                        help="search on the first N images (with --task: N validation canvases, default 128)")
+    search.add_argument("--test-limit", type=int, default=256, metavar="N",
+                        help="with --task: test canvases the searched policy is reported on (0: none)")
+    search.add_argument("--max-detections", type=_positive_int, default=100,
+                        help="with --task detection: boxes kept per view and image before fusion")
     search.add_argument("--max-batch", type=_positive_int, default=256, help="images per forward pass")
     search.add_argument("--no-weights", action="store_true", help="do not learn per-view or class-by-view weights")
     search.add_argument("--no-gate", action="store_true", help="do not tune a confidence gate")
@@ -60,10 +72,61 @@ def _is_policy_file(out: str | None) -> bool:
     return out is not None and out.lower().endswith(".json")
 
 
+def _dense_task(args: argparse.Namespace) -> str | None:
+    """The dense task to search: ``--task``, else the one a checkpoint folder records (None: classification)."""
+    if args.task is not None:
+        return args.task
+    from pathlib import Path
+
+    from ..models import read_checkpoint_meta
+
+    folder = Path(args.checkpoint)
+    if not (folder / "checkpoint.json").is_file():
+        return None
+    task = getattr(read_checkpoint_meta(folder), "task", "classification")
+    return task if task in ("segmentation", "detection") else None
+
+
+# Options of the classification search that a dense search has no use for: refused, not ignored.
+_CLASSIFICATION_ONLY = (("data", None, "--data"), ("val_data", None, "--val-data"), ("report_dir", None, "--report-dir"),
+                        ("no_weights", False, "--no-weights"), ("no_gate", False, "--no-gate"),
+                        ("no_matrix_scaling", False, "--no-matrix-scaling"), ("full_cache", False, "--full-cache"),
+                        ("conformal_holdout", 0.2, "--conformal-holdout"))
+
+
+def _run_dense(args: argparse.Namespace, task: str) -> int:
+    from ..errors import InvalidInputError
+    from ..jobs.search_dense import search_dense_checkpoint
+
+    for name, default, flag in _CLASSIFICATION_ONLY:
+        if getattr(args, name) != default:
+            raise InvalidInputError(
+                f"{flag} does not apply to a {task} search (it searches on validation canvases of the model's size); "
+                f"drop {flag}"
+            )
+    if args.test_limit < 0:
+        raise InvalidInputError(f"--test-limit must be 0 or a positive number of canvases, got {args.test_limit}")
+    results = search_dense_checkpoint(
+        args.checkpoint, task=task, out=args.out, limit=args.limit or 128, test_limit=args.test_limit,
+        budget=args.budget or 4, objective=args.objective, data_dir=args.data_dir,
+        max_detections=args.max_detections, max_batch=args.max_batch, device=args.device, amp=args.amp,
+        progress=not args.no_progress, model_options=_model_options(args),
+    )
+    print(results["table"])
+    print(f"policy written to {results['policy']}; report in {results['report']}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..jobs.search import search_checkpoint
     from ..search.run import check_search_split
 
+    task = _dense_task(args)
+    if task is not None:
+        from ._common import check_out_path
+
+        check_out_path(args.out, "file" if _is_policy_file(args.out) else "folder", "--out")
+        return _run_dense(args, task)
     check_search_split(args.split)
     from ._common import check_out_path
 
@@ -76,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         data_dir=args.data_dir,
         limit=args.limit,
-        budget=args.budget,
-        objective=args.objective,
+        budget=args.budget or 8,
+        objective=args.objective or "nll",
         learn_weights=not args.no_weights,
         gate=not args.no_gate,
         halving=not args.full_cache,

@@ -1,5 +1,7 @@
-"""Data sets as tensors: Fashion-MNIST, CIFAR-10, image folders, NumPy archives."""
+"""Data sets as tensors: Fashion-MNIST, CIFAR-10, image folders, NumPy archives; canvases of
+Fashion-MNIST items for segmentation and detection."""
 
+from .canvases import Canvases, load_fashion_canvases, make_canvases
 from .cifar10 import load_cifar10
 from .core import ImageDataset, normalization_stats, stratified_indices, train_val_split
 from .fashion_mnist import FASHION_MNIST_CLASSES, ensure_fashion_mnist, load_fashion_mnist
@@ -9,6 +11,9 @@ from .registry import list_datasets, load_dataset, register_dataset
 from .splits import SPLITS, Splits, dataset_sha256, has_own_test_split, load_split, make_splits
 
 __all__ = [
+    "Canvases",
+    "load_fashion_canvases",
+    "make_canvases",
     "FASHION_MNIST_CLASSES",
     "ImageDataset",
     "SPLITS",

@@ -16,6 +16,7 @@ from ..engine import TTAEngine, TTAOutput, eval_mode
 from ..errors import InvalidInputError
 from ..policy import Policy
 from ..progress import progress as show_progress
+from . import _distributed
 from ._policies import BASELINE
 
 __all__ = ["PolicyEvaluation", "place_model", "predict_probs", "run_policy", "evaluate_policies"]
@@ -140,19 +141,25 @@ def evaluate_policies(
     if not any(p.name == BASELINE and len(p) == 1 for p in ordered):
         ordered.insert(0, get_policy(BASELINE))
     results: list[PolicyEvaluation] = []
+    ranks = _distributed.group(device)  # torchrun: each rank runs its blocks of max_batch rows
+    rows = _distributed.block_rows(len(dataset), max_batch, ranks) if ranks.distributed else None
+    images = dataset.images if rows is None else dataset.images[rows]
     for policy in ordered:
         started = time.perf_counter()
-        out = run_policy(
-            model, dataset.images, policy, max_batch=max_batch, progress=progress, device=device, amp=amp,
-            return_uncertainty=return_uncertainty and len(policy) > 1,
-        )
-        probs, passes = out.merged.float().cpu(), float(out.passes_per_image)
+        probs, passes, uncertainty = None, 0.0, None
+        if len(images):  # a rank whose share is empty (fewer blocks than ranks) runs nothing
+            out = run_policy(
+                model, images, policy, max_batch=max_batch, progress=progress and ranks.main, device=device, amp=amp,
+                return_uncertainty=return_uncertainty and len(policy) > 1,
+            )
+            probs, passes = out.merged.float().cpu(), float(out.passes_per_image)
+            if out.uncertainty is not None:
+                uncertainty = {k: v.float().cpu() for k, v in out.uncertainty.items()}
+        if rows is not None:
+            probs, passes, uncertainty = _gather_rows(rows, probs, passes, uncertainty, len(dataset), ranks)
         seconds = time.perf_counter() - started
         scores = M.summarize(probs, dataset.labels, n_bins=n_bins)
         scores["n_images"] = len(dataset)
-        uncertainty = None
-        if out.uncertainty is not None:
-            uncertainty = {k: v.float().cpu() for k, v in out.uncertainty.items()}
         results.append(
             PolicyEvaluation(policy.name, len(policy), passes, seconds, scores, probs=probs, uncertainty=uncertainty)
         )
@@ -173,3 +180,26 @@ def evaluate_policies(
             "bootstrap_p": boot.p_value,
         }
     return results
+
+
+def _gather_rows(rows: list[int], probs: torch.Tensor | None, passes: float,
+                 uncertainty: dict[str, torch.Tensor] | None, n: int,
+                 ranks: _distributed.Ranks) -> tuple[torch.Tensor, float, dict[str, torch.Tensor] | None]:
+    """Every rank's per-image outputs put back in row order: ``probs`` ``(N, C)``, the passes per
+    image over all ``n`` rows, and each uncertainty score ``(N, ...)``. The same on every rank, so
+    the metrics and tests computed from them are those of one process."""
+    found = _distributed.gather((rows, probs, passes * len(rows), uncertainty), ranks, "the evaluated rows")
+    first = next(p for _, p, _, _ in found if p is not None)
+    full = torch.zeros((n, first.shape[1]), dtype=first.dtype)
+    scores: dict[str, torch.Tensor] | None = None
+    for part_rows, part_probs, _, part_scores in found:
+        if part_probs is None:
+            continue
+        index = torch.as_tensor(part_rows, dtype=torch.long)
+        full[index] = part_probs
+        if part_scores is not None:
+            if scores is None:
+                scores = {k: torch.zeros((n, *v.shape[1:]), dtype=v.dtype) for k, v in part_scores.items()}
+            for key, value in part_scores.items():
+                scores[key][index] = value
+    return full, sum(p for _, _, p, _ in found) / max(n, 1), scores

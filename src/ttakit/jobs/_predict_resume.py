@@ -4,15 +4,62 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_json
+from .._io import atomic_write_json, atomic_write_text
 from ..errors import InvalidInputError
 from ..policy import Policy
 from ..predictors import Predictor
+
+ERROR_COLUMNS = ["path", "reason"]
+
+
+def csv_line(values: Sequence[Any]) -> str:
+    """One CSV row, ``\\n``-terminated."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+def default_workers() -> int:
+    """Decoding workers: 1 on machines with up to 4 cores (inference needs the rest), else 2-4."""
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 4 else min(4, cores // 4)
+
+
+def check_loader(workers: int | None, batch_size: int | None, max_batch: int) -> tuple[int, int]:
+    """Decoding workers (default :func:`default_workers`) and images per step (default ``max_batch``), checked."""
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise InvalidInputError(f"workers must be 0 or a positive integer, got {workers!r}")
+    batch_size = batch_size or max_batch
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return workers, batch_size
+
+
+def errors_to_skip(errors_file: Path, names: Sequence[str], done: set[str], retry_errors: bool,
+                   rewrite: bool = True) -> tuple[set[str], int]:
+    """The files a resumed run skips as listed unreadable, and how many leave the list to be retried.
+
+    With ``retry_errors``, listed files of this run that have no row go again: they leave the
+    errors file now (rewritten when ``rewrite``) and come back only if they fail again.
+    """
+    error_rows = _read_error_rows(errors_file)
+    n_retried = 0
+    if retry_errors:
+        wanted = {os.path.abspath(n) for n in names} - {os.path.abspath(p) for p in done}
+        kept = [row for row in error_rows if os.path.abspath(row[0]) not in wanted]
+        n_retried = len(error_rows) - len(kept)
+        if n_retried and rewrite:
+            atomic_write_text(errors_file, "".join(csv_line(row) for row in [ERROR_COLUMNS, *kept]))
+        error_rows = kept
+    return {row[0] for row in error_rows}, n_retried
 
 
 def _truncate_torn_tail(path: Path) -> None:
@@ -92,6 +139,10 @@ _SETTING_NAMES = {
     "top_k": "--top-k", "format": "output format", "conformal": "--conformal", "conformal_method": "--conformal-method",
     "amp": "--amp", "vote": "--vote", "weights": "--weights", "tie_break": "--tie-break", "seed": "--seed",
     "calibrate": "--no-calibrate", "resize": "--resize",
+    # predict --task (jobs/predict_dense.py)
+    "task": "--task", "probs": "--probs", "detection": "the detection merge (--merge, --iou-thr, --match, "
+    "--conf-type, --skip-box-thr, --max-detections)", "flip_pairs": "--flip-pairs", "keypoint_names": "--keypoint-names",
+    "scaled": "--scaled",
 }
 
 
@@ -210,6 +261,91 @@ def check_resume_settings(out: str | os.PathLike, settings: dict[str, Any]) -> N
 def _write_settings(out: Path, settings: dict[str, Any]) -> None:
     atomic_write_json(settings_path(out), {"format": SETTINGS_FORMAT, "format_version": 1,
                                            "sha256": _settings_hash(settings), "settings": settings})
+
+
+# --------------------------------------------------------------------------- part files (torchrun)
+
+
+def part_path(path: str | os.PathLike, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` writes its rows of ``path``: ``<path>.part-R-of-W``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.part-{rank}-of-{world}")
+
+
+def part_files(path: str | os.PathLike) -> list[Path]:
+    """The part files of ``path`` left by any world size (a finished run leaves none)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    prefix = f"{path.name}.part-"
+    return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.is_file())
+
+
+def has_output(out: str | os.PathLike) -> bool:
+    """Whether ``out`` was started: the file holds something, or a distributed run left part files."""
+    out = Path(out)
+    return (out.exists() and out.stat().st_size > 0) or bool(part_files(out))
+
+
+def _read_rows(path: Path, format: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """``(header line or None, [(path, row text)])`` of a predictions or errors file (CSV or
+    JSON Lines), a torn last line dropped first. CSV rows are written back as ttakit wrote them."""
+    if not path.exists():
+        return None, []
+    _truncate_torn_tail(path)
+    with open(path, encoding="utf-8", newline="") as handle:
+        if format == "jsonl":
+            rows = []
+            for line in handle:
+                if line.strip():
+                    try:
+                        rows.append((json.loads(line)["path"], line if line.endswith("\n") else line + "\n"))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise InvalidInputError(f"{path} holds a line that is not a ttakit prediction row; "
+                                                "use another --out") from None
+            return None, rows
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return None, []
+        return _csv_text(header), [(row[0], _csv_text(row)) for row in reader if len(row) == len(header)]
+
+
+def _csv_text(values: list[str]) -> str:
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+def merge_parts(path: str | os.PathLike, format: str, names: list[str]) -> int:
+    """Merge ``path`` and its part files into ``path`` (atomically), rows in the order of ``names``
+    (rows of paths not in ``names``, from an earlier run over other images, first, as they were),
+    each path once; the part files are removed. Returns the rows written (0 and nothing touched
+    when there are no part files)."""
+    path = Path(path)
+    parts = part_files(path)
+    if not parts:
+        return 0
+    header, rows = _read_rows(path, format)
+    for part in parts:
+        part_header, part_rows = _read_rows(part, format)
+        header = header or part_header
+        rows += part_rows
+    order = {name: k for k, name in enumerate(names)}
+    order_abs = {os.path.abspath(name): k for k, name in enumerate(names)}
+    seen: set[str] = set()
+    kept = []
+    for key, text in rows:
+        if key not in seen:
+            seen.add(key)
+            kept.append((order.get(key, order_abs.get(os.path.abspath(key), -1)), text))
+    kept.sort(key=lambda item: item[0])  # stable: rows of other images keep their order, first
+    atomic_write_text(path, (header or "") + "".join(text for _, text in kept))
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return len(kept)
 
 
 # --------------------------------------------------------------------------- rows

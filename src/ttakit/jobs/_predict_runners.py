@@ -45,6 +45,7 @@ class _Runner:
     device: Any
     resize: str = "stretch"
     resize_source: str = ""
+    policy: Policy | None = None  # one model: its resolved policy (what Ray workers run)
 
 
 def resolve_resize(resize: str | None, predictor: Predictor) -> tuple[str, str]:
@@ -103,7 +104,7 @@ def _single_runner(model: Any, policy: str | Policy, *, model_options: dict[str,
         return probs, disagreement, _passes_per_row(result, len(resolved), probs.shape[0]), None
 
     return _Runner(run, predictor.classes, channels, predictor.input_size, calibration, resolved.name,
-                   resolved.view_names, predictor.describe(), {}, engine.device, resize_mode, resize_source)
+                   resolved.view_names, predictor.describe(), {}, engine.device, resize_mode, resize_source, resolved)
 
 
 def _path_seeds(paths: Sequence[str]) -> torch.Tensor:

@@ -29,6 +29,7 @@ from ..report.evaluate_md import (
 )
 from ..report.results import write_results
 from ..report.tables import format_table, markdown_table, plural
+from . import _distributed
 from ._conformal import conformal_split, evaluate_extras
 from ._eval_data import (
     NO_SPLIT,
@@ -150,6 +151,12 @@ def evaluate_checkpoint(
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise InvalidInputError(f"repeats must be a positive integer, got {repeats!r}")
+    ranks = _distributed.group(device)  # torchrun: the rows are shared out, rank 0 writes the results
+    if ranks.distributed and repeats > 1:
+        raise InvalidInputError(
+            f"--repeats {repeats} retrains the checkpoint, which runs in one process; under torchrun evaluate with "
+            "--repeats 1 (the images are shared among the ranks), or run --repeats without torchrun"
+        )
     scope = None
     other_val = None
     if is_checkpoint(checkpoint):
@@ -176,7 +183,7 @@ def evaluate_checkpoint(
     refit_val = _refit_rows(meta, data, data_dir, resolved) if repeats > 1 else None
 
     runs, first_evaluations = _run_repeats(model, meta, dataset, resolved, split, repeats, out, refit_val,
-                                           max_batch, progress, uncertainty)
+                                           max_batch, progress and ranks.main, uncertainty, write=ranks.main)
     summary = summarize_runs(runs)
     scope = scope or _split_phrase(split, dataset)
     table = format_table(
@@ -198,10 +205,12 @@ def evaluate_checkpoint(
     markdown = _markdown(checkpoint, data_name, scope, len(dataset), meta.seed, summary, runs)
     if uncertainty or conformal is not None:  # uncertainty AUROC and conformal sets (ttakit.conformal)
         extras = evaluate_extras(model, dataset, resolved, val=conformal_val, alpha=conformal, method=conformal_method,
-                                 uncertainty=uncertainty, max_batch=max_batch, progress=progress,
+                                 uncertainty=uncertainty, max_batch=max_batch, progress=progress and ranks.main,
                                  evaluations=first_evaluations)
         results.update(uncertainty=extras["uncertainty"], conformal=extras["conformal"], extras_table=extras["table"])
         markdown += "\n\n" + extras["markdown"]
+    if not ranks.main:  # the same results on every rank; one writes them
+        return {**results, "table": table, "out_dir": str(out)}
     write_results(out, results, markdown)
     if plots:
         title = f"{Path(checkpoint).name} on {data_name}: {scope}"
@@ -267,7 +276,7 @@ def _other_model_data(model: Any, model_options: dict[str, Any] | None, data: st
 
 def _run_repeats(model: Any, meta: CheckpointMeta, dataset: ImageDataset, resolved: Sequence[Policy], split: str,
                  repeats: int, out: Path, refit_val: ImageDataset | None, max_batch: int, progress: bool,
-                 uncertainty: bool) -> tuple[list[dict[str, Any]], list[PolicyEvaluation]]:
+                 uncertainty: bool, write: bool = True) -> tuple[list[dict[str, Any]], list[PolicyEvaluation]]:
     """Each repeat's run (the checkpoint, then a retrained seed each), written as it finishes and
     reused when its key is unchanged; returns the runs and the first run's evaluations."""
     runs: list[dict[str, Any]] = []
@@ -299,7 +308,8 @@ def _run_repeats(model: Any, meta: CheckpointMeta, dataset: ImageDataset, resolv
                                          uncertainty=uncertainty and r == 0)
         run["refit"] = refits if r > 0 else {}
         run["key"] = key
-        atomic_write_json(run_path, run)
+        if write:
+            atomic_write_json(run_path, run)
         runs.append(run)
         if r == 0:
             first_evaluations = evaluations

@@ -55,6 +55,7 @@ def export_metadata(meta: Any) -> dict[str, Any]:
         "format": EXPORT_FORMAT,
         "format_version": 1,
         "arch": meta.arch,
+        "task": getattr(meta, "task", "classification"),  # predictors read it: dense outputs pass through
         "classes": list(meta.classes),
         "channels": int(meta.in_channels),
         "input_size": [int(s) for s in meta.image_size],

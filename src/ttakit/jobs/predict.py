@@ -15,6 +15,13 @@ resume). What the rows depend on (a digest of each model's weights, its input se
 policies and every option that changes an answer) is recorded in ``<out>.settings.json`` when an
 output is started; a resume with anything else that changes an answer is refused, naming it.
 
+Many processes: under ``torchrun`` each rank predicts whole blocks of ``batch_size`` files by
+global position (block ``b`` on rank ``b % world``) into ``<out>.part-R-of-W``, and rank 0 merges
+the parts in input order; ``engine="ray"`` runs the blocks in Ray Data workers instead
+(:mod:`ttakit.integrations.ray`). Either way each file runs in the same batch of the same files as
+in one process, so the output is the same bytes (with one torch thread per process); a resume
+takes in the part files an interrupted run left, whatever its process count.
+
 Several models: pass a list of models (and one policy each, or one for all) and each row holds
 the ENSEMBLE prediction (:func:`ttakit.jobs._ensemble_predict.ensemble_predict`, the function behind
 ``ttakit ensemble``): soft vote (the weighted mean of the members' probabilities, each
@@ -37,13 +44,13 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import atomic_write_text, check_output_file
+from .._io import check_output_file
 from ..data.decode import (
     ImageFiles,
     collate_decoded,
@@ -51,13 +58,27 @@ from ..data.decode import (
 )
 from ..errors import InvalidInputError
 from ..policy import Policy
-from ._predict_resume import _read_error_rows, _write_settings, check_resume_settings, read_done
+from . import _distributed
+from ._distributed import Ranks
+from ._predict_resume import (
+    ERROR_COLUMNS,
+    _write_settings,
+    check_loader,
+    check_resume_settings,
+    csv_line,
+    default_workers,
+    errors_to_skip,
+    has_output,
+    merge_parts,
+    part_files,
+    part_path,
+    read_done,
+)
 from ._predict_runners import _ensemble_runner, _path_seeds, _Runner, _single_runner
 
 __all__ = ["predict_images", "errors_path", "read_done", "default_workers", "output_columns",
            "check_resume_settings",]
 
-ERROR_COLUMNS = ["path", "reason"]
 
 
 def errors_path(out: str | os.PathLike) -> Path:
@@ -72,11 +93,6 @@ def output_columns(top_k: int, conformal: bool = False) -> list[str]:
     ranked = [name for i in range(1, top_k + 1) for name in (f"class_{i}", f"prob_{i}")]
     return ["path", *ranked, "entropy", "disagreement", "forward_passes", *(["set"] if conformal else [])]
 
-
-def default_workers() -> int:
-    """Decoding workers: 1 on machines with up to 4 cores (inference needs the rest), else 2-4."""
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 4 else min(4, cores // 4)
 
 
 def _output_format(out: Path, format: str | None) -> str:
@@ -133,11 +149,6 @@ def _format_rows(
     return buffer.getvalue()
 
 
-def _csv_line(values: Sequence[Any]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(values)
-    return buffer.getvalue()
-
 
 # --------------------------------------------------------------------------- one model or several
 
@@ -169,6 +180,9 @@ def predict_images(
     allow_other_model: bool = False,
     overwrite: bool = False,
     resize: str | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
 ) -> dict[str, Any]:
     """Predict every image ``images`` names with ``policy`` and write one row per image to ``out``.
 
@@ -215,6 +229,16 @@ def predict_images(
             the random tie-break's seed; see :func:`ttakit.ensemble_vote.hard_vote`).
         calibrate: several models only: temperature-scale each member on the validation split
             they share (ttakit checkpoints trained on the same data) before combining.
+        engine: ``"local"`` (this process, or each torchrun rank's share) or ``"ray"``: Ray Data
+            workers decode and predict (:func:`ttakit.integrations.ray.predict_files`; one model,
+            ``pip install "ttakit[ray]"``), the rows written here in input order, the same bytes
+            as one process running one torch thread.
+        ray_address: with ``engine="ray"``, the cluster to join (``auto``, ``ray://host:10001``);
+            default a local one. ray_workers: Ray actors (default: the cluster's CPUs).
+
+    Under torchrun (``WORLD_SIZE`` > 1) each rank predicts whole blocks of ``batch_size`` files by
+    global position (block ``b`` on rank ``b % world``) into ``<out>.part-R-of-W``, and rank 0
+    merges the parts in input order: the same bytes as one process (one torch thread each).
 
     Returns:
         A summary dict: counts (images, predicted, skipped as done, errors), seconds (the whole
@@ -228,6 +252,9 @@ def predict_images(
     """
     wall_started = time.perf_counter()  # the summary's seconds: loading and calibration included
     out, fmt, models, policies = _check_call(model, policy, out, format, top_k, resume, overwrite, retry_errors)
+    ranks = _distributed.group(device)  # torchrun: this rank's share (one process of one without it)
+    progress = progress and ranks.main
+    _check_engine(engine, ray_address, ray_workers, len(models), ranks)
     options = dict(model_options or {})
     settings: dict[str, Any] = {}
 
@@ -236,7 +263,7 @@ def predict_images(
         settings.update(found)
         settings.update(top_k=top_k, format=fmt, conformal=conformal,
                         conformal_method=conformal_method if conformal is not None else None, amp=bool(amp))
-        if resume and out.exists():
+        if resume and has_output(out):
             check_resume_settings(out, settings)
 
     if len(models) == 1:
@@ -251,7 +278,7 @@ def predict_images(
                                   progress=progress, check_settings=check_settings,
                                   allow_other_model=allow_other_model, resize=resize)
     paths = list_images(images)
-    workers, batch_size = _check_loader(workers, batch_size, max_batch)
+    workers, batch_size = check_loader(workers, batch_size, max_batch)
 
     errors_file = errors_path(out)
     names = [str(p) for p in paths]
@@ -259,14 +286,73 @@ def predict_images(
         names = list(dict.fromkeys(names))  # a list file naming a file twice: predict it once
     columns = output_columns(min(top_k, len(runner.classes)), runner.calibration is not None) \
         if runner.classes is not None else None
-    todo, n_retried = _files_to_do(names, out, fmt, columns, errors_file, settings, resume, retry_errors)
-    counts = _write_predictions(runner, todo, out, errors_file, fmt, columns, top_k=top_k, resume=resume,
-                                workers=workers, batch_size=batch_size, progress=progress)
+    if ranks.main:
+        _start_output(out, errors_file, fmt, names, settings, resume, overwrite)
+    _distributed.barrier(ranks, "the start")  # the output is merged or started before any rank reads it
+    todo, n_retried = _files_to_do(names, out, fmt, columns, errors_file, resume, retry_errors, ranks)
+    mine = _distributed.block_rows(len(names), batch_size, ranks)  # whole blocks by global index
+    todo = [i for i in mine if i in todo]
+    ray = None if engine != "ray" else {
+        "model_source": models[0], "policy": runner.policy, "workers": ray_workers, "address": ray_address,
+        "max_batch": max_batch, "device": device, "amp": amp, "predictor_options": options}
+    counts = _write_predictions(runner, names, todo, out, errors_file, fmt, columns, top_k=top_k, resume=resume,
+                                workers=workers, batch_size=batch_size, progress=progress, ranks=ranks, ray=ray)
+    if ranks.distributed:
+        _distributed.barrier(ranks, "the end of the images")  # every part file is complete (names a late rank)
+        counts = _gathered_counts(counts, len(todo), ranks)
+        if ranks.main:
+            merge_parts(out, fmt, names)
+            merge_parts(errors_file, "csv", names)
+        _distributed.barrier(ranks, "the merge")  # the output is whole before any rank returns
+    else:
+        counts["n_todo"] = len(todo)
     wall_seconds = time.perf_counter() - wall_started
-    if counts["n_errors"] == 0 and errors_file.exists() \
-            and errors_file.stat().st_size <= len(_csv_line(ERROR_COLUMNS)):
+    if ranks.main and counts["n_errors"] == 0 and errors_file.exists() \
+            and errors_file.stat().st_size <= len(csv_line(ERROR_COLUMNS)):
         errors_file.unlink()  # no errors ever: no errors file
-    return _summary(runner, out, errors_file, fmt, names, todo, n_retried, counts, wall_seconds, workers, batch_size)
+    return _summary(runner, out, errors_file, fmt, names, n_retried, counts, wall_seconds, workers, batch_size)
+
+
+def _check_engine(engine: str, address: str | None, workers: int | None, n_models: int, ranks: Ranks) -> None:
+    if engine not in ("local", "ray"):
+        raise InvalidInputError(f"engine (--engine) must be 'local' or 'ray', got {engine!r}")
+    if engine == "local":
+        if address is not None or workers is not None:
+            raise InvalidInputError("--ray-address and --ray-workers go with --engine ray; add it or drop them")
+        return
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise InvalidInputError(f"ray_workers (--ray-workers) must be a positive integer, got {workers!r}")
+    if n_models > 1:
+        raise InvalidInputError(f"--engine ray predicts with one model, got {n_models}; run the ensemble with the "
+                                "local engine (or under torchrun)")
+    if ranks.distributed:
+        raise InvalidInputError("--engine ray shares the images among Ray workers itself; run it without torchrun")
+    from ..integrations.ray import require_ray
+
+    require_ray()  # a missing Ray says how to install it before any model is loaded
+
+
+def _gathered_counts(counts: dict[str, Any], n_todo: int, ranks: Ranks) -> dict[str, Any]:
+    """Every rank's counts added up (seconds: the slowest rank's)."""
+    found = _distributed.gather({**counts, "n_todo": n_todo}, ranks, "the counts")
+    total = {key: sum(c[key] for c in found) for key in ("n_predicted", "n_errors", "passes", "n_todo")}
+    total["seconds"] = max(c["seconds"] for c in found)
+    return total
+
+
+def _start_output(out: Path, errors_file: Path, fmt: str, names: list[str], settings: dict[str, Any], resume: bool,
+                  overwrite: bool) -> None:
+    """Rank 0 (or the one process), before any rank reads the output: a resumed output takes in
+    the part files a killed distributed run left (of any world size), so every rank reads one
+    file; a new one records the settings its rows depend on and drops stale part files."""
+    if resume and has_output(out):
+        merge_parts(out, fmt, names)
+        merge_parts(errors_file, "csv", names)
+        return
+    if overwrite:
+        for part in part_files(out) + part_files(errors_file):
+            part.unlink(missing_ok=True)
+    _write_settings(out, settings)  # a new output: record what its rows depend on
 
 
 def _check_call(model: Any, policy: Any, out: str | os.PathLike, format: str | None, top_k: int, resume: bool,
@@ -290,6 +376,12 @@ def _check_call(model: Any, policy: Any, out: str | os.PathLike, format: str | N
             f"--out {out} already exists ({out.stat().st_size} bytes); add --resume to keep its rows and predict "
             "the rest, --overwrite to replace it, or choose another --out"
         )
+    if part_files(out) and not resume and not overwrite:
+        raise InvalidInputError(
+            f"--out {out}: a distributed run that did not finish left {len(part_files(out))} part files beside it "
+            f"({part_files(out)[0].name}, ...); add --resume to keep their rows and predict the rest, --overwrite to "
+            "start over, or choose another --out"
+        )
     if retry_errors and not resume:
         raise InvalidInputError(
             "retry_errors (--retry-errors) retries the files in the errors file of a run being resumed; add --resume"
@@ -298,77 +390,77 @@ def _check_call(model: Any, policy: Any, out: str | os.PathLike, format: str | N
 
 
 def _files_to_do(names: list[str], out: Path, fmt: str, columns: list[str] | None, errors_file: Path,
-                 settings: dict[str, Any], resume: bool, retry_errors: bool) -> tuple[list[str], int]:
-    """The files still to predict, and how many leave the errors file to be retried. A resumed
-    output skips its rows and its listed errors; a new one records the settings its rows depend on."""
+                 resume: bool, retry_errors: bool, ranks: Ranks) -> tuple[set[int], int]:
+    """The positions in ``names`` still to predict, and how many leave the errors file to be
+    retried. A resumed output skips its rows and its listed errors (rank 0 rewrites the errors
+    file for ``retry_errors``; the others wait for it)."""
     done: set[str] = set()
     n_retried = 0
     if resume and out.exists():
         done = read_done(out, fmt, columns)
-        error_rows = _read_error_rows(errors_file)
-        if retry_errors:
-            # Listed files of this run that have no row go again: they leave the errors file now
-            # and come back only if they fail again.
-            wanted = {os.path.abspath(n) for n in names} - {os.path.abspath(p) for p in done}
-            kept = [row for row in error_rows if os.path.abspath(row[0]) not in wanted]
-            n_retried = len(error_rows) - len(kept)
-            if n_retried:
-                atomic_write_text(errors_file, "".join(_csv_line(row) for row in [ERROR_COLUMNS, *kept]))
-            error_rows = kept
-        done |= {row[0] for row in error_rows}
-    else:
-        _write_settings(out, settings)  # a new output: record what its rows depend on
+        skipped, n_retried = errors_to_skip(errors_file, names, done, retry_errors, rewrite=ranks.main)
+        done |= skipped
+    _distributed.barrier(ranks, "the resume")  # the errors file is rewritten before any rank appends to it
     # Compare absolute paths: a resumed run may name the same folder another way (./imgs, imgs/).
     done_abs = {os.path.abspath(p) for p in done}
-    return [n for n in names if os.path.abspath(n) not in done_abs], n_retried
+    return {i for i, n in enumerate(names) if os.path.abspath(n) not in done_abs}, n_retried
 
 
-def _write_predictions(runner: _Runner, todo: list[str], out: Path, errors_file: Path, fmt: str,
+def _write_predictions(runner: _Runner, names: list[str], todo: list[int], out: Path, errors_file: Path, fmt: str,
                        columns: list[str] | None, *, top_k: int, resume: bool, workers: int, batch_size: int,
-                       progress: bool) -> dict[str, Any]:
-    """The image loop: decode ``todo`` in worker processes, run each batch, append its rows to
-    ``out`` (and unreadable files to ``errors_file``) and flush. Returns the counts and seconds."""
+                       progress: bool, ranks: Ranks, ray: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The image loop: decode ``names[i]`` for ``i`` in ``todo`` in worker processes, run each
+    batch, append its rows to ``out`` (and unreadable files to ``errors_file``) and flush. Under
+    torchrun each rank writes its own part files instead (``<out>.part-R-of-W``), merged by rank 0.
+
+    Each batch is one block of ``batch_size`` files by global position (less the files already
+    done), so a file runs with the same other files whatever the rank count: its numbers do not
+    depend on the batch it came in. Returns the counts and seconds."""
     classes, calibration = runner.classes, runner.calibration
     with_sets = calibration is not None
     started = time.perf_counter()
     n_predicted = n_errors = 0
     passes_total = 0.0
-    opened_mode = "a" if resume and out.exists() else "w"
-    output = open(out, opened_mode, encoding="utf-8", newline="")
-    error_output = open(errors_file, "a" if resume and errors_file.exists() else "w", encoding="utf-8", newline="")
+    if ranks.distributed:  # a fresh part file each run: rank 0 took in the last run's parts first
+        target, errors_target = part_path(out, ranks.rank, ranks.world), part_path(errors_file, ranks.rank, ranks.world)
+        output = open(target, "w", encoding="utf-8", newline="")
+        error_output = open(errors_target, "w", encoding="utf-8", newline="")
+        resume = False
+    else:
+        target = out
+        output = open(out, "a" if resume and out.exists() else "w", encoding="utf-8", newline="")
+        error_output = open(errors_file, "a" if resume and errors_file.exists() else "w", encoding="utf-8", newline="")
+    files = [names[i] for i in todo]
     try:
         if error_output.tell() == 0:
-            error_output.write(_csv_line(ERROR_COLUMNS))
+            error_output.write(csv_line(ERROR_COLUMNS))
             error_output.flush()
-        loader = [] if not todo else torch.utils.data.DataLoader(
-            ImageFiles(todo, runner.channels, runner.input_size, runner.resize),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=collate_decoded,
-            pin_memory=runner.device is not None and runner.device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-        )  # nothing to do (a finished run resumed): no worker processes to start
+        if ray is not None:  # Ray workers decode and predict; the batches come back in input order
+            from ..integrations.ray import predict_files
+
+            batches = predict_files(files=files, positions=todo, batch_size=batch_size, channels=runner.channels,
+                                    input_size=runner.input_size, resize=runner.resize, **ray)
+        else:
+            batches = _local_batches(runner, files, todo, batch_size, workers)
         from ..progress import progress as progress_bar
 
         with progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress) as bar:
-            for indices, batch, failures in loader:
+            for indices, probs, disagreement, passes, labels, failures in batches:
                 if failures:
-                    error_output.write("".join(_csv_line([todo[i], reason]) for i, reason in failures))
+                    error_output.write("".join(csv_line([files[i], reason]) for i, reason in failures))
                     error_output.flush()
                     n_errors += len(failures)
-                if batch is not None:
-                    batch_paths = [todo[i] for i in indices]
-                    probs, disagreement, passes, labels = runner.run(batch.float().div_(255.0), batch_paths)
+                if probs is not None:
+                    batch_paths = [files[i] for i in indices]
                     if classes is None:
                         classes = [str(c) for c in range(probs.shape[1])]
                     k = min(top_k, probs.shape[1])
                     if columns is None:
                         columns = output_columns(k, with_sets)
-                        if resume and fmt == "csv" and out.stat().st_size:
-                            read_done(out, fmt, columns)  # the header must match before appending
+                        if resume and fmt == "csv" and target.stat().st_size:
+                            read_done(target, fmt, columns)  # the header must match before appending
                     if fmt == "csv" and output.tell() == 0:
-                        output.write(_csv_line(columns))
+                        output.write(csv_line(columns))
                     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=1) + 0.0  # + 0.0: no "-0.0"
                     sets = calibration.predict_sets(probs, _path_seeds(batch_paths)) if calibration is not None else None
                     output.write(
@@ -381,26 +473,39 @@ def _write_predictions(runner: _Runner, todo: list[str], out: Path, errors_file:
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(img_s=f"{(n_predicted + n_errors) / max(elapsed, 1e-9):.0f}", errors=n_errors)
         if fmt == "csv" and output.tell() == 0 and columns is not None:
-            output.write(_csv_line(columns))  # nothing left to predict: still a valid file
+            output.write(csv_line(columns))  # nothing left to predict: still a valid file
     finally:
         output.close()
         error_output.close()
     return {"n_predicted": n_predicted, "n_errors": n_errors, "passes": passes_total,
             "seconds": time.perf_counter() - started}
 
-def _check_loader(workers: int | None, batch_size: int | None, max_batch: int) -> tuple[int, int]:
-    """Decoding workers (default :func:`default_workers`) and images per step (default ``max_batch``), checked."""
-    workers = default_workers() if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise InvalidInputError(f"workers must be 0 or a positive integer, got {workers!r}")
-    batch_size = batch_size or max_batch
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return workers, batch_size
+def _local_batches(runner: _Runner, files: list[str], todo: list[int], batch_size: int,
+                   workers: int) -> Iterator[tuple[list[int], Any, Any, Any, Any, list[tuple[int, str]]]]:
+    """This process's batches, one block of ``batch_size`` files by global position each (less
+    those done), decoded in ``workers`` processes: ``(rows of files, probs, disagreement, passes,
+    labels, [(row, reason)])``, tensors None when every file of the block failed."""
+    if not todo:  # nothing to do (a finished run resumed): no worker processes to start
+        return
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(files, runner.channels, runner.input_size, runner.resize),
+        batch_sampler=_distributed.blocks_of(todo, batch_size),
+        num_workers=workers,
+        collate_fn=collate_decoded,
+        pin_memory=runner.device is not None and runner.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    for indices, batch, failures in loader:
+        if batch is None:
+            yield indices, None, None, None, None, failures
+            continue
+        probs, disagreement, passes, labels = runner.run(batch.float().div_(255.0), [files[i] for i in indices])
+        yield indices, probs, disagreement, passes, labels, failures
 
 
-def _summary(runner: _Runner, out: Path, errors_file: Path, fmt: str, names: list[str], todo: list[str],
-             n_retried: int, counts: dict[str, Any], wall_seconds: float, workers: int,
+
+
+def _summary(runner: _Runner, out: Path, errors_file: Path, fmt: str, names: list[str], n_retried: int, counts: dict[str, Any], wall_seconds: float, workers: int,
              batch_size: int) -> dict[str, Any]:
     """What :func:`predict_images` returns (see there)."""
     seconds = counts["seconds"]
@@ -410,7 +515,7 @@ def _summary(runner: _Runner, out: Path, errors_file: Path, fmt: str, names: lis
         "errors": str(errors_file) if errors_file.exists() else None,
         "format": fmt,
         "n_images": len(names),
-        "n_done_before": len(names) - len(todo),
+        "n_done_before": len(names) - counts["n_todo"],
         "n_retried": n_retried,
         "n_predicted": n_predicted,
         "n_errors": counts["n_errors"],

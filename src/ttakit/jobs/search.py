@@ -16,7 +16,9 @@ from ..models import load_checkpoint
 from ..predictors import prepare_model
 from ..report.search_report import search_display_rows
 from ..report.tables import format_table, plural
+from ..search.cache import ViewSplit, split_views
 from ..search.calibration import MATRIX_CONTROL
+from . import _distributed
 from ._eval_data import (
     CONFORMAL_HOLDOUT,
     HOLDOUT_SEED,
@@ -177,27 +179,34 @@ def search_checkpoint(
     model = prepare_model(model, device, amp)  # --device / --amp (ttakit.predictors)
     searched_rows = _search_rows(full, split, holdout, limit)
     dataset = full.subset(searched_rows, full.name) if len(searched_rows) < len(full) else full
-    result = search_policy(
-        model,
-        dataset.images,
-        dataset.labels,
-        train_augmentations=meta.train_augmentations,
-        budget=budget,
-        objective=objective,
-        learn_weights=learn_weights,
-        gate=gate,
-        halving=halving,
-        matrix_scaling=matrix_scaling,
-        max_batch=max_batch,
-        progress=progress,
-    )
+    # torchrun: the ranks share out the candidate views for the cache and gather it whole, then
+    # each runs the same (deterministic) selection; rank 0 writes the files.
+    ranks = _distributed.group(device)
+    sharing = ViewSplit(ranks.rank, ranks.world, lambda value: _distributed.gather(value, ranks, "the view cache")) \
+        if ranks.distributed else None
+    with split_views(sharing):
+        result = search_policy(
+            model,
+            dataset.images,
+            dataset.labels,
+            train_augmentations=meta.train_augmentations,
+            budget=budget,
+            objective=objective,
+            learn_weights=learn_weights,
+            gate=gate,
+            halving=halving,
+            matrix_scaling=matrix_scaling,
+            max_batch=max_batch,
+            progress=progress and ranks.main,
+        )
     provenance = {
         "weights_sha256": digest,
         "checkpoint": str(checkpoint),
         "validation_rows": _rows_record(full, split, searched_rows, holdout),
     }
     result.policy.meta.update(dataset=dataset.name, **provenance)
-    policy_path, control_path, reports = _save_search(result, provenance, out, report_dir, default_out, default_reports)
+    policy_path, control_path, reports = _save_search(result, provenance, out, report_dir, default_out, default_reports,
+                                                      write=ranks.main)
     return _search_summary(result, policy_path, control_path, reports, meta, full, dataset, split)
 
 
@@ -222,24 +231,29 @@ def _model_and_rows(checkpoint: str | os.PathLike, model_options: dict[str, Any]
 
 def _save_search(result: Any, provenance: dict[str, Any], out: str | os.PathLike | None,
                  report_dir: str | os.PathLike | None, default_out: Path, default_reports: Path,
-                 ) -> tuple[Path, Path | None, dict[str, Any]]:
+                 write: bool = True) -> tuple[Path, Path | None, dict[str, Any]]:
     """Write the report, the policy and, with matrix scaling, its control without TTA:
-    ``(policy path, control path or None, the report's files)``."""
+    ``(policy path, control path or None, the report's files)``. ``write=False`` (ranks other
+    than 0 under torchrun): the same paths, nothing written."""
     from ..report.search_report import write_search_report
 
     if out is not None and not str(out).lower().endswith(".json"):  # a folder: the policy and the report in it
         policy_path, default_reports = Path(out) / "policy.json", Path(out)
     else:
         policy_path = Path(out) if out is not None else default_out
-    reports = write_search_report(result, Path(report_dir) if report_dir is not None else default_reports)
+    report_folder = Path(report_dir) if report_dir is not None else default_reports
+    reports = write_search_report(result, report_folder) if write else \
+        {"json": report_folder / "search.json", "markdown": report_folder / "search.md"}  # where rank 0 writes them
     result.policy.name = "searched"
-    result.policy.save(policy_path)
+    if write:
+        result.policy.save(policy_path)
     # The same calibration without TTA, to score beside the policy: what the views add is the rest.
     control_path = None
     if result.policy.matrix_scaling is not None and result.fallback is not None and result.fallback.matrix_scaling is not None:
         control_path = policy_path.with_name(f"{policy_path.stem}-no-tta.json")
         control_meta = {"kind": "search-control", "for": str(policy_path), **provenance}
-        replace(result.fallback, name=MATRIX_CONTROL, meta=control_meta).save(control_path)
+        if write:
+            replace(result.fallback, name=MATRIX_CONTROL, meta=control_meta).save(control_path)
     return policy_path, control_path, reports
 
 

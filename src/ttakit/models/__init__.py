@@ -1,6 +1,10 @@
-"""Architectures by name and self-describing checkpoints (safetensors weights + JSON metadata)."""
+"""Architectures by name and self-describing checkpoints (safetensors weights + JSON metadata).
 
-from . import resnet, seed_cnn  # noqa: F401  (registers seed-cnn, resnet20, resnet18/34/50)
+Classifiers (seed-cnn, seed-cnn-gap, resnet20, resnet18/34/50), a segmentation U-Net
+(``unet-small``) and a CenterNet-style detector (``centernet-small``); ``list_models(task)``.
+"""
+
+from . import centernet, resnet, seed_cnn, unet  # noqa: F401  (registers the architectures)
 from .checkpoint import (
     CheckpointMeta,
     check_compatible,
@@ -9,16 +13,19 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .registry import (
+    TASKS,
     Normalize,
     classifier_module,
     create_model,
     is_fixed_size,
     layer_groups,
     list_models,
+    model_task,
     register_model,
 )
 
 __all__ = [
+    "TASKS",
     "CheckpointMeta",
     "Normalize",
     "check_compatible",
@@ -28,6 +35,7 @@ __all__ = [
     "layer_groups",
     "list_models",
     "load_checkpoint",
+    "model_task",
     "read_checkpoint_meta",
     "register_model",
     "save_checkpoint",

@@ -38,7 +38,7 @@ from torch import nn
 
 from .._io import _fsync_dir, _fsync_path, atomic_write_json
 from ..errors import CheckpointError, InvalidInputError, TTAKitError
-from .registry import create_model, list_models
+from .registry import TASKS, create_model, list_models, model_task
 
 FORMAT = "ttakit-checkpoint"
 FORMAT_VERSION = 1
@@ -56,6 +56,8 @@ def _now() -> str:
 class CheckpointMeta:
     """Everything needed to rebuild a model and use it the way it was trained.
 
+    ``task`` is what the model does (one of ``"classification"``, ``"segmentation"``,
+    ``"detection"``); checkpoints written before the field existed are classifiers.
     ``source`` is where the checkpoint was loaded from (set by :func:`load_checkpoint`, used in
     messages); it is not written to ``checkpoint.json``.
 
@@ -69,6 +71,7 @@ class CheckpointMeta:
     format_version: int = FORMAT_VERSION
     arch: str
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
     classes: list[str]
     in_channels: int
     image_size: list[int]
@@ -185,6 +188,8 @@ def _check_other_fields(data: dict[str, Any], source: str) -> None:
     augs = data.get("train_augmentations", [])
     if not isinstance(augs, list) or not all(isinstance(a, dict) and "name" in a for a in augs):
         raise _bad(data, source, "train_augmentations", 'a list of objects like {"name": "flip"}')
+    if data.get("task", "classification") not in TASKS:
+        raise _bad(data, source, "task", f"one of {', '.join(TASKS)}")
     if not isinstance(data.get("dataset", ""), str):
         raise _bad(data, source, "dataset", "a string")
     if not _is_int(data.get("seed", 0)):
@@ -357,10 +362,15 @@ def load_checkpoint(
     """
     meta = read_checkpoint_meta(path)
     directory = Path(meta.source)
-    if meta.arch not in list_models():
+    if meta.arch not in list_models(None):
         raise CheckpointError(
             f"checkpoint {directory} uses unknown architecture {meta.arch!r}; "
-            f"expected one of: {', '.join(list_models())}"
+            f"expected one of: {', '.join(list_models(None))}"
+        )
+    if model_task(meta.arch) != meta.task:
+        raise CheckpointError(
+            f"checkpoint {directory}: {META_FILE} field 'task' is {meta.task!r} but architecture "
+            f"{meta.arch!r} is a {model_task(meta.arch)} model"
         )
     def build(stats: bool = True) -> nn.Module:
         try:

@@ -3,11 +3,17 @@
 Every registered model takes RAW images in ``[0, 1]`` and begins with a :class:`Normalize`
 module, so the normalization statistics computed at training time travel with the weights
 and are reused unchanged at test time. Models return logits (no softmax).
+
+Each architecture serves one task (:data:`TASKS`): ``"classification"`` (``(B, classes)``
+logits; the default, and all that :func:`list_models` lists unless asked), ``"segmentation"``
+(``(B, classes, H, W)`` logits) or ``"detection"`` (``(B, max_det, 6)`` boxes, see
+:mod:`ttakit.models.centernet`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -18,6 +24,9 @@ ModelFactory = Callable[..., nn.Module]
 
 _MODELS: dict[str, ModelFactory] = {}
 _FIXED_SIZE: set[str] = set()
+_TASK: dict[str, str] = {}
+TASKS = ("classification", "segmentation", "detection")
+Task = Literal["classification", "segmentation", "detection"]
 
 
 class Normalize(nn.Module):
@@ -73,19 +82,25 @@ class Normalize(nn.Module):
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
-def register_model(name: str, *, fixed_size: bool = False) -> Callable[[ModelFactory], ModelFactory]:
+def register_model(
+    name: str, *, fixed_size: bool = False, task: Task = "classification"
+) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator that registers a model factory under ``name``.
 
     The factory is called as ``factory(in_channels=, num_classes=, image_size=, mean=, std=,
     **kwargs)`` and must return an ``nn.Module`` whose first stage is a :class:`Normalize`.
     ``fixed_size=True`` marks an architecture that only takes the image size it was built for
-    (a dense layer after the convolutions); progressive resizing refuses those.
+    (a dense layer after the convolutions); progressive resizing refuses those. ``task`` is
+    one of :data:`TASKS`.
     """
+    if task not in TASKS:
+        raise unknown_name("task", task, list(TASKS))
 
     def decorate(factory: ModelFactory) -> ModelFactory:
         if name in _MODELS:
             raise InvalidInputError(f"model name {name!r} is already registered")
         _MODELS[name] = factory
+        _TASK[name] = task
         if fixed_size:
             _FIXED_SIZE.add(name)
         return factory
@@ -96,7 +111,7 @@ def register_model(name: str, *, fixed_size: bool = False) -> Callable[[ModelFac
 def is_fixed_size(name: str) -> bool:
     """Whether the registered architecture ``name`` only takes the image size it was built for."""
     if name not in _MODELS:
-        raise unknown_name("architecture", name, list_models())
+        raise unknown_name("architecture", name, list_models(None))
     return name in _FIXED_SIZE
 
 
@@ -151,9 +166,23 @@ def classifier_module(model: nn.Module) -> nn.Module:
     return children[-1] if children else model
 
 
-def list_models() -> list[str]:
-    """Names of every registered architecture, sorted."""
-    return sorted(_MODELS)
+def list_models(task: Task | None = "classification") -> list[str]:
+    """Names of the registered architectures for ``task``, sorted (``task=None``: every one).
+
+    Example:
+        >>> "unet-small" in list_models("segmentation"), "unet-small" in list_models()
+        (True, False)
+    """
+    if task is not None and task not in TASKS:
+        raise unknown_name("task", task, list(TASKS))
+    return sorted(name for name in _MODELS if task is None or _TASK[name] == task)
+
+
+def model_task(name: str) -> str:
+    """The task the registered architecture ``name`` serves: one of :data:`TASKS`."""
+    if name not in _MODELS:
+        raise unknown_name("architecture", name, list_models(None))
+    return _TASK[name]
 
 
 def create_model(
@@ -177,7 +206,8 @@ def create_model(
         **kwargs: architecture-specific options.
 
     Returns:
-        A module mapping ``(B, C, H, W)`` raw images in ``[0, 1]`` to ``(B, num_classes)`` logits.
+        A module mapping ``(B, C, H, W)`` raw images in ``[0, 1]`` to ``(B, num_classes)`` logits
+        (a segmentation model: ``(B, num_classes, H, W)``; a detector: ``(B, max_det, 6)`` boxes).
 
     Example:
         >>> model = create_model("seed-cnn", in_channels=1, num_classes=10, image_size=(28, 28))
@@ -185,7 +215,7 @@ def create_model(
         torch.Size([2, 10])
     """
     if name not in _MODELS:
-        raise unknown_name("architecture", name, list_models())
+        raise unknown_name("architecture", name, list_models(None))
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise InvalidInputError(f"in_channels must be a positive integer, got {in_channels!r}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CheckpointError, InvalidInputError, TTAKitError
-from ._options import EXPORT_FORMAT, METADATA_KEY, parse_input_size
+from ._options import EXPORT_FORMAT, METADATA_KEY, TASKS, _choice, parse_input_size
 from .predictor import Predictor
 
 
@@ -36,6 +36,8 @@ def _build(backend, kind: str, source: Any, options: dict[str, Any], found: dict
     settings.update({k: v for k, v in options.items() if v is not None})
     if options.get("mean") is not None:
         settings["normalization"] = "predictor"  # the caller asked for it: apply it here
+    if settings.get("outputs") is None and settings.get("task") in ("detection", "keypoints"):
+        settings["outputs"] = "logits"  # boxes and points are merged as they are: no softmax to decide on
     if settings.get("outputs") is None:
         raise InvalidInputError(
             f"say whether {kind} model {name} returns logits or probabilities: outputs='logits' or 'probs' "
@@ -56,6 +58,7 @@ def _build(backend, kind: str, source: Any, options: dict[str, Any], found: dict
         classes=settings.get("classes"),
         train_augmentations=settings.get("train_augmentations", ()),
         fixed_batch=settings.get("fixed_batch"),
+        task=settings.get("task") or "classification",
     )
 
 
@@ -69,6 +72,12 @@ def _check_contradictions(kind: str, name: str, options: dict[str, Any], found: 
             f"input_size (--input-size) {size[0]}x{size[1]} contradicts {what} {name}, which takes "
             f"{recorded_size[0]}x{recorded_size[1]} images; drop --input-size (predict resizes images to "
             f"{recorded_size[0]}x{recorded_size[1]} itself)"
+        )
+    task, recorded_task = options.get("task"), found.get("task")
+    if task is not None and recorded_task is not None and task != recorded_task:
+        raise InvalidInputError(
+            f"task (--task) {task} contradicts {what} {name}, which records the task {recorded_task}; "
+            f"drop --task or pass --task {recorded_task}"
         )
     channels, recorded_channels = options.get("channels"), found.get("channels")
     if channels is not None and recorded_channels is not None and int(channels) != int(recorded_channels):
@@ -96,6 +105,7 @@ def _from_metadata(meta: dict[str, Any] | None, source: str) -> dict[str, Any]:
             "normalization": meta.get("normalization"),
             "outputs": meta.get("outputs"),
             "train_augmentations": meta.get("train_augmentations") or (),
+            "task": _choice("task", meta.get("task"), TASKS),
         }
     except TTAKitError as exc:
         raise CheckpointError(f"{source}: its ttakit metadata is invalid ({exc})") from exc

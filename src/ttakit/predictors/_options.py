@@ -31,6 +31,11 @@ PIXEL_RANGES = ("0-1", "0-255")
 OUTPUTS = ("logits", "probs")
 
 
+# What a model predicts: class scores (B, classes), or a dense output that the task's wrapper
+# de-augments and merges (segmentation (B, classes, H, W), detection boxes, keypoints (B, 2N)).
+TASKS = ("classification", "segmentation", "detection", "keypoints")
+
+
 # Where ttakit export stores its metadata: ONNX metadata_props key, TorchScript / pt2 extra file.
 METADATA_KEY = "ttakit.json"
 

@@ -18,6 +18,7 @@ from ._options import (
     LAYOUTS,
     OUTPUTS,
     PIXEL_RANGES,
+    TASKS,
     _check_channels,
     _choice,
     _floats,
@@ -105,6 +106,7 @@ def load(
     std: Any = None,
     classes: Any = None,
     outputs: str | None = None,
+    task: str | None = None,
 ) -> Predictor:
     """Load any model as a :class:`Predictor`.
 
@@ -120,7 +122,12 @@ def load(
         mean, std: per-channel normalization in ``pixel_range`` units, applied inside the predictor.
         classes: class names, or a text file with one name a line.
         outputs: ``"logits"`` or ``"probs"``; detected where the file says (ttakit metadata, a
-            Keras model's final activation), otherwise required.
+            Keras model's final activation), otherwise required for classification and
+            segmentation (detection and keypoint outputs are merged as they are).
+        task: ``"classification"`` (default: ``(B, classes)`` scores), ``"segmentation"``
+            (``(B, classes, H, W)``), ``"detection"`` (boxes in any form the detection wrapper
+            reads) or ``"keypoints"`` (``(B, 2N)`` or ``(B, N, 2)``); read from a ttakit
+            checkpoint or export that records it.
 
     Raises:
         InvalidInputError: an unknown file type, a bad option, or ``outputs`` missing where
@@ -138,6 +145,7 @@ def load(
         "std": _floats("std", std),
         "classes": read_classes(classes),
         "outputs": _choice("outputs", outputs, OUTPUTS),
+        "task": _choice("task", task, TASKS),
     }
     if (options["mean"] is None) != (options["std"] is None):
         raise InvalidInputError("give mean and std together (one value per channel each), or neither")

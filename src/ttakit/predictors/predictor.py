@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError, ModelOutputError, TTAKitError
-from ._options import LAYOUTS, OUTPUTS, PIXEL_RANGES, _choice
+from ._options import LAYOUTS, OUTPUTS, PIXEL_RANGES, TASKS, _choice
 
 
 class Predictor(nn.Module):
@@ -36,6 +36,10 @@ class Predictor(nn.Module):
         layout, pixel_range, mean, std, normalization, classes, outputs: as described above.
         train_augmentations: the training augmentations a ttakit model records (for
             ``train-aug`` policies); empty otherwise.
+        task: ``"classification"`` (the output checks below), or ``"segmentation"``,
+            ``"detection"``, ``"keypoints"``: a dense output, checked only as far as the task
+            fixes its form (``(B, classes, H, W)``; one entry per image; ``(B, 2N)`` or
+            ``(B, N, 2)``) and passed on to the task's wrapper.
 
     Shape:
         - Input: ``(B, C, H, W)`` float in ``[0, 1]``.
@@ -59,6 +63,7 @@ class Predictor(nn.Module):
         classes: Sequence[str] | None = None,
         train_augmentations: Sequence[dict[str, Any]] = (),
         fixed_batch: int | None = None,
+        task: str = "classification",
     ) -> None:
         super().__init__()
         if isinstance(backend, nn.Module):
@@ -91,6 +96,7 @@ class Predictor(nn.Module):
         self.classes = list(classes) if classes is not None else None
         self.train_augmentations = list(train_augmentations)
         self.fixed_batch = fixed_batch
+        self.task = _choice("task", task, TASKS)
 
     @property
     def num_classes(self) -> int | None:
@@ -110,6 +116,9 @@ class Predictor(nn.Module):
             "normalization": self.normalization,
             "classes": self.classes,
             "outputs": self.outputs,
+            # Only dense models say: classification predictors describe themselves as before,
+            # so resumed classification outputs keep matching their recorded settings.
+            **({"task": self.task} if self.task != "classification" else {}),
         }
 
     def weights_digest(self) -> str:
@@ -254,7 +263,9 @@ class Predictor(nn.Module):
                 f"{self._name()} failed on a batch of shape {tuple(x.shape)} ({self.layout}): {type(exc).__name__}: {detail}"
             ) from exc
 
-    def _postprocess(self, out: Any, images: torch.Tensor) -> torch.Tensor:
+    def _postprocess(self, out: Any, images: torch.Tensor) -> Any:
+        if self.task != "classification":
+            return self._dense_postprocess(out, images)
         if isinstance(out, (list, tuple)) and len(out) == 1:
             out = out[0]
         if not isinstance(out, torch.Tensor):
@@ -276,8 +287,56 @@ class Predictor(nn.Module):
             out = out.to(images.device)
         return out if out.dtype == torch.float32 or images.dtype != torch.float32 else out.float()
 
+    def _dense_postprocess(self, out: Any, images: torch.Tensor) -> Any:
+        """A dense model's output, checked only as far as its task fixes the form: segmentation
+        ``(B, classes, H, W)``, keypoints ``(B, 2N)`` or ``(B, N, 2|3)``, detection anything with
+        one entry per image (the detection wrapper reads its form). Tensors come back on the
+        input's device, as float32 for float32 input."""
+        rows = images.shape[0]
+        if self.task == "detection":
+            if isinstance(out, torch.Tensor) or (isinstance(out, (list, tuple)) and len(out) == rows):
+                return _to_device(out, images)
+            if isinstance(out, tuple) and all(isinstance(o, torch.Tensor) for o in out):
+                return _to_device(out, images)  # (boxes, scores, labels) batched
+            raise ModelOutputError(
+                f"{self._name()} returned {type(out).__name__} for {rows} images; a detector returns one entry per "
+                "image (a list of dicts or (N, 6) tensors, or a padded (B, N, 6) tensor)"
+            )
+        if isinstance(out, (list, tuple)) and len(out) == 1:
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            try:
+                out = torch.as_tensor(np.asarray(out))
+            except (TypeError, ValueError) as exc:
+                raise ModelOutputError(f"{self._name()} must return an array, got {type(out).__name__}") from exc
+        expected = "(B, classes, H, W)" if self.task == "segmentation" else "(B, 2N) or (B, N, 2)"
+        ranks = (4,) if self.task == "segmentation" else (2, 3)
+        if out.ndim not in ranks or out.shape[0] != rows:
+            raise ModelOutputError(
+                f"{self._name()} returned shape {tuple(out.shape)} for {rows} images; a {self.task} model returns "
+                f"{expected}"
+            )
+        if self.task == "segmentation" and self.classes is not None and out.shape[1] != len(self.classes):
+            raise ModelOutputError(
+                f"{self._name()} returned {out.shape[1]} class maps per image but {len(self.classes)} class names "
+                "were given"
+            )
+        out = _to_device(out, images)
+        return out if out.dtype == torch.float32 or images.dtype != torch.float32 else out.float()
+
     def _name(self) -> str:
         return f"the {self.kind} model {self.source}".rstrip() if self.source else f"the {self.kind} model"
+
+
+def _to_device(out: Any, images: torch.Tensor) -> Any:
+    """Tensors in ``out`` (nested in lists, tuples and dicts) moved to the images' device."""
+    if isinstance(out, torch.Tensor):
+        return out if out.device == images.device else out.to(images.device)
+    if isinstance(out, dict):
+        return {k: _to_device(v, images) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_device(v, images) for v in out)
+    return out
 
 
 def _axis_hint(shape: tuple[int, ...], channels: int | None = None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib  # a stable module name: hash() is salted per process, and the name enters weights_digest
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ def _import_target(source: str) -> Any:
         file, attribute = Path(match["file"]), match["attribute"]
         if not file.is_file():
             raise DataNotFoundError(f"model {source!r}: file {str(file)!r} does not exist (expected FILE.py:FUNCTION)")
-        spec = importlib.util.spec_from_file_location(f"_ttakit_user_model_{abs(hash(str(file.resolve())))}", file)
+        module_name = f"_ttakit_user_model_{zlib.crc32(str(file.resolve()).encode()):08x}"
+        spec = importlib.util.spec_from_file_location(module_name, file)
         target: Any = importlib.util.module_from_spec(spec)
         folder = str(file.resolve().parent)
         sys.path.insert(0, folder)  # its own imports of modules beside it

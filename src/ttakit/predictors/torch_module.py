@@ -29,10 +29,17 @@ def _load_checkpoint(source: Any, options: dict[str, Any]) -> Predictor:
         "normalization": "model",  # the model's first layer normalizes (models.registry.Normalize)
         "outputs": "logits",
         "train_augmentations": meta.train_augmentations,
+        "task": recorded_task(meta),
     }
     predictor = _build(model, "checkpoint", source, options, found)
     predictor.meta = meta
     return predictor
+
+
+def recorded_task(meta: Any) -> str | None:
+    """The task a ttakit checkpoint records (a ``task`` field, or ``extra["task"]``); None: classification."""
+    task = getattr(meta, "task", None) or (getattr(meta, "extra", None) or {}).get("task")
+    return str(task) if task else None
 
 
 def _load_module(source: nn.Module, options: dict[str, Any]) -> Predictor:

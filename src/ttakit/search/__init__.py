@@ -13,6 +13,8 @@
 ``gate``           gate tuning (:func:`tune_gate_threshold`) and gated outputs from a cache
 ``run``            the orchestration ``ttakit search`` calls (:func:`search_policy`)
 ``refit``          a policy's fitted parameters refitted for another model (:func:`refit_policy`)
+``dense``          segmentation and detection: views (and box-fusion settings) by mIoU or mAP
+                   (:func:`dense_search`)
 =================  ==========================================================================
 
 Search takes tensors (a model, validation images and labels) or a cache, never datasets; the
@@ -57,6 +59,15 @@ _EXPORTS = {
     "HalvingResult": "halving",
     "search_policy": "run",
     "refit_policy": "refit",
+    "DenseSearchResult": "dense",
+    "DETECTION_GRID": "dense",
+    "detection_settings": "dense",
+    "dense_search": "dense",
+    "default_dense_pool": "dense",
+    "detection_view_cache": "dense",
+    "search_detection": "dense",
+    "search_segmentation": "dense",
+    "segmentation_view_cache": "dense",
 }
 __all__ = sorted(_EXPORTS)
 

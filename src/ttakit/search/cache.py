@@ -10,8 +10,10 @@ file) and ``sources`` (where each candidate came from).
 
 from __future__ import annotations
 
+import contextvars
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +27,7 @@ from ..policy import Policy, View
 from ..progress import progress as progress_bar
 from ._util import EvalMode, check_images_labels, check_views, dedupe
 
-__all__ = ["ViewCache", "cache_views", "CACHE_FORMAT", "CACHE_FORMAT_VERSION"]
+__all__ = ["ViewCache", "cache_views", "ViewSplit", "split_views", "CACHE_FORMAT", "CACHE_FORMAT_VERSION"]
 
 CACHE_FORMAT = "ttakit-view-cache"
 CACHE_FORMAT_VERSION = 1
@@ -154,13 +156,66 @@ class ViewCache:
         return cls(data["logits"], data["labels"], [View.from_json(v) for v in data["views"]], data["sources"])
 
 
+@dataclass(frozen=True)
+class ViewSplit:
+    """How several processes share the caching: this one is ``rank`` of ``world`` and runs views
+    ``rank, rank + world, ...``; ``gather(value)`` returns every rank's value in rank order (as
+    ``torch.distributed.all_gather_object`` does), so each rank ends with the whole cache."""
+
+    rank: int
+    world: int
+    gather: Callable[[Any], list[Any]]
+
+
+_SPLIT: contextvars.ContextVar[ViewSplit | None] = contextvars.ContextVar("ttakit_view_split", default=None)
+
+
+@contextmanager
+def split_views(split: ViewSplit | None) -> Iterator[None]:
+    """Within the block, every view cache (:func:`cache_views`, the search's halving rungs) runs
+    only this rank's share of the views and gathers the rest from the other ranks, which must
+    cache the same views over the same images. ``None``, or a world of one, changes nothing.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+        >>> from ttakit.aliases import get_policy
+        >>> views = get_policy("hflip").views
+        >>> with split_views(ViewSplit(0, 1, lambda value: [value])):
+        ...     tuple(run_views(model, torch.rand(3, 1, 4, 4), views).shape)
+        (2, 3, 2)
+    """
+    token = _SPLIT.set(split)
+    try:
+        yield
+    finally:
+        _SPLIT.reset(token)
+
+
 def run_views(
     model: Any, images: torch.Tensor, views: Sequence[View], *, max_batch: int = 256, progress: bool = False, desc: str = ""
 ) -> torch.Tensor:
     """``(V, N, C)`` de-augmented logits of every view over ``images (N, C, H, W)``: one
     :meth:`TTAEngine.run` call (``activation=None``, ``return_views=True``; the engine chunks the
     images, at most ``max_batch`` per forward pass, and reports each chunk to the progress bar),
-    the model in eval mode for the call. Costs ``V x N`` forward passes of one image."""
+    the model in eval mode for the call. Costs ``V x N`` forward passes of one image; inside
+    :func:`split_views`, this process runs only its share of the views and gathers the others."""
+    split = _SPLIT.get()
+    if split is not None and split.world > 1:
+        mine = list(range(split.rank, len(views), split.world))
+        local = _run_views([views[k] for k in mine], model, images, max_batch, progress, desc) if mine else None
+        found = split.gather((mine, local))
+        first = next(t for _, t in found if t is not None)
+        out = torch.empty((len(views), *first.shape[1:]), dtype=first.dtype)
+        for rows, logits in found:
+            if rows:
+                out[torch.as_tensor(rows, dtype=torch.long)] = logits
+        return out
+    return _run_views(list(views), model, images, max_batch, progress, desc)
+
+
+def _run_views(views: list[View], model: Any, images: torch.Tensor, max_batch: int, progress: bool,
+               desc: str) -> torch.Tensor:
+    """:func:`run_views` in this process, over every view it is given."""
     engine = TTAEngine(model, Policy(list(views)), activation=None, max_batch=max_batch)
     n_views = len(views)
     bar_desc = desc or f"caching {n_views} views"
