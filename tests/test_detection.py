@@ -19,6 +19,8 @@ from ttakit.detection import Detections, DetectionTTAOutput, DetectionTTAWrapper
 from ttakit.errors import InvalidInputError, ModelOutputError, NotInvertibleError, UnknownNameError
 from ttakit.policy import Compose, Policy, Step, Transformer, View
 
+from ._fixtures import chain_examples
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FORMS = ["dicts", "rows", "padded", "tuples", "custom"]
@@ -250,23 +252,7 @@ def test_tiles_split_into_passes_of_max_batch():
 
 # One example per registered transform that declares boxes, for an image of (H, W) with the
 # rectangle in its central half: every crop holds it, shifts keep it in view, zoom keeps it inside.
-BOX_EXAMPLES = {
-    "HorizontalFlip": lambda h, w: T.HorizontalFlip(),
-    "VerticalFlip": lambda h, w: T.VerticalFlip(),
-    "Rotate90": lambda h, w: T.Rotate90([90, 180, 270]),
-    "Scale": lambda h, w: T.Scale([2, 3]),
-    "Resize": lambda h, w: T.Resize([(2 * h, 3 * w), (h, 2 * w)]),
-    "Shift": lambda h, w: T.Shift([(2, -1), (-2, 2)]),
-    "FiveCrops": lambda h, w: T.FiveCrops(h - 4, w - 4),
-    "TenCrops": lambda h, w: T.TenCrops(h - 4, w - 4),
-    "Translate": lambda h, w: T.Translate([(1, 0), (0, -2)]),
-    "Zoom": lambda h, w: T.Zoom([2.0]),
-    "Tiles": lambda h, w: T.Tiles((min(h, 8), min(w, 8)), 0.5),
-    "Add": lambda h, w: T.Add([0.5]),
-    "Multiply": lambda h, w: T.Multiply([0.5]),
-    "Brightness": lambda h, w: T.Brightness([0.2]),
-    "Contrast": lambda h, w: T.Contrast([0.5]),
-}
+BOX_EXAMPLES = {n: f for n, f in chain_examples().items() if "boxes" in T.get_transform_class(n).targets}
 
 
 def box_transforms() -> list[str]:

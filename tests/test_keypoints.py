@@ -20,6 +20,8 @@ from ttakit.errors import InvalidInputError, ModelOutputError, NotInvertibleErro
 from ttakit.policy import Compose, Step, Transformer
 from ttakit.wrappers import KeypointsTTAWrapper, mirrors
 
+from ._fixtures import chain_examples
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 NEIGHBOURS = ((0, 1), (1, 0), (0, -1), (-1, 0))  # (drow, dcol)
@@ -182,23 +184,7 @@ def test_mirrors(steps, expected):
 
 # One example per registered transform that declares keypoints; quarter turns for Rotate keep the
 # dot pixel-exact (small angles resample it); the dot stays 3 px from the border for the shifts.
-KEYPOINT_EXAMPLES = {
-    "HorizontalFlip": lambda h, w: T.HorizontalFlip(),
-    "VerticalFlip": lambda h, w: T.VerticalFlip(),
-    "Rotate90": lambda h, w: T.Rotate90([90, 180, 270]),
-    "Scale": lambda h, w: T.Scale([2, 3]),
-    "Resize": lambda h, w: T.Resize([(2 * h, 3 * w), (h, 2 * w)]),
-    "Shift": lambda h, w: T.Shift([(2, -1), (-2, 2)]),
-    "FiveCrops": lambda h, w: T.FiveCrops(h - 4, w - 4),
-    "TenCrops": lambda h, w: T.TenCrops(h - 4, w - 4),
-    "Translate": lambda h, w: T.Translate([(1, 0), (0, -2)]),
-    "Rotate": lambda h, w: T.Rotate([90, 180]),
-    "Zoom": lambda h, w: T.Zoom([2.0]),
-    "Add": lambda h, w: T.Add([0.5]),
-    "Multiply": lambda h, w: T.Multiply([0.5]),
-    "Brightness": lambda h, w: T.Brightness([0.2]),
-    "Contrast": lambda h, w: T.Contrast([0.5]),
-}
+KEYPOINT_EXAMPLES = {n: f for n, f in chain_examples().items() if "keypoints" in T.get_transform_class(n).targets}
 
 
 def keypoint_transforms() -> list[str]:

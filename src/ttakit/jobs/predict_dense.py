@@ -55,6 +55,7 @@ from ._predict_resume import (
     _write_settings,
     check_loader,
     check_resume_settings,
+    csv_line,
     errors_to_skip,
     model_fingerprint,
     policy_fingerprint,
@@ -208,7 +209,7 @@ def predict_dense(
         ids = {name: i for i, name in enumerate(names)}
         extra = outputs.write_detection_outputs(out, outputs.read_jsonl(rows_file), ids, job.classes)
     if counts["n_errors"] == 0 and errors_file.exists() \
-            and errors_file.stat().st_size <= len(outputs.csv_line(ERROR_COLUMNS)):
+            and errors_file.stat().st_size <= len(csv_line(ERROR_COLUMNS)):
         errors_file.unlink()  # no errors ever: no errors file
     seconds = counts["seconds"]
     return {
@@ -334,10 +335,10 @@ def _predict(job: _Task, todo: list[str], file_names: dict[str, str], rows_file:
     errors = open(errors_file, "a", encoding="utf-8", newline="")
     try:
         if errors.tell() == 0:
-            errors.write(outputs.csv_line(ERROR_COLUMNS))
+            errors.write(csv_line(ERROR_COLUMNS))
             errors.flush()
         if columns is not None and rows.tell() == 0:
-            rows.write(outputs.csv_line(columns))
+            rows.write(csv_line(columns))
             rows.flush()
         loader = [] if not todo else torch.utils.data.DataLoader(
             ImageFiles(todo, channels, predictor.input_size, resize), batch_size=batch_size, shuffle=False,
@@ -346,7 +347,7 @@ def _predict(job: _Task, todo: list[str], file_names: dict[str, str], rows_file:
         with progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress) as bar:
             for indices, batch, failures in loader:
                 if failures:
-                    errors.write("".join(outputs.csv_line([todo[i], reason]) for i, reason in failures))
+                    errors.write("".join(csv_line([todo[i], reason]) for i, reason in failures))
                     errors.flush()
                     n_errors += len(failures)
                 if batch is not None:
@@ -355,7 +356,7 @@ def _predict(job: _Task, todo: list[str], file_names: dict[str, str], rows_file:
                     for i, result in zip(indices, results, strict=True):
                         path = todo[i]
                         record = job.write(path, result, (file_names[path], outputs.source_size(path)))
-                        lines.append(json.dumps(record) + "\n" if fmt == "jsonl" else outputs.csv_line(record))
+                        lines.append(json.dumps(record) + "\n" if fmt == "jsonl" else csv_line(record))
                     rows.write("".join(lines))
                     rows.flush()
                     n_predicted += len(indices)

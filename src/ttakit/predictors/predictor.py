@@ -266,15 +266,7 @@ class Predictor(nn.Module):
     def _postprocess(self, out: Any, images: torch.Tensor) -> Any:
         if self.task != "classification":
             return self._dense_postprocess(out, images)
-        if isinstance(out, (list, tuple)) and len(out) == 1:
-            out = out[0]
-        if not isinstance(out, torch.Tensor):
-            try:
-                out = torch.as_tensor(np.asarray(out))
-            except (TypeError, ValueError) as exc:
-                raise ModelOutputError(
-                    f"{self._name()} must return a (B, classes) array, got {type(out).__name__}"
-                ) from exc
+        out = self._one_tensor(out, "(B, classes)")
         if out.ndim != 2 or out.shape[0] != images.shape[0]:
             raise ModelOutputError(
                 f"{self._name()} returned shape {tuple(out.shape)} for {images.shape[0]} images; expected (B, classes)"
@@ -302,14 +294,8 @@ class Predictor(nn.Module):
                 f"{self._name()} returned {type(out).__name__} for {rows} images; a detector returns one entry per "
                 "image (a list of dicts or (N, 6) tensors, or a padded (B, N, 6) tensor)"
             )
-        if isinstance(out, (list, tuple)) and len(out) == 1:
-            out = out[0]
-        if not isinstance(out, torch.Tensor):
-            try:
-                out = torch.as_tensor(np.asarray(out))
-            except (TypeError, ValueError) as exc:
-                raise ModelOutputError(f"{self._name()} must return an array, got {type(out).__name__}") from exc
         expected = "(B, classes, H, W)" if self.task == "segmentation" else "(B, 2N) or (B, N, 2)"
+        out = self._one_tensor(out, expected)
         ranks = (4,) if self.task == "segmentation" else (2, 3)
         if out.ndim not in ranks or out.shape[0] != rows:
             raise ModelOutputError(
@@ -323,6 +309,17 @@ class Predictor(nn.Module):
             )
         out = _to_device(out, images)
         return out if out.dtype == torch.float32 or images.dtype != torch.float32 else out.float()
+
+    def _one_tensor(self, out: Any, expected: str) -> torch.Tensor:
+        """The model's output as one tensor (a one-element list or tuple unwrapped, arrays converted)."""
+        if isinstance(out, (list, tuple)) and len(out) == 1:
+            out = out[0]
+        if isinstance(out, torch.Tensor):
+            return out
+        try:
+            return torch.as_tensor(np.asarray(out))
+        except (TypeError, ValueError) as exc:
+            raise ModelOutputError(f"{self._name()} must return a {expected} array, got {type(out).__name__}") from exc
 
     def _name(self) -> str:
         return f"the {self.kind} model {self.source}".rstrip() if self.source else f"the {self.kind} model"
